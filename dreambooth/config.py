@@ -1,0 +1,481 @@
+"""The one typed configuration of a DreamBooth run.
+
+Owns: the dataclasses (one docstring per field), reading them from YAML and CLI flags (flags win),
+and validating them once, before Ray starts anything. Every later stage receives a validated
+``RunConfig`` and never parses flags or dicts again.
+
+YAML files may nest keys by section (``train: {learning_rate: 1e-6}``) or give them flat
+(``learning_rate: 1e-6``): field names are unique across sections, so a flat key has one home.
+CLI flags are the field names with dashes (``--learning-rate``), named as in diffusers'
+``train_dreambooth.py`` where the meaning is the same.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import re
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value a user must fix; the message names the field and the fix."""
+
+
+@dataclass
+class SubjectConfig:
+    """The subject to personalize: its photos and the words that will name it."""
+
+    instance_dir: str = ""
+    """Folder (local path or fsspec URI) holding 1-50 photos of the subject (JPEG, PNG, WebP, ...)."""
+
+    class_noun: str = ""
+    """Coarse class of the subject, e.g. ``dog`` or ``backpack``; anchors it to the model's prior."""
+
+    identifier: str = "auto"
+    """Rare-token identifier [V] bound to the subject; ``auto`` draws one from the tokenizer's vocabulary."""
+
+    identifier_seed: int = 0
+    """Seed of the deterministic draw when ``identifier`` is ``auto``."""
+
+    @property
+    def instance_prompt(self) -> str:
+        """``a [V] [class noun]``: the caption of every subject photo."""
+        return f"a {self.identifier} {self.class_noun}"
+
+    @property
+    def class_prompt(self) -> str:
+        """``a [class noun]``: the caption of every class-prior image."""
+        return f"a {self.class_noun}"
+
+
+@dataclass
+class PriorConfig:
+    """Class-prior generation: images the frozen model makes for ``a [class noun]``."""
+
+    num_class_images: int = 100
+    """How many class-prior images to generate (the paper uses ~200-1000; fewer also work)."""
+
+    prior_output: str = ""
+    """Root URI of the prior cache; empty means ``<parent of --output>/priors``. Shared by subjects."""
+
+    prior_actors: int = 0
+    """Generation actors in the Ray Data pool; 0 sizes the pool from the cluster's GPUs (or CPUs)."""
+
+    prior_batch_size: int = 4
+    """Images each actor generates per call (and per Parquet shard)."""
+
+    num_inference_steps: int = 50
+    """Denoising steps of the sampler when generating priors and sample grids."""
+
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale for prior generation and sample grids."""
+
+    prior_seed: int = 0
+    """First seed; prior image i uses seed ``prior_seed + i``, so a cache can be extended or resumed."""
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning all layers on Ray Train + DeepSpeed ZeRO."""
+
+    resolution: int = 512
+    """Training (and prior) image side in pixels; subject photos are resized and cropped to it."""
+
+    max_train_steps: int = 400
+    """Optimizer steps to train for (each may accumulate several micro-batches)."""
+
+    train_batch_size: int = 1
+    """Subject examples per micro-batch per worker; as many prior examples are added (1:1 mix)."""
+
+    gradient_accumulation_steps: int = 1
+    """Micro-batches accumulated before each optimizer step."""
+
+    learning_rate: float = 5e-6
+    """Peak AdamW learning rate (the paper uses 5e-6 for Stable Diffusion)."""
+
+    lr_scheduler: str = "constant"
+    """Learning-rate schedule: constant, constant_with_warmup, linear, cosine, polynomial."""
+
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps at the start of the schedule."""
+
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables clipping."""
+
+    adam_weight_decay: float = 1e-2
+    """AdamW weight decay."""
+
+    prior_loss_weight: float = 1.0
+    """λ: weight of the prior-preservation term; 0 trains on the subject alone (no priors needed)."""
+
+    train_text_encoder: bool = True
+    """Fine-tune the text encoder too (the paper's all-layers setting); false freezes it."""
+
+    mixed_precision: str = "no"
+    """Training precision: no (fp32), fp16 or bf16 (bf16 recommended on GPUs that have it)."""
+
+    workers: int = 1
+    """Ray Train workers (data-parallel ranks), one GPU each where GPUs exist."""
+
+    use_gpu: str = "auto"
+    """Give each worker and prior actor a GPU: auto (if the cluster has GPUs), true or false."""
+
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3 (0 = plain data parallel; 3 also shards the parameters)."""
+
+    offload_optimizer: bool = False
+    """Keep optimizer state in CPU memory (DeepSpeed CPU Adam; builds its extension once)."""
+
+    checkpointing_steps: int = 100
+    """Save a resumable checkpoint every this many optimizer steps; 0 saves only the final weights."""
+
+    max_failures: int = 2
+    """Times Ray Train restarts the worker group from the last checkpoint after a failure."""
+
+    center_crop: bool = False
+    """Crop subject photos at the centre instead of at random positions."""
+
+    random_flip: bool = True
+    """Flip subject photos horizontally at random (augmentation)."""
+
+    seed: int = 0
+    """Seed of noise, timesteps and augmentation (each rank adds its rank)."""
+
+    log_every: int = 10
+    """Log a loss/step-time line every this many optimizer steps."""
+
+
+@dataclass
+class ExportConfig:
+    """The finished model: diffusers folder, sample grid and run record."""
+
+    sample_prompts: list[str] = field(
+        default_factory=lambda: [
+            "a {identifier} {class_noun} on the beach",
+            "a {identifier} {class_noun}",
+            "a {class_noun}",
+        ]
+    )
+    """Prompts of the sample grid; ``{identifier}`` and ``{class_noun}`` are filled in."""
+
+    num_sample_images: int = 2
+    """Images per prompt in the sample grid."""
+
+    keep_checkpoints: bool = False
+    """Keep ``<output>/checkpoints`` after a successful export (they hold optimizer state)."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one personalization run needs, validated once."""
+
+    model: str = "tiny"
+    """Base model: a local diffusers folder, a hub id, or a built-in name (``tiny``)."""
+
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of ``model``; ignored for local folders."""
+
+    output: str = ""
+    """Where the personalized pipeline, grid and run record go (local path or fsspec URI)."""
+
+    overwrite: bool = False
+    """Redo a run whose output is already complete (it is deleted first)."""
+
+    subject: SubjectConfig = field(default_factory=SubjectConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def prior_root(self) -> str:
+        """The prior cache root: ``prior_output``, or ``<parent of output>/priors``."""
+        if self.prior.prior_output:
+            return self.prior.prior_output.rstrip("/")
+        parent = self.output.rstrip("/").rsplit("/", 1)[0] if "/" in self.output.rstrip("/") else "."
+        return f"{parent}/priors"
+
+    def sample_prompts(self) -> list[str]:
+        return [
+            p.format(identifier=self.subject.identifier, class_noun=self.subject.class_noun)
+            for p in self.export.sample_prompts
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS: dict[str, type] = {
+    "subject": SubjectConfig,
+    "prior": PriorConfig,
+    "train": TrainConfig,
+    "export": ExportConfig,
+}
+
+
+# --------------------------------------------------------------------------- field catalogue
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """One settable field: where it lives, its type and its docstring."""
+
+    section: Optional[str]  # None for top-level RunConfig fields
+    name: str
+    type: Any
+    default: Any
+    doc: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal under each field), read from the class source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(getattr(nxt, "value", None), ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _fields_of(cls: type, section: Optional[str]) -> list[FieldInfo]:
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name in SECTIONS:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out.append(FieldInfo(section, f.name, hints[f.name], default, docs.get(f.name, "")))
+    return out
+
+
+@cache
+def all_fields() -> dict[str, FieldInfo]:
+    """Every settable field by name (names are unique across sections)."""
+    fields = _fields_of(RunConfig, None)
+    for section, cls in SECTIONS.items():
+        fields += _fields_of(cls, section)
+    by_name = {f.name: f for f in fields}
+    assert len(by_name) == len(fields), "config field names must be unique across sections"
+    return by_name
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _coerce(info: FieldInfo, value: Any, source: str) -> Any:
+    """Check/convert one value to its field's type; errors name the field and the source."""
+    tp = info.type
+    optional = typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
+    if optional:
+        if value is None:
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    where = f"'{info.name}' ({source})"
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false", "yes", "no", "1", "0"}:
+            return value.lower() in {"true", "yes", "1"}
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+        return list(value)
+    raise TypeError(f"unsupported config type {tp} for {info.name}")  # a bug, not user input
+
+
+def _unknown_key(key: str, source: str) -> ConfigError:
+    names = list(all_fields()) + list(SECTIONS)
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(names))}"
+    return ConfigError(f"unknown config key '{key}' in {source}{hint}")
+
+
+def flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Turn nested-or-flat YAML data into ``{field_name: value}``, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a mapping of config keys, got {type(data).__name__}")
+    flat: dict[str, Any] = {}
+    fields = all_fields()
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"section '{key}' in {source} must be a mapping")
+            for sub_key, sub_value in value.items():
+                sub_key = str(sub_key).replace("-", "_")
+                info = fields.get(sub_key)
+                if info is None or info.section != key:
+                    raise _unknown_key(f"{key}.{sub_key}" if info is None else sub_key, source)
+                flat[sub_key] = sub_value
+        elif key in fields:
+            flat[key] = value
+        else:
+            raise _unknown_key(key, source)
+    return flat
+
+
+def build_config(*layers: tuple[dict[str, Any], str]) -> RunConfig:
+    """Build a RunConfig from flat ``{field: value}`` layers, later layers winning.
+
+    Each layer comes with a source name for error messages (a file path, "flags", ...).
+    """
+    cfg = RunConfig()
+    fields = all_fields()
+    for values, source in layers:
+        for name, value in values.items():
+            info = fields.get(name)
+            if info is None:
+                raise _unknown_key(name, source)
+            target = cfg if info.section is None else getattr(cfg, info.section)
+            setattr(target, name, _coerce(info, value, source))
+    return cfg
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML config file into flat ``{field: value}``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    return flatten(data, path)
+
+
+# --------------------------------------------------------------------------- validation
+
+_CLASS_NOUN = re.compile(r"^[a-z][a-z0-9 '\-]{0,39}$")
+MAX_INSTANCE_IMAGES = 50
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate_class_noun(noun: str) -> str:
+    """Normalize and check a class noun ('Dog ' -> 'dog')."""
+    noun = " ".join(noun.split()).lower()
+    _check(bool(noun), "--class-noun is empty; give the subject's class, e.g. --class-noun dog")
+    _check(
+        bool(_CLASS_NOUN.match(noun)),
+        f"--class-noun {noun!r} is not a plain noun; use 1-3 lowercase words such as 'dog' or "
+        "'stuffed animal' (letters, digits, spaces, hyphens)",
+    )
+    _check(len(noun.split()) <= 3, f"--class-noun {noun!r} has more than 3 words; use a coarse class like 'dog'")
+    return noun
+
+
+def validate_generation(cfg: RunConfig) -> None:
+    """Checks shared by `prior` and `run`: model, class noun, resolution, generation settings."""
+    _check(bool(cfg.model.strip()), "--model is empty; pass a local diffusers folder, a hub id or 'tiny'")
+    cfg.subject.class_noun = validate_class_noun(cfg.subject.class_noun)
+    t, p = cfg.train, cfg.prior
+    _check(
+        t.resolution >= 8 and t.resolution % 8 == 0,
+        f"--resolution must be a positive multiple of 8, got {t.resolution}",
+    )
+    _check(p.num_class_images >= 0, f"--num-class-images must be >= 0, got {p.num_class_images}")
+    _check(p.prior_actors >= 0, f"--prior-actors must be >= 0 (0 = auto), got {p.prior_actors}")
+    _check(p.prior_batch_size >= 1, f"--prior-batch-size must be >= 1, got {p.prior_batch_size}")
+    _check(p.num_inference_steps >= 1, f"--num-inference-steps must be >= 1, got {p.num_inference_steps}")
+    _check(p.guidance_scale >= 0, f"--guidance-scale must be >= 0, got {p.guidance_scale}")
+    _check(t.use_gpu in ("auto", "true", "false"), f"--use-gpu must be auto, true or false, got {t.use_gpu!r}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Validate a full `run` config in place and return it. Raises ConfigError naming the fix."""
+    validate_generation(cfg)
+    _check(bool(cfg.output.strip()), "--output is empty; pass where the personalized model should go")
+    _check(
+        bool(cfg.subject.instance_dir.strip()),
+        "--instance-dir is empty; pass the folder with 3-5 photos of your subject",
+    )
+    ident = cfg.subject.identifier.strip()
+    _check(bool(ident), "--identifier is empty; pass a rare token such as 'sks', or 'auto'")
+    _check(" " not in ident or ident == "auto", f"--identifier {ident!r} must be one word without spaces")
+    cfg.subject.identifier = ident
+    t = cfg.train
+    _check(t.max_train_steps >= 1, f"--max-train-steps must be >= 1, got {t.max_train_steps}")
+    _check(t.train_batch_size >= 1, f"--train-batch-size must be >= 1, got {t.train_batch_size}")
+    _check(
+        t.gradient_accumulation_steps >= 1,
+        f"--gradient-accumulation-steps must be >= 1, got {t.gradient_accumulation_steps}",
+    )
+    _check(0 < t.learning_rate < 1, f"--learning-rate must be in (0, 1), got {t.learning_rate}")
+    _check(t.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {t.lr_scheduler!r}")
+    _check(t.lr_warmup_steps >= 0, f"--lr-warmup-steps must be >= 0, got {t.lr_warmup_steps}")
+    _check(t.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {t.max_grad_norm}")
+    _check(t.prior_loss_weight >= 0, f"--prior-loss-weight must be >= 0, got {t.prior_loss_weight}")
+    _check(t.mixed_precision in PRECISIONS, f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {t.mixed_precision!r}")
+    _check(t.workers >= 1, f"--workers must be >= 1, got {t.workers}")
+    _check(t.zero_stage in (0, 1, 2, 3), f"--zero-stage must be 0, 1, 2 or 3, got {t.zero_stage}")
+    _check(
+        not (t.offload_optimizer and t.zero_stage == 0),
+        "--offload-optimizer needs --zero-stage 1, 2 or 3 (ZeRO owns the optimizer state it offloads)",
+    )
+    _check(t.checkpointing_steps >= 0, f"--checkpointing-steps must be >= 0, got {t.checkpointing_steps}")
+    _check(t.max_failures >= 0, f"--max-failures must be >= 0, got {t.max_failures}")
+    _check(t.log_every >= 1, f"--log-every must be >= 1, got {t.log_every}")
+    _check(
+        t.prior_loss_weight == 0 or cfg.prior.num_class_images >= 1,
+        "--num-class-images must be >= 1 when --prior-loss-weight > 0 (prior preservation needs class images)",
+    )
+    _check(cfg.export.num_sample_images >= 0, "--num-sample-images must be >= 0")
+    for prompt in cfg.export.sample_prompts:
+        try:
+            prompt.format(identifier="x", class_noun="y")
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(
+                f"--sample-prompts entry {prompt!r} may only use {{identifier}} and {{class_noun}}"
+            ) from None
+    return cfg

@@ -1,0 +1,79 @@
+"""Export: the personalized diffusers pipeline, its sample grid, and the run record (last).
+
+Output layout (``<output>/``)::
+
+    model_index.json, unet/, text_encoder/, vae/, tokenizer/, scheduler/    the pipeline (safetensors)
+    config.yaml       the exact, resolved config of the run
+    samples.png       grid: rows = sample prompts (subject in context, subject, bare class for drift)
+    run.json          identifier, class, prompts, config, metrics, timings — written last
+
+``run.json`` is the completion marker: an output without it is unfinished, whatever else it holds.
+The folder loads with ``StableDiffusionPipeline.from_pretrained(output)`` and no project code.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from dreambooth import storage
+from dreambooth.config import RunConfig
+
+RUN_RECORD = "run.json"
+GRID = "samples.png"
+CONFIG = "config.yaml"
+
+
+def is_complete(output: str) -> bool:
+    return storage.exists(storage.join(output, RUN_RECORD))
+
+
+def export_pipeline(cfg: RunConfig, model_path: str, weights_uri: str, use_gpu: bool) -> dict:
+    """Assemble base VAE/tokenizer/scheduler + trained UNet/text encoder, save, and render the grid.
+
+    Runs where a GPU is (a Ray task) or locally; returns {"grid": uri, "seconds": float}.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from dreambooth.models import load_pipeline
+    from dreambooth.sample import png_bytes, render_grid
+
+    start = time.monotonic()
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = weights_uri
+        if not storage.is_local(weights_uri):
+            weights = str(storage.download_dir(weights_uri, Path(tmp) / "weights"))
+        pipe = load_pipeline(model_path, cfg.revision)
+        pipe.unet = UNet2DConditionModel.from_pretrained(weights, subfolder="unet")
+        pipe.text_encoder = CLIPTextModel.from_pretrained(weights, subfolder="text_encoder")
+        pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder)
+        staged = Path(tmp) / "pipeline"
+        pipe.save_pretrained(str(staged), safe_serialization=True)
+        storage.upload_dir(staged, cfg.output)
+
+        pipe = pipe.to(device)
+        grid = render_grid(
+            pipe,
+            cfg.sample_prompts(),
+            num_images=cfg.export.num_sample_images,
+            seed=cfg.train.seed,
+            num_inference_steps=cfg.prior.num_inference_steps,
+            guidance_scale=cfg.prior.guidance_scale,
+            resolution=cfg.train.resolution,
+        ) if cfg.export.num_sample_images else None
+    grid_uri = storage.join(cfg.output, GRID)
+    if grid is not None:
+        storage.write_bytes_atomic(grid_uri, png_bytes(grid))
+    storage.write_bytes_atomic(storage.join(cfg.output, CONFIG), cfg.to_yaml().encode())
+    return {"grid": grid_uri if grid is not None else None, "seconds": time.monotonic() - start}
+
+
+def write_run_record(output: str, record: dict) -> str:
+    """The completion marker; call it last."""
+    uri = storage.join(output, RUN_RECORD)
+    storage.write_json_atomic(uri, record)
+    return uri

@@ -1,0 +1,107 @@
+"""Rare-token identifiers [V] (paper §3.2), searched in the model's own tokenizer vocabulary.
+
+Owns: the candidate rules, the deterministic draw, and the warnings for a user-chosen identifier.
+
+Why rare tokens: a common word ("unique") must first be unlearned, and a random letter string
+("xxy5syt00") is split into single letters that carry strong priors. The paper therefore looks up
+rare tokens and decodes them back to text. For CLIP's byte-level BPE (Stable Diffusion), token ids
+are the order in which merges were learned, i.e. roughly by descending frequency; ids 0-511 are the
+single bytes. We draw from ``CLIP_RANK_RANGE = (40000, 49406)``, the last ~20 % of merges: rare
+enough that the text encoder has a weak prior for them (the community's ``sks`` is id 48136), while
+every candidate is still a whole word-final token. Candidates must also:
+
+- decode to 2-3 lowercase ASCII letters (typeable, no spaces, no digits: numbers carry meaning),
+- re-tokenize to exactly that one token (so the text the user types is the token we chose),
+- not be an English word: wordfreq's Zipf frequency below ``MAX_WORD_ZIPF``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from wordfreq import zipf_frequency
+
+CLIP_RANK_RANGE = (40000, 49406)
+"""Token-id range searched for CLIP tokenizers (end exclusive: 49406 is <|startoftext|>)."""
+
+MAX_WORD_ZIPF = 2.5
+"""Zipf frequency (log10 of uses per billion words) at or above which text counts as a word."""
+
+COMMON_TOKEN_RANK = 10000
+"""A token with an id below this is frequent in CLIP's training text: its prior is strong."""
+
+_LETTERS = re.compile(r"^[a-z]{2,3}$")
+
+
+def _text_of(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id]).strip()
+
+
+def is_english_word(text: str) -> bool:
+    return zipf_frequency(text, "en") >= MAX_WORD_ZIPF
+
+
+@lru_cache(maxsize=8)
+def _candidates_cached(tokenizer_key: str, tokenizer) -> tuple[str, ...]:
+    lo, hi = CLIP_RANK_RANGE
+    hi = min(hi, len(tokenizer))
+    found = []
+    for token_id in range(lo, hi):
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        if not token.endswith("</w>"):  # must be a whole word, not a word piece
+            continue
+        text = _text_of(tokenizer, token_id)
+        if not _LETTERS.match(text) or is_english_word(text):
+            continue
+        if tokenizer(text, add_special_tokens=False).input_ids != [token_id]:
+            continue
+        found.append(text)
+    return tuple(found)
+
+
+def rare_token_candidates(tokenizer) -> list[str]:
+    """All identifiers that pass the rules above, in token-id order."""
+    return list(_candidates_cached(getattr(tokenizer, "name_or_path", "") + str(len(tokenizer)), tokenizer))
+
+
+def pick_identifiers(tokenizer, count: int = 1, seed: int = 0, exclude: set[str] | frozenset = frozenset()) -> list[str]:
+    """Draw ``count`` distinct identifiers deterministically (same seed, same vocabulary → same picks).
+
+    ``exclude`` holds identifiers already taken (e.g. by other subjects of a bulk run).
+    """
+    pool = [c for c in rare_token_candidates(tokenizer) if c not in exclude]
+    if count > len(pool):
+        raise ValueError(f"only {len(pool)} rare-token identifiers are left, {count} requested")
+    return random.Random(seed).sample(pool, count)
+
+
+@dataclass(frozen=True)
+class IdentifierReport:
+    """What the tokenizer makes of an identifier, and why it may be a poor choice."""
+
+    identifier: str
+    token_ids: list[int]
+    warnings: list[str]
+
+
+def check_identifier(tokenizer, identifier: str) -> IdentifierReport:
+    """Explain (as warnings, not errors) why a user-given identifier may train poorly."""
+    ids = tokenizer(identifier, add_special_tokens=False).input_ids
+    pieces = [tokenizer.convert_ids_to_tokens(i).removesuffix("</w>") for i in ids]
+    warnings = []
+    if len(ids) > 3 or (len(ids) > 1 and any(len(p) == 1 for p in pieces)):
+        warnings.append(
+            f"identifier {identifier!r} splits into {len(ids)} tokens {pieces}: the paper (§3.2) warns that "
+            "strings the tokenizer splits into many pieces or single letters inherit those pieces' strong "
+            "priors; prefer a single rare token (`dreambooth identifier` lists some) or --identifier auto"
+        )
+    if is_english_word(identifier.lower()) or (len(ids) == 1 and ids[0] < COMMON_TOKEN_RANK):
+        warnings.append(
+            f"identifier {identifier!r} is a common word or a frequent token: the paper (§3.2) notes the "
+            "model must first unlearn its meaning before binding it to your subject; prefer a rare token "
+            "(--identifier auto)"
+        )
+    return IdentifierReport(identifier, ids, warnings)

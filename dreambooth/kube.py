@@ -1,0 +1,468 @@
+"""Subject jobs as KubeRay RayJobs: build them, submit them idempotently, read their status.
+
+Owns: turning a ``SubjectJob`` (a subject name + the CLI flags of ``python -m ray_jobs.personalize``)
+into a KubeRay ``RayJob`` custom object (``ray.io/v1``), submitting a batch of them with the official
+``kubernetes`` client, and reading back ``status.jobStatus`` / ``status.jobDeploymentStatus``.
+
+Submission uses server-side apply (PATCH ``application/apply-patch+yaml``, field manager
+``dreambooth-cli``, ``force=True``, ``fieldValidation=Strict``), so a re-submit of an unchanged object
+changes nothing on the server. Each result says ``created``, ``configured``, ``unchanged`` or ``failed``;
+one bad subject never stops the others.
+
+KubeRay rules enforced here before anything reaches the cluster (the operator would otherwise only mark
+the RayJob ``ValidationFailed`` after it was accepted): the name is a DNS-1035 label of at most 47
+characters, ``backoffLimit`` must be 0 on a shared cluster (``clusterSelector``), and
+``ttlSecondsAfterFinished`` needs ``shutdownAfterJobFinishes``. Note that KubeRay does not re-run a
+RayJob whose spec changes after it started: to re-train a subject, delete its RayJob and submit again.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import yaml
+
+GROUP, VERSION, PLURAL, KIND = "ray.io", "v1", "rayjobs", "RayJob"
+API_VERSION = f"{GROUP}/{VERSION}"
+FIELD_MANAGER = "dreambooth-cli"
+APPLY_PATCH = "application/apply-patch+yaml"
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_BULK_RUN = "dreambooth.io/bulk-run"
+LABEL_SUBJECT = "dreambooth.io/subject"
+APP_NAME = "dreambooth"
+CLUSTER_SELECTOR_KEY = "ray.io/cluster"
+DEFAULT_ENTRYPOINT_MODULE = "ray_jobs.personalize"
+
+# KubeRay v1.7.0 (utils.MaxRayJobNameLength): 53 (RayCluster names) - 6 (suffix of the generated
+# RayCluster). The operator marks longer names ValidationFailed.
+MAX_RAYJOB_NAME = 47
+MAX_LABEL = 63
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_FLAG = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+# The entrypoint goes through two shells: KubeRay's submitter runs ``ray job submit -- <entrypoint>``
+# in bash, then Ray re-joins the words (subprocess.list2cmdline, which only adds double quotes around
+# words with blanks) and runs them in a shell on the head node. Only these characters survive both
+# unchanged; anything else ($, `, ;, quotes, globs...) could be expanded or executed on the head.
+_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_@%+=:,./ -]*$")
+
+STATUS_COLUMNS = ("SUBJECT", "RAYJOB", "JOB STATUS", "DEPLOYMENT", "START", "END", "MESSAGE")
+
+
+class KubeError(RuntimeError):
+    """The cluster cannot be reached or used; the message says what to check."""
+
+
+@dataclass(frozen=True)
+class SubjectJob:
+    """One subject to personalize: its name and the entrypoint flags (without leading dashes)."""
+
+    name: str
+    args: dict[str, str] = field(hash=False)
+
+
+@dataclass(frozen=True)
+class RayJobTarget:
+    """Where and how the RayJobs of one bulk run execute.
+
+    Exactly one of ``cluster_name`` (an existing RayCluster, shared by all jobs) and
+    ``ray_cluster_spec`` (a dedicated RayCluster per job, deleted ``ttl_seconds_after_finished``
+    seconds after the job finishes) must be given.
+    """
+
+    namespace: str
+    bulk_run: str
+    cluster_name: Optional[str] = None
+    ray_cluster_spec: Optional[Mapping[str, Any]] = field(default=None, hash=False)
+    image: Optional[str] = None  # dedicated clusters only: image of the Ray container of every group
+    service_account: Optional[str] = None  # dedicated clusters only: serviceAccountName of Ray pods
+    backoff_limit: int = 0
+    ttl_seconds_after_finished: int = 3600
+    active_deadline_seconds: Optional[int] = None
+    entrypoint_module: str = DEFAULT_ENTRYPOINT_MODULE
+    runtime_env: Optional[Mapping[str, Any]] = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        validate_k8s_name(self.namespace, what="namespace")
+        validate_k8s_name(self.bulk_run, what="bulk run name")
+        if (self.cluster_name is None) == (self.ray_cluster_spec is None):
+            raise ValueError(
+                "give exactly one of cluster_name (run on an existing RayCluster) or ray_cluster_spec "
+                "(a dedicated RayCluster per job)"
+            )
+        if self.cluster_name is not None:
+            validate_k8s_name(self.cluster_name, what="RayCluster name")
+            if self.backoff_limit:
+                raise ValueError(
+                    f"backoff_limit={self.backoff_limit}: KubeRay refuses retries on a shared cluster "
+                    "(clusterSelector); set it to 0 or use a dedicated cluster (ray_cluster_spec)"
+                )
+            for name in ("image", "service_account"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} applies to dedicated clusters only; for the shared RayCluster "
+                        f"{self.cluster_name!r} set it where that cluster is defined (the Helm chart)"
+                    )
+        elif "headGroupSpec" not in self.ray_cluster_spec:
+            raise ValueError("ray_cluster_spec has no headGroupSpec; it must be a RayCluster spec")
+        for name in ("backoff_limit", "ttl_seconds_after_finished"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.active_deadline_seconds is not None and self.active_deadline_seconds <= 0:
+            raise ValueError(f"active_deadline_seconds must be positive, got {self.active_deadline_seconds}")
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """What happened to one RayJob: ``created``, ``configured``, ``unchanged`` or ``failed``."""
+
+    subject: str
+    name: str
+    namespace: str
+    action: str
+    message: str = ""
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.action != "failed"
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """The state of one RayJob as KubeRay reports it (empty strings when not yet set)."""
+
+    name: str
+    subject: str
+    bulk_run: str
+    job_status: str
+    deployment_status: str
+    message: str
+    start_time: str
+    end_time: str
+    ray_cluster: str
+
+
+# --------------------------------------------------------------------------- names
+
+
+def _suggest_name(name: str) -> str:
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", name.lower())).strip("-") or "x"
+
+
+def validate_k8s_name(name: str, what: str = "name", max_len: int = MAX_LABEL) -> None:
+    """Raise ``ValueError`` unless ``name`` is a DNS-1123 label (lowercase, digits, '-') ≤ ``max_len``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} is empty; use lowercase letters, digits and '-'")
+    problems = []
+    if len(name) > max_len:
+        problems.append(f"is {len(name)} characters long (at most {max_len})")
+    if name != name.lower():
+        problems.append("has uppercase letters")
+    bad = sorted({c for c in name.lower() if not (c.isascii() and (c.isalnum() or c == "-"))})
+    if bad:
+        problems.append("has characters other than a-z, 0-9 and '-': " + " ".join(repr(c) for c in bad))
+    if name[0] == "-" or name[-1] == "-":
+        problems.append("starts or ends with '-'")
+    if problems:
+        hint = _suggest_name(name)[:max_len].strip("-")
+        raise ValueError(f"invalid {what} {name!r}: it {'; it '.join(problems)}. Rename it, e.g. {hint!r}")
+
+
+def rayjob_name(subject_name: str, bulk_run: str) -> str:
+    """``<bulk_run>-<subject>``: deterministic, a DNS-1035 label of at most 47 characters.
+
+    Too long: cut and suffixed with 8 hex digits of a hash of both inputs, so distinct subjects keep
+    distinct names. A name that would start with a digit gets the prefix ``run-``.
+    """
+    validate_k8s_name(subject_name, what="subject name")
+    validate_k8s_name(bulk_run, what="bulk run name")
+    name = f"{bulk_run}-{subject_name}"
+    if not name[0].isalpha():
+        name = f"run-{name}"
+    if len(name) > MAX_RAYJOB_NAME:
+        digest = hashlib.sha256(f"{bulk_run}/{subject_name}".encode()).hexdigest()[:8]
+        name = f"{name[: MAX_RAYJOB_NAME - 9].rstrip('-')}-{digest}"
+    return name
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_entrypoint(module: str, args: Mapping[str, str], subject: str = "") -> str:
+    """``python -m <module> --flag value ...`` with flags sorted and values shell-quoted."""
+    words = ["python", "-m", module]
+    for flag in sorted(args):
+        value = args[flag]
+        where = f"subject {subject!r}: " if subject else ""
+        if not _FLAG.match(flag):
+            raise ValueError(
+                f"{where}flag {flag!r} is not a flag name; write it without leading dashes in "
+                "lowercase, e.g. 'instance-dir'"
+            )
+        if not isinstance(value, str):
+            raise ValueError(f"{where}--{flag} must be a string, got {type(value).__name__} {value!r}")
+        if not _SAFE_VALUE.match(value):
+            bad = " ".join(sorted({repr(c) for c in value if not _SAFE_VALUE.match(c)}))
+            raise ValueError(
+                f"{where}--{flag} {value!r} has characters a shell on the Ray head would interpret: "
+                f"{bad}; use only letters, digits, spaces and _@%+=:,./-"
+            )
+        words += [f"--{flag}", value]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _dedicated_cluster(target: RayJobTarget) -> dict[str, Any]:
+    spec = copy.deepcopy(dict(target.ray_cluster_spec or {}))
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    for group in groups:
+        pod = group.setdefault("template", {}).setdefault("spec", {})
+        if target.service_account is not None:
+            pod["serviceAccountName"] = target.service_account
+        if target.image is not None:
+            containers = pod.get("containers") or []
+            if not containers:
+                raise ValueError("ray_cluster_spec: a group template has no containers to set the image on")
+            containers[0]["image"] = target.image  # KubeRay: the Ray container is the first one
+    return spec
+
+
+def build_rayjob(job: SubjectJob, target: RayJobTarget) -> dict[str, Any]:
+    """The RayJob custom object (a plain dict) that runs ``job`` on ``target``."""
+    validate_k8s_name(job.name, what="subject name")
+    spec: dict[str, Any] = {
+        "entrypoint": build_entrypoint(target.entrypoint_module, job.args, subject=job.name),
+        "submissionMode": "K8sJobMode",
+        "backoffLimit": target.backoff_limit,
+    }
+    if target.runtime_env:
+        spec["runtimeEnvYAML"] = yaml.safe_dump(dict(target.runtime_env), sort_keys=True)
+    if target.active_deadline_seconds is not None:
+        spec["activeDeadlineSeconds"] = target.active_deadline_seconds
+    if target.cluster_name is not None:
+        spec["clusterSelector"] = {CLUSTER_SELECTOR_KEY: target.cluster_name}
+    else:
+        spec["rayClusterSpec"] = _dedicated_cluster(target)
+        spec["shutdownAfterJobFinishes"] = True
+        spec["ttlSecondsAfterFinished"] = target.ttl_seconds_after_finished
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {
+            "name": rayjob_name(job.name, target.bulk_run),
+            "namespace": target.namespace,
+            "labels": {
+                LABEL_NAME: APP_NAME,
+                LABEL_MANAGED_BY: FIELD_MANAGER,
+                LABEL_BULK_RUN: target.bulk_run,
+                LABEL_SUBJECT: job.name,
+            },
+        },
+        "spec": spec,
+    }
+
+
+def rayjobs_to_yaml(rayjobs: Sequence[Mapping[str, Any]]) -> str:
+    """A multi-document YAML of the objects (what ``kubectl apply -f`` would take)."""
+    return yaml.safe_dump_all([dict(o) for o in rayjobs], sort_keys=False)
+
+
+# --------------------------------------------------------------------------- submitting
+
+
+def _api_error_text(exc: Exception) -> str:
+    """The server's own words from an ApiException: message and each field cause."""
+    body = getattr(exc, "body", None)
+    try:
+        status = json.loads(body) if body else {}
+    except (TypeError, ValueError):
+        status = {}
+    if not isinstance(status, dict) or not status.get("message"):
+        return f"HTTP {getattr(exc, 'status', '?')} {getattr(exc, 'reason', '') or ''}".strip()
+    causes = (status.get("details") or {}).get("causes") or []
+    fields = [f"{c.get('field', '?')}: {c.get('message', '')}" for c in causes if c.get("field")]
+    text = status["message"] if not fields else "; ".join(fields)
+    if status.get("code") == 404 and status.get("reason") == "NotFound" and not status.get("details"):
+        text += " (is the KubeRay operator with its RayJob CRD ray.io/v1 installed?)"
+    return text
+
+
+def _content(obj: Optional[Mapping[str, Any]]) -> Any:
+    meta = (obj or {}).get("metadata") or {}
+    return (obj or {}).get("spec"), meta.get("labels") or {}, meta.get("annotations") or {}
+
+
+def _apply_one(api: Any, obj: Mapping[str, Any], dry_run: bool) -> str:
+    from kubernetes.client.exceptions import ApiException
+
+    meta = obj["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    try:
+        live = api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        live = None
+    extra = {"dry_run": "All"} if dry_run else {}
+    applied = api.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, name, dict(obj),
+        field_manager=FIELD_MANAGER, force=True, field_validation="Strict",
+        _content_type=APPLY_PATCH, **extra,
+    )  # fmt: skip
+    if live is None:
+        return "created"
+    if applied is None:  # the client drops bodies of statuses it does not expect (201)
+        applied = api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+    return "unchanged" if _content(applied) == _content(live) else "configured"
+
+
+def submit(api_client: Any, rayjobs: Sequence[Mapping[str, Any]], dry_run: bool = False) -> list[SubmitResult]:
+    """Apply each RayJob; one result per object, in order. Failures are results, not exceptions.
+
+    ``dry_run=True`` asks the server to validate and compute every change without persisting anything
+    (``dryRun=All``); with ``api_client=None`` it contacts nothing and reports every object ``rendered``.
+    Raises ``KubeError`` only when the API server cannot be reached at all.
+    """
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    results: list[SubmitResult] = []
+    api = client.CustomObjectsApi(api_client) if api_client is not None else None
+    for obj in rayjobs:
+        meta = obj["metadata"]
+        subject = (meta.get("labels") or {}).get(LABEL_SUBJECT, meta["name"])
+        where = dict(subject=subject, name=meta["name"], namespace=meta["namespace"], dry_run=dry_run)
+        if api is None:
+            if not dry_run:
+                raise ValueError("submit needs an api_client unless dry_run=True")
+            results.append(SubmitResult(action="rendered", **where))
+            continue
+        for attempt in (1, 2):
+            try:
+                results.append(SubmitResult(action=_apply_one(api, obj, dry_run), **where))
+                break
+            except ApiException as exc:
+                if exc.status == 409 and attempt == 1:
+                    continue  # someone changed it between our read and write: read again, once
+                reason = _api_error_text(exc)
+                message = f"subject {subject!r} (RayJob {meta['namespace']}/{meta['name']}) was rejected: {reason}"
+                results.append(SubmitResult(action="failed", message=message, **where))
+                break
+            except HTTPError as exc:
+                host = getattr(getattr(api_client, "configuration", None), "host", "?")
+                raise KubeError(
+                    f"cannot reach the Kubernetes API server at {host} ({exc}); check the kubeconfig "
+                    "context / --kubeconfig and that the cluster is up"
+                ) from exc
+    return results
+
+
+def format_submit_results(results: Sequence[SubmitResult]) -> str:
+    """One line per object like ``kubectl apply``: ``rayjob.ray.io/<name> created (server dry run)``."""
+    lines = []
+    for r in results:
+        suffix = " (server dry run)" if r.dry_run and r.action != "rendered" else ""
+        text = r.message if r.action == "failed" else f"rayjob.ray.io/{r.name} {r.action}{suffix}"
+        lines.append(text)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- status
+
+
+def list_status(api_client: Any, namespace: str, bulk_run: Optional[str] = None) -> list[JobStatus]:
+    """Status of the RayJobs this CLI manages in ``namespace`` (one bulk run when given)."""
+    from kubernetes import client
+
+    selector = f"{LABEL_MANAGED_BY}={FIELD_MANAGER}"
+    if bulk_run is not None:
+        selector += f",{LABEL_BULK_RUN}={bulk_run}"
+    found = client.CustomObjectsApi(api_client).list_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, label_selector=selector
+    )
+    rows = []
+    for item in found.get("items", []):
+        meta, status = item.get("metadata", {}), item.get("status") or {}
+        labels = meta.get("labels") or {}
+        rows.append(
+            JobStatus(
+                name=meta.get("name", ""),
+                subject=labels.get(LABEL_SUBJECT, ""),
+                bulk_run=labels.get(LABEL_BULK_RUN, ""),
+                job_status=status.get("jobStatus", ""),
+                deployment_status=status.get("jobDeploymentStatus", ""),
+                message=status.get("message", ""),
+                start_time=status.get("startTime", ""),
+                end_time=status.get("endTime", ""),
+                ray_cluster=status.get("rayClusterName", ""),
+            )
+        )
+    return sorted(rows, key=lambda r: (r.bulk_run, r.subject, r.name))
+
+
+def format_status_table(rows: Sequence[JobStatus], max_message: int = 60) -> str:
+    """An aligned text table of ``rows`` plus a count per job status."""
+    if not rows:
+        return "No RayJobs found."
+
+    def cut(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= max_message else text[: max_message - 3] + "..."
+
+    table = [STATUS_COLUMNS] + [
+        (r.subject, r.name, r.job_status, r.deployment_status, r.start_time, r.end_time, cut(r.message))
+        for r in rows
+    ]
+    table = [tuple(cell or "-" for cell in row) for row in table]
+    widths = [max(len(row[i]) for row in table) for i in range(len(STATUS_COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    counts: dict[str, int] = {}
+    for r in rows:
+        key = r.job_status or r.deployment_status or "NEW"
+        counts[key] = counts.get(key, 0) + 1
+    lines.append(f"{len(rows)} RayJobs: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- connecting
+
+
+def load_api_client(kubeconfig: Optional[str] = None, context: Optional[str] = None) -> Any:
+    """A ``kubernetes.client.ApiClient``: in-cluster credentials inside a pod, else the kubeconfig.
+
+    In a pod (``KUBERNETES_SERVICE_HOST`` set) with neither argument given, the pod's service account
+    is used. Otherwise ``kubeconfig`` (default: ``$KUBECONFIG`` or ``~/.kube/config``) and ``context``.
+    """
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException as exc:
+            raise KubeError(f"running in a pod but cannot use its service account: {exc}") from exc
+        return client.ApiClient(configuration)
+    if kubeconfig is not None and not os.path.isfile(os.path.expanduser(kubeconfig)):
+        raise KubeError(f"kubeconfig {kubeconfig} does not exist; pass the path of a kubeconfig file")
+    try:
+        config.load_kube_config(
+            config_file=kubeconfig, context=context, client_configuration=configuration, persist_config=False
+        )
+    except (config.ConfigException, OSError) as exc:
+        source = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        raise KubeError(
+            f"no usable Kubernetes configuration in {source} ({exc}); pass --kubeconfig, set KUBECONFIG, "
+            "or run `kubectl config use-context <name>`"
+            + (f" (is {context!r} a context in that file?)" if context else "")
+        ) from exc
+    return client.ApiClient(configuration)

@@ -1,0 +1,206 @@
+"""Base models: resolve a ``--model`` value, load its components, build the built-in ``tiny``.
+
+Owns: what counts as a model (a local diffusers folder, a hub id, or a built-in name), the check
+that a model exists (run before any Ray work), and loading the components training and generation
+need. Knows nothing of Ray or DeepSpeed.
+
+Built-in models are materialized once per machine into ``$DREAMBOOTH_CACHE/models/<name>`` (default
+``~/.cache/dreambooth``) from a fixed seed, so every process and node sees identical weights.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from dreambooth.config import ConfigError
+
+TOKENIZER_DIR = Path(str(resources.files("dreambooth") / "data" / "clip_tokenizer"))
+CLIP_VOCAB_SIZE = 49408
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DREAMBOOTH_CACHE", Path.home() / ".cache" / "dreambooth"))
+
+
+def load_clip_tokenizer(path: str | Path = TOKENIZER_DIR):
+    """The real CLIP tokenizer from a folder with vocab.json + merges.txt.
+
+    ``from_pretrained(folder)``, never ``CLIPTokenizer(vocab_file=..., merges_file=...)``: transformers
+    5.24 silently ignores those keywords and yields a 2-token vocabulary.
+    """
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(path), model_max_length=77)
+    if len(tokenizer) != CLIP_VOCAB_SIZE:
+        raise RuntimeError(f"CLIP tokenizer at {path} has {len(tokenizer)} tokens, expected {CLIP_VOCAB_SIZE}")
+    return tokenizer
+
+
+def build_tiny(target: Path) -> None:
+    """A tiny Stable-Diffusion-layout pipeline with random weights, fast on 2 CPU cores.
+
+    UNet 2 blocks (32, 64 channels, 2 heads of 32), VAE (32, 64; 4 latent channels, downsamples 2x),
+    CLIP text encoder (hidden 32, 2 layers, 77 positions) with the real CLIP tokenizer, DDPM schedule.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=32,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=32,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_clip_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(target), safe_serialization=True)
+
+
+BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny}
+# Bump when a builder changes, so stale caches are rebuilt rather than reused.
+BUILTIN_VERSION = "1"
+
+
+def _materialize_builtin(name: str) -> Path:
+    target = cache_root() / "models" / f"{name}-v{BUILTIN_VERSION}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        BUILTIN_MODELS[name](staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model(model: str, revision: Optional[str] = None) -> str:
+    """Return a path or hub id that ``from_pretrained`` accepts, or raise ConfigError.
+
+    Order: built-in name, local folder with ``model_index.json``, hub id (checked by fetching
+    ``model_index.json``, which also works offline when the hub cache has it).
+    """
+    if model in BUILTIN_MODELS:
+        return str(_materialize_builtin(model))
+    local = Path(model).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise ConfigError(
+                f"--model {model}: the folder has no model_index.json; pass a diffusers pipeline folder "
+                "(saved with save_pretrained) or a built-in name: " + ", ".join(BUILTIN_MODELS)
+            )
+        return str(local)
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise ConfigError(
+            f"--model {model!r} is not a built-in name ({', '.join(BUILTIN_MODELS)}), not an existing "
+            "folder, and not a hub id of the form 'org/name'"
+        )
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(model, "model_index.json", revision=revision)
+    except Exception as exc:  # offline, unknown repo, gated, ...: all mean "cannot use it"
+        raise ConfigError(
+            f"--model {model!r}: cannot read model_index.json from the hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). Check the id and revision, log in for gated "
+            "models, or download the pipeline and pass its local folder"
+        ) from None
+    return model
+
+
+@dataclass
+class Components:
+    """The parts of a Stable Diffusion pipeline that training touches."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    noise_scheduler: object  # DDPMScheduler with the model's training schedule
+
+    @property
+    def prediction_type(self) -> str:
+        """``epsilon`` or ``v_prediction``: what the UNet predicts, hence the loss target."""
+        return self.noise_scheduler.config.prediction_type
+
+
+def load_components(model_path: str, revision: Optional[str] = None) -> Components:
+    """Load tokenizer, text encoder, UNet, VAE and the DDPM training scheduler in fp32."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = {"revision": revision} if revision else {}
+    return Components(
+        tokenizer=CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **kw),
+        text_encoder=CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **kw),
+        unet=UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **kw),
+        vae=AutoencoderKL.from_pretrained(model_path, subfolder="vae", **kw),
+        noise_scheduler=DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw),
+    )
+
+
+def load_pipeline(model_path: str, revision: Optional[str] = None, device: str = "cpu", dtype=torch.float32):
+    """A ready-to-sample StableDiffusionPipeline (safety checker off: research use, tiny models)."""
+    from diffusers import StableDiffusionPipeline
+
+    kw = {"revision": revision} if revision else {}
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kw
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,143 @@
+"""``dreambooth run``: preflight (no Ray) → class priors (cached) → training → export → run record.
+
+Everything a user can get wrong is checked in ``preflight`` before Ray starts; nothing is written
+to the output until training begins, and the run record that marks it complete is written last.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from dreambooth import cluster, export, identifier, models, priors, storage
+from dreambooth.config import ConfigError, RunConfig, validate
+from dreambooth.subjects import SubjectImage, load_subject_images
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """A run that passed every check and can take cluster time."""
+
+    config: RunConfig
+    model_path: str
+    images: list[SubjectImage]
+    identifier_warnings: list[str] = field(default_factory=list)
+    identifier_was_auto: bool = False
+
+
+def resolve_identifier(cfg: RunConfig, model_path: str, taken: frozenset[str] = frozenset()) -> tuple[bool, list[str]]:
+    """Fill in ``identifier: auto`` from the model's tokenizer, or check a user-given one."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", revision=cfg.revision)
+    if cfg.subject.identifier == "auto":
+        cfg.subject.identifier = identifier.pick_identifiers(tokenizer, 1, cfg.subject.identifier_seed, exclude=taken)[0]
+        return True, []
+    if cfg.subject.identifier in taken:
+        raise ConfigError(f"--identifier {cfg.subject.identifier!r} is already used by another subject; pick another")
+    return False, identifier.check_identifier(tokenizer, cfg.subject.identifier).warnings
+
+
+def preflight(cfg: RunConfig, taken_identifiers: frozenset[str] = frozenset()) -> Prepared:
+    """Validate config, model, photos, identifier and output; raise ConfigError/SubjectError/PermissionError."""
+    validate(cfg)
+    model_path = models.resolve_model(cfg.model, cfg.revision)
+    images = load_subject_images(cfg.subject.instance_dir, cfg.train.resolution)
+    was_auto, warnings = resolve_identifier(cfg, model_path, taken_identifiers)
+    if not export.is_complete(cfg.output) or cfg.overwrite:
+        storage.check_writable(cfg.output)
+        if cfg.train.prior_loss_weight > 0:
+            storage.check_writable(cfg.prior_root)
+    return Prepared(cfg, model_path, images, warnings, was_auto)
+
+
+@dataclass
+class RunOutcome:
+    output: str
+    skipped: bool
+    record: Optional[dict] = None
+
+
+def execute(prepared: Prepared, *, resources_per_worker: Optional[dict] = None) -> RunOutcome:
+    """Run the stages on Ray for a prepared subject. Connects to (or starts) Ray."""
+    from dreambooth.training.trainer import final_weights_uri, train
+
+    cfg = prepared.config
+    if export.is_complete(cfg.output):
+        if not cfg.overwrite:
+            return RunOutcome(cfg.output, skipped=True, record=storage.read_json(storage.join(cfg.output, export.RUN_RECORD)))
+        storage.remove(cfg.output)
+
+    timings: dict[str, float] = {}
+    start = time.monotonic()
+    cluster.connect()
+    timings["connect_s"] = time.monotonic() - start
+    use_gpu = cluster.resolve_use_gpu(cfg.train.use_gpu)
+
+    prior_set = None
+    if cfg.train.prior_loss_weight > 0:
+        spec = priors.spec_from_config(cfg, _scheduler_name(prepared.model_path))
+        prior_set = priors.generate(
+            spec,
+            prepared.model_path,
+            cfg.prior_root,
+            cfg.prior.num_class_images,
+            use_gpu=use_gpu,
+            actors=cfg.prior.prior_actors,
+            batch_size=cfg.prior.prior_batch_size,
+        )
+        timings["priors_s"] = prior_set.seconds
+
+    weights = final_weights_uri(cfg.output)
+    metrics: dict = {}
+    if storage.exists(storage.join(weights, "progress.json")):
+        log.info("final weights already trained at %s; exporting them", weights)
+    else:
+        result = train(cfg, prepared.model_path, prepared.images, prior_set, use_gpu=use_gpu, resources_per_worker=resources_per_worker)
+        metrics, timings["train_s"] = result.metrics, result.seconds
+
+    import ray
+
+    exported = ray.get(
+        ray.remote(export.export_pipeline)
+        .options(num_gpus=1 if use_gpu else 0, num_cpus=1)
+        .remote(cfg, prepared.model_path, weights, use_gpu)
+    )
+    timings["export_s"] = exported["seconds"]
+    if not cfg.export.keep_checkpoints:
+        storage.remove(storage.join(cfg.output, "checkpoints"))
+    timings["total_s"] = time.monotonic() - start
+    record = {
+        "identifier": cfg.subject.identifier,
+        "identifier_auto": prepared.identifier_was_auto,
+        "identifier_warnings": prepared.identifier_warnings,
+        "class_noun": cfg.subject.class_noun,
+        "instance_prompt": cfg.subject.instance_prompt,
+        "class_prompt": cfg.subject.class_prompt,
+        "sample_prompts": cfg.sample_prompts(),
+        "model": cfg.model,
+        "instance_images": [img.name for img in prepared.images],
+        "priors": {
+            "cache": prior_set.uri if prior_set else None,
+            "images": len(prior_set.seeds) if prior_set else 0,
+            "generated": prior_set.generated if prior_set else 0,
+        },
+        "metrics": metrics,
+        "steps": cfg.train.max_train_steps,
+        "grid": exported["grid"],
+        "timings": timings,
+        "use_gpu": use_gpu,
+        "config": cfg.to_dict(),
+    }
+    export.write_run_record(cfg.output, record)
+    return RunOutcome(cfg.output, skipped=False, record=record)
+
+
+def _scheduler_name(model_path: str) -> str:
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(model_path)["scheduler"][1]

@@ -1,0 +1,71 @@
+"""DeepSpeed: the ZeRO config built from ``TrainConfig`` and the engine around ``DreamBoothModule``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dreambooth.config import TrainConfig
+
+
+def deepspeed_config(train: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed JSON config for a run (ZeRO stage, offload, precision, accumulation, clipping).
+
+    With optimizer offload DeepSpeed builds its CPU Adam (a one-time JIT build); otherwise the
+    engine receives a torch AdamW object, which builds no extension.
+    """
+    zero: dict[str, Any] = {"stage": train.zero_stage}
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if train.zero_stage == 3:
+        # Full weights are gathered for export through GatheredParameters; this lets
+        # engine.save_16bit_model work too.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.train_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.mixed_precision == "bf16"},
+        "fp16": {"enabled": train.mixed_precision == "fp16", "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if train.max_grad_norm > 0:
+        config["gradient_clipping"] = train.max_grad_norm
+    if train.offload_optimizer:
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": train.learning_rate, "weight_decay": train.adam_weight_decay},
+        }
+    return config
+
+
+def build_engine(module: torch.nn.Module, train: TrainConfig):
+    """``deepspeed.initialize`` on an already-initialized process group (Ray Train made it)."""
+    import deepspeed
+    from diffusers.optimization import get_scheduler
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = None
+    if not train.offload_optimizer:
+        optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.adam_weight_decay)
+
+    def make_scheduler(opt):
+        return get_scheduler(
+            train.lr_scheduler,
+            optimizer=opt,
+            num_warmup_steps=train.lr_warmup_steps,
+            num_training_steps=train.max_train_steps,
+        )
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=module,
+        model_parameters=params,
+        optimizer=optimizer,
+        lr_scheduler=make_scheduler,
+        config=deepspeed_config(train),
+        dist_init_required=False,
+    )
+    return engine, scheduler

@@ -1,0 +1,130 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+One readable loop: load the base components, wrap UNet + text encoder in one DeepSpeed engine,
+restore the latest checkpoint, then for each optimizer step accumulate micro-batches of mixed
+subject/prior examples, log, and checkpoint; finally gather the full weights for export.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import ray.train
+import torch
+
+from dreambooth.config import RunConfig
+from dreambooth.models import load_components
+from dreambooth.subjects import SubjectImage
+from dreambooth.training import checkpoint
+from dreambooth.training.batches import BatchMaker, endless
+from dreambooth.training.engine import build_engine
+from dreambooth.training.module import DreamBoothModule, diffusion_target, dreambooth_loss
+
+log = logging.getLogger("dreambooth.train")
+
+
+@dataclass
+class LoopInputs:
+    """What the driver hands every worker (pickled once into ``train_loop_config``)."""
+
+    config: RunConfig
+    model_path: str
+    images: list[SubjectImage]
+    with_priors: bool
+
+
+def _step_generator(seed: int, rank: int, step: int, micro: int, device) -> torch.Generator:
+    # Randomness keyed by (seed, rank, step): a resumed run draws what the original would have.
+    return torch.Generator(device="cpu").manual_seed(hash((seed, rank, step, micro)) & 0x7FFF_FFFF)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    inputs: LoopInputs = loop_config["inputs"]
+    cfg, train = inputs.config, inputs.config.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
+
+    parts = load_components(inputs.model_path, cfg.revision)
+    parts.vae.requires_grad_(False).eval().to(device)
+    module = DreamBoothModule(parts.unet, parts.text_encoder, train.train_text_encoder)
+    engine, scheduler = build_engine(module, train)
+    start_step = checkpoint.restore(engine)
+    if start_step:
+        log.info("rank %d resumed from step %d", rank, start_step)
+
+    priors = None
+    if inputs.with_priors:
+        shard = ray.train.get_dataset_shard("priors")
+        priors = endless(lambda: shard.iter_batches(batch_size=train.train_batch_size, batch_format="numpy"))
+    batches = BatchMaker(
+        inputs.images,
+        parts.tokenizer,
+        parts.vae,
+        cfg.subject.instance_prompt,
+        cfg.subject.class_prompt,
+        resolution=train.resolution,
+        batch_size=train.train_batch_size,
+        center_crop=train.center_crop,
+        random_flip=train.random_flip,
+        seed=train.seed + 1000 * rank + start_step,
+        priors=priors,
+        device=device,
+    )
+    noise_scheduler = parts.noise_scheduler
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    dtype = next(p for p in engine.module.parameters()).dtype
+
+    progress = None
+    if rank == 0:
+        from ray.experimental.tqdm_ray import tqdm
+
+        progress = tqdm(total=train.max_train_steps, desc="train")
+        progress.update(start_step)
+    metrics: dict = {}
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(start_step + 1, train.max_train_steps + 1):
+        engine.train()
+        for micro in range(train.gradient_accumulation_steps):
+            batch = batches.next()
+            gen = _step_generator(train.seed, rank, step, micro, device)
+            latents = batch.latents
+            noise = torch.randn(latents.shape, generator=gen).to(device)
+            timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=gen).to(device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            prediction = engine(noisy.to(dtype), timesteps, batch.input_ids)
+            target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+            loss = dreambooth_loss(prediction, target, batch.num_instance, train.prior_loss_weight)
+            engine.backward(loss.total)
+            engine.step()
+        window_steps += 1
+        metrics = {
+            "step": step,
+            "loss": loss.total.item(),
+            "instance_loss": loss.instance,
+            "prior_loss": loss.prior,
+            "lr": scheduler.get_last_lr()[0],
+            "resumed_from": start_step,
+        }
+        if progress is not None:
+            progress.update(1)
+        if rank == 0 and (step % train.log_every == 0 or step == train.max_train_steps):
+            seconds = (time.perf_counter() - window_start) / window_steps
+            metrics["step_seconds"] = seconds
+            log.info(
+                "step %d/%d loss %.4f (instance %.4f, prior %.4f) lr %.2e %.3f s/step x%d workers",
+                step, train.max_train_steps, metrics["loss"], loss.instance, loss.prior, metrics["lr"], seconds, world,
+            )
+            window_start, window_steps = time.perf_counter(), 0
+        if train.checkpointing_steps and step % train.checkpointing_steps == 0 and step < train.max_train_steps:
+            checkpoint.save_resumable(engine, step, metrics)
+    if progress is not None:
+        progress.close()
+
+    state = checkpoint.gathered_state_dict(engine.module, train.zero_stage)
+    checkpoint.save_final(state, parts.unet.config, parts.text_encoder.config, train.max_train_steps, metrics)

@@ -1,0 +1,91 @@
+"""Ray Train: the ``TorchTrainer`` that runs ``train_loop_per_worker`` on N DeepSpeed ranks.
+
+Checkpoints live under ``<output>/checkpoints`` (Ray Train's run folder), so a new driver started
+with the same output resumes from the latest one, and ``FailureConfig`` restarts a worker group
+that lost a worker from it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from dreambooth import storage
+from dreambooth.config import RunConfig
+from dreambooth.priors import PriorSet, read_prior_dataset
+from dreambooth.subjects import SubjectImage
+from dreambooth.training import checkpoint
+from dreambooth.training.loop import LoopInputs, train_loop_per_worker
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    weights_uri: str  # folder with unet/ and text_encoder/ (diffusers layout)
+    metrics: dict
+    seconds: float
+
+
+def storage_path(output: str) -> str:
+    """Ray Train needs an absolute path or a URI."""
+    return str(Path(output).resolve()) if storage.is_local(output) else output
+
+
+def final_weights_uri(output: str) -> str:
+    return storage.join(storage_path(output), CHECKPOINTS, checkpoint.FINAL)
+
+
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    env = {key: os.environ[key] for key in ("TORCH_EXTENSIONS_DIR", "DREAMBOOTH_CACHE", "HF_HUB_OFFLINE", "HF_HOME") if key in os.environ}
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for CUDA and warn
+    return env
+
+
+def train(
+    cfg: RunConfig,
+    model_path: str,
+    images: list[SubjectImage],
+    prior_set: Optional[PriorSet],
+    *,
+    use_gpu: bool,
+    resources_per_worker: Optional[dict] = None,
+) -> TrainResult:
+    """Fine-tune on a connected Ray cluster; return where the full weights are."""
+    import time
+
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    start = time.monotonic()
+    datasets = {}
+    if prior_set is not None and cfg.train.prior_loss_weight > 0:
+        # Materialized before the workers take their CPUs: streaming reads would need CPUs that a
+        # small cluster (2 workers on 2 CPUs) no longer has, and priors are small (latents only).
+        datasets["priors"] = read_prior_dataset(prior_set).materialize()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"inputs": LoopInputs(cfg, model_path, images, with_priors=bool(datasets))},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources_per_worker or ({"GPU": 1} if use_gpu else {"CPU": 1}),
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=CHECKPOINTS,
+            storage_path=storage_path(cfg.output),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": worker_env(use_gpu)},
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None or not result.checkpoint.path.rstrip("/").endswith(checkpoint.FINAL):
+        raise RuntimeError(f"training ended without final weights (last checkpoint: {result.checkpoint})")
+    return TrainResult(final_weights_uri(cfg.output), dict(result.metrics or {}), time.monotonic() - start)

@@ -1,0 +1,1 @@
+"""Thin entrypoints that the Ray Jobs API runs (``ray job submit -- python -m ray_jobs.<name>``)."""

