@@ -46,8 +46,6 @@ DEFAULT_ENTRYPOINT_MODULE = "ray_jobs.personalize"
 # RayCluster). The operator marks longer names ValidationFailed.
 MAX_RAYJOB_NAME = 47
 MAX_LABEL = 63
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _FLAG = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 # The entrypoint goes through two shells: KubeRay's submitter runs ``ray job submit -- <entrypoint>``
 # in bash, then Ray re-joins the words (subprocess.list2cmdline, which only adds double quotes around
@@ -74,9 +72,10 @@ class SubjectJob:
 class RayJobTarget:
     """Where and how the RayJobs of one bulk run execute.
 
-    Exactly one of ``cluster_name`` (an existing RayCluster, shared by all jobs) and
-    ``ray_cluster_spec`` (a dedicated RayCluster per job, deleted ``ttl_seconds_after_finished``
-    seconds after the job finishes) must be given.
+    Exactly one of ``cluster_name`` (an existing RayCluster, shared by all jobs: ``spec.clusterSelector``)
+    and ``ray_cluster_spec`` (a dedicated RayCluster per job, deleted ``ttl_seconds_after_finished``
+    seconds after the job finishes) must be given. ``image``, ``service_account``, a non-zero
+    ``backoff_limit`` and the TTL apply to dedicated clusters only (KubeRay rules).
     """
 
     namespace: str
@@ -123,7 +122,10 @@ class RayJobTarget:
 
 @dataclass(frozen=True)
 class SubmitResult:
-    """What happened to one RayJob: ``created``, ``configured``, ``unchanged`` or ``failed``."""
+    """What happened to one RayJob: ``created``, ``configured``, ``unchanged``, ``failed`` or ``rendered``.
+
+    ``message``: why it failed, or a note worth showing (e.g. a changed RayJob that already started).
+    """
 
     subject: str
     name: str
@@ -209,8 +211,13 @@ def build_entrypoint(module: str, args: Mapping[str, str], subject: str = "") ->
                 f"{where}flag {flag!r} is not a flag name; write it without leading dashes in "
                 "lowercase, e.g. 'instance-dir'"
             )
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
         if not isinstance(value, str):
-            raise ValueError(f"{where}--{flag} must be a string, got {type(value).__name__} {value!r}")
+            raise ValueError(
+                f"{where}--{flag} must be a string or a number, got {type(value).__name__} {value!r}; "
+                "write the value the flag takes on the command line, e.g. 'true'"
+            )
         if not _SAFE_VALUE.match(value):
             bad = " ".join(sorted({repr(c) for c in value if not _SAFE_VALUE.match(c)}))
             raise ValueError(
@@ -296,12 +303,21 @@ def _api_error_text(exc: Exception) -> str:
     return text
 
 
+def _unreachable(api_client: Any, exc: Exception) -> KubeError:
+    host = getattr(getattr(api_client, "configuration", None), "host", "?")
+    return KubeError(
+        f"cannot reach the Kubernetes API server at {host} ({exc}); check the kubeconfig context "
+        "(--kubeconfig, KUBECONFIG) and that the cluster is up"
+    )
+
+
 def _content(obj: Optional[Mapping[str, Any]]) -> Any:
     meta = (obj or {}).get("metadata") or {}
     return (obj or {}).get("spec"), meta.get("labels") or {}, meta.get("annotations") or {}
 
 
-def _apply_one(api: Any, obj: Mapping[str, Any], dry_run: bool) -> str:
+def _apply_one(api: Any, obj: Mapping[str, Any], dry_run: bool) -> tuple[str, str]:
+    """Server-side apply one object: (action, note)."""
     from kubernetes.client.exceptions import ApiException
 
     meta = obj["metadata"]
@@ -319,10 +335,18 @@ def _apply_one(api: Any, obj: Mapping[str, Any], dry_run: bool) -> str:
         _content_type=APPLY_PATCH, **extra,
     )  # fmt: skip
     if live is None:
-        return "created"
+        return "created", ""
     if applied is None:  # the client drops bodies of statuses it does not expect (201)
         applied = api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
-    return "unchanged" if _content(applied) == _content(live) else "configured"
+    if _content(applied) == _content(live):
+        return "unchanged", ""
+    state = (live.get("status") or {}).get("jobDeploymentStatus")
+    if not state:
+        return "configured", ""
+    return "configured", (
+        f"KubeRay does not restart a RayJob whose spec changes and this one is already {state}; to run it "
+        f"with the new flags: kubectl delete rayjob -n {ns} {name}, then submit again"
+    )
 
 
 def submit(api_client: Any, rayjobs: Sequence[Mapping[str, Any]], dry_run: bool = False) -> list[SubmitResult]:
@@ -330,12 +354,17 @@ def submit(api_client: Any, rayjobs: Sequence[Mapping[str, Any]], dry_run: bool 
 
     ``dry_run=True`` asks the server to validate and compute every change without persisting anything
     (``dryRun=All``); with ``api_client=None`` it contacts nothing and reports every object ``rendered``.
-    Raises ``KubeError`` only when the API server cannot be reached at all.
+    Raises ``ValueError`` when two objects share a name (nothing is sent), ``KubeError`` when the API
+    server cannot be reached at all.
     """
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
+    keys = [(o["metadata"]["namespace"], o["metadata"]["name"]) for o in rayjobs]
+    twice = sorted({f"{ns}/{name}" for ns, name in keys if keys.count((ns, name)) > 1})
+    if twice:
+        raise ValueError(f"RayJobs {', '.join(twice)} appear more than once; each subject needs a unique name")
     results: list[SubmitResult] = []
     api = client.CustomObjectsApi(api_client) if api_client is not None else None
     for obj in rayjobs:
@@ -349,7 +378,8 @@ def submit(api_client: Any, rayjobs: Sequence[Mapping[str, Any]], dry_run: bool 
             continue
         for attempt in (1, 2):
             try:
-                results.append(SubmitResult(action=_apply_one(api, obj, dry_run), **where))
+                action, note = _apply_one(api, obj, dry_run)
+                results.append(SubmitResult(action=action, message=note, **where))
                 break
             except ApiException as exc:
                 if exc.status == 409 and attempt == 1:
@@ -359,11 +389,7 @@ def submit(api_client: Any, rayjobs: Sequence[Mapping[str, Any]], dry_run: bool 
                 results.append(SubmitResult(action="failed", message=message, **where))
                 break
             except HTTPError as exc:
-                host = getattr(getattr(api_client, "configuration", None), "host", "?")
-                raise KubeError(
-                    f"cannot reach the Kubernetes API server at {host} ({exc}); check the kubeconfig "
-                    "context / --kubeconfig and that the cluster is up"
-                ) from exc
+                raise _unreachable(api_client, exc) from exc
     return results
 
 
@@ -372,8 +398,10 @@ def format_submit_results(results: Sequence[SubmitResult]) -> str:
     lines = []
     for r in results:
         suffix = " (server dry run)" if r.dry_run and r.action != "rendered" else ""
-        text = r.message if r.action == "failed" else f"rayjob.ray.io/{r.name} {r.action}{suffix}"
-        lines.append(text)
+        if r.action == "failed":
+            lines.append(r.message)
+        else:
+            lines.append(f"rayjob.ray.io/{r.name} {r.action}{suffix}" + (f"\n  note: {r.message}" if r.message else ""))
     return "\n".join(lines)
 
 
@@ -383,13 +411,20 @@ def format_submit_results(results: Sequence[SubmitResult]) -> str:
 def list_status(api_client: Any, namespace: str, bulk_run: Optional[str] = None) -> list[JobStatus]:
     """Status of the RayJobs this CLI manages in ``namespace`` (one bulk run when given)."""
     from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
 
     selector = f"{LABEL_MANAGED_BY}={FIELD_MANAGER}"
     if bulk_run is not None:
         selector += f",{LABEL_BULK_RUN}={bulk_run}"
-    found = client.CustomObjectsApi(api_client).list_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, label_selector=selector
-    )
+    try:
+        found = client.CustomObjectsApi(api_client).list_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, label_selector=selector
+        )
+    except ApiException as exc:
+        raise KubeError(f"cannot list RayJobs in namespace {namespace!r}: {_api_error_text(exc)}") from exc
+    except HTTPError as exc:
+        raise _unreachable(api_client, exc) from exc
     rows = []
     for item in found.get("items", []):
         meta, status = item.get("metadata", {}), item.get("status") or {}

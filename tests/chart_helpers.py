@@ -219,3 +219,76 @@ def restricted_violations(where: str, template: dict, extra: list) -> list[str]:
         if seccomp.get("type") not in ("RuntimeDefault", "Localhost"):
             bad.append(f"{label}: seccompProfile must be RuntimeDefault")
     return bad
+
+
+# --- values and entrypoints --------------------------------------------------------
+
+
+def values_yaml() -> dict:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def ci_values(name: str) -> dict:
+    return yaml.safe_load((CI_DIR / name).read_text())
+
+
+def loose_objects(node, path="#") -> list[str]:
+    """JSON-schema paths of object schemas with properties but no additionalProperties: false."""
+    found = []
+    if isinstance(node, dict):
+        if node.get("type") == "object" and "properties" in node and node.get("additionalProperties") is not False:
+            found.append(path)
+        for k, v in node.items():
+            found += loose_objects(v, f"{path}/{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += loose_objects(v, f"{path}/{i}")
+    return found
+
+
+def uncommented_keys(text: str) -> list[str]:
+    """Mapping keys of a values file whose line is not directly under a comment line.
+    Keys inside list items (e.g. a toleration's fields) belong to their commented list key."""
+    lines, bad, list_indent = text.splitlines(), [], None
+    for i, line in enumerate(lines):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        if line.lstrip().startswith("- "):
+            list_indent = indent if list_indent is None else min(list_indent, indent)
+            continue
+        if list_indent is not None and indent > list_indent:
+            continue
+        list_indent = None
+        if re.match(r"^\s*[A-Za-z][\w.-]*:", line) and not lines[i - 1].lstrip().startswith("#"):
+            bad.append(f"line {i + 1}: {line.strip()}")
+    return bad
+
+
+def argv(rayjob: dict) -> list[str]:
+    """The RayJob entrypoint as the shell would split it."""
+    import shlex
+
+    return shlex.split(rayjob["spec"]["entrypoint"])
+
+
+def flags(args: list[str]) -> dict[str, list]:
+    """--name value pairs and bare --switches (True) after `python -m ray_jobs.personalize`."""
+    out: dict[str, list] = {}
+    rest = args[3:]
+    while rest:
+        flag, rest = rest[0], rest[1:]
+        assert flag.startswith("--"), args
+        if rest and not rest[0].startswith("--"):
+            value, rest = rest[0], rest[1:]
+        else:
+            value = True
+        out.setdefault(flag[2:], []).append(value)
+    return out
+
+
+def ray_pods(docs: list[dict]) -> list[dict]:
+    """Pod specs of the (single) RayCluster: head first, then each worker group."""
+    (rc,) = of_kind(docs, "RayCluster")
+    return [rc["spec"]["headGroupSpec"]["template"]["spec"],
+            *(wg["template"]["spec"] for wg in rc["spec"]["workerGroupSpecs"])]

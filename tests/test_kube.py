@@ -129,13 +129,18 @@ def test_entrypoint_is_quoted_and_survives_both_shells():
     assert argv[3:] == ["--output", "s3://b/x=1,y", "--prompt", "a photo of sks dog"]
 
 
+def test_numbers_become_flag_values():
+    entrypoint = kube.build_rayjob(kube.SubjectJob("dog", {"steps": 400, "lr": 5e-06}), shared())["spec"]["entrypoint"]
+    assert entrypoint.endswith("--lr 5e-06 --steps 400")
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
         ({"output": "s3://b/dog;rm -rf /"}, r"subject 'dog': --output .*';'"),
         ({"output": "$HOME/x"}, r"'\$'"),
         ({"--output": "x"}, r"without leading dashes"),
-        ({"steps": 400}, r"--steps must be a string"),
+        ({"with-prior": True}, r"--with-prior must be a string or a number, got bool True"),
     ],
 )
 def test_unsafe_args_are_refused(args, expected):
@@ -164,7 +169,8 @@ def test_invalid_targets_are_refused(overrides, expected):
 def test_rayjob_name_is_deterministic_and_short():
     assert kube.rayjob_name("dog", "b1") == "b1-dog"
     assert kube.rayjob_name("dog", "2024-06-01") == "run-2024-06-01-dog"  # DNS-1035: starts with a letter
-    long_a, long_b = "golden-retriever-from-the-neighbours-" + "a" * 20, "golden-retriever-from-the-neighbours-" + "b" * 20
+    prefix = "golden-retriever-from-the-neighbours-"
+    long_a, long_b = prefix + "a" * 20, prefix + "b" * 20
     name_a, name_b = kube.rayjob_name(long_a, "spring-campaign"), kube.rayjob_name(long_b, "spring-campaign")
     assert name_a == kube.rayjob_name(long_a, "spring-campaign")
     assert name_a != name_b
@@ -227,6 +233,22 @@ def test_changed_arg_reports_configured(double, api):
     stored = double.get("b1-dog", NS)
     assert "--output s3://b/runs/dog-v2" in stored["spec"]["entrypoint"]
     assert stored["metadata"]["resourceVersion"] != rv and stored["metadata"]["generation"] == 2
+    assert results[0].message == ""  # KubeRay has not picked it up yet: the new spec will be used
+
+
+def test_changing_a_started_job_says_how_to_rerun_it(double, api):
+    kube.submit(api, rayjobs(shared(), "dog"))
+    double.set_status("b1-dog", {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, NS)
+    (result,) = kube.submit(api, [kube.build_rayjob(subject("dog", model="sd15"), shared())])
+    assert result.action == "configured"
+    assert "already Running" in result.message and "kubectl delete rayjob -n ml b1-dog" in result.message
+    assert "note: KubeRay does not restart" in kube.format_submit_results([result])
+
+
+def test_duplicate_names_are_refused_before_sending_anything(double, api):
+    with pytest.raises(ValueError, match="ml/b1-dog appear more than once"):
+        kube.submit(api, rayjobs(shared(), "dog", "cat", "dog"))
+    assert double.requests == []
 
 
 def test_schema_violation_names_subject_and_field_and_others_still_go(double, api):
@@ -302,7 +324,14 @@ def test_persistent_conflict_is_a_failed_result(double, api, monkeypatch):
 def test_missing_crd_hints_at_kuberay(double, api, monkeypatch):
     monkeypatch.setattr(double, "kinds", {})
     (result,) = kube.submit(api, rayjobs(shared(), "dog"))
-    assert result.action == "failed" and "is the KubeRay operator with its RayJob CRD ray.io/v1 installed?" in result.message
+    assert result.action == "failed"
+    assert "is the KubeRay operator with its RayJob CRD ray.io/v1 installed?" in result.message
+
+
+def test_list_status_without_the_crd_is_a_clear_error(double, api, monkeypatch):
+    monkeypatch.setattr(double, "kinds", {})
+    with pytest.raises(kube.KubeError, match="cannot list RayJobs in namespace 'ml'.*KubeRay operator"):
+        kube.list_status(api, NS)
 
 
 def test_unreachable_server_raises_kube_error():
@@ -337,7 +366,9 @@ def test_list_status_reads_what_kuberay_reports(double, api):
     assert table[0].split() == ["SUBJECT", "RAYJOB", "JOB", "STATUS", "DEPLOYMENT", "START", "END", "MESSAGE"]
     assert table[1].split()[:4] == ["cat", "b1-cat", "FAILED", "Failed"]
     assert "Job entrypoint command failed with exit code 1" in table[1]
-    assert table[2].split()[:6] == ["dog", "b1-dog", "SUCCEEDED", "Complete", "2025-01-01T10:00:00Z", "2025-01-01T10:20:00Z"]
+    assert table[2].split()[:6] == [
+        "dog", "b1-dog", "SUCCEEDED", "Complete", "2025-01-01T10:00:00Z", "2025-01-01T10:20:00Z"
+    ]  # fmt: skip
     assert table[-1] == "2 RayJobs: 1 FAILED, 1 SUCCEEDED"
     assert kube.format_status_table([]) == "No RayJobs found."
 

@@ -212,8 +212,11 @@ Cross-field checks the schema cannot express; called from every template that ne
 {{- if and (eq $v.jobs.mode "shared") (eq $v.jobs.submissionMode "SidecarMode") }}
 {{- fail "jobs.submissionMode=SidecarMode needs jobs.mode=dedicated (KubeRay: clusterSelector is not supported in SidecarMode)" }}
 {{- end }}
-{{- if and (eq $v.jobs.mode "dedicated") $v.dashboard.ingress.enabled }}
-{{- fail "dashboard.ingress.enabled needs jobs.mode=shared: dedicated clusters are created per RayJob and have no stable Service" }}
+{{- if and (eq $v.jobs.mode "dedicated") (or $v.dashboard.ingress.enabled (ne $v.dashboard.service.type "ClusterIP")) }}
+{{- fail "dashboard.ingress.enabled / dashboard.service.type need jobs.mode=shared: dedicated clusters are created per RayJob and have no stable Service" }}
+{{- end }}
+{{- if and (eq $v.jobs.mode "shared") (gt (int $v.jobs.backoffLimit) 0) }}
+{{- fail "jobs.backoffLimit must be 0 with jobs.mode=shared (KubeRay v1.7.0: BackoffLimit is incompatible with ClusterSelector mode)" }}
 {{- end }}
 {{- if gt (int $v.worker.minReplicas) (int $v.worker.maxReplicas) }}
 {{- fail "worker.minReplicas must not exceed worker.maxReplicas" }}

@@ -1,0 +1,62 @@
+"""Shared fixtures: offline hub, a per-session model cache, and ONE local Ray cluster per session.
+
+Every Ray test uses ``ray_cluster``; starting a cluster costs seconds and DeepSpeed's JIT build of
+its shared-memory op happens once per machine (cached in ~/.cache/torch_extensions), not per test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOG_DIR = REPO / "examples" / "subjects" / "dog"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """Built-in models are materialized here once per test session (workers inherit the env)."""
+    cache = tmp_path_factory.mktemp("dreambooth-cache")
+    os.environ["DREAMBOOTH_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(model_cache) -> str:
+    from dreambooth.models import resolve_model
+
+    return resolve_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer():
+    from dreambooth.models import load_clip_tokenizer
+
+    return load_clip_tokenizer()
+
+
+@pytest.fixture
+def dog_dir(tmp_path) -> Path:
+    """A private copy of the sample subject (tests may add bad files to it)."""
+    target = tmp_path / "dog"
+    shutil.copytree(DOG_DIR, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(model_cache):
+    """One local Ray cluster for the whole session (4 logical CPUs on a 2-core machine: see cluster.py)."""
+    import ray
+
+    from dreambooth.cluster import LOCAL_MIN_LOGICAL_CPUS
+
+    ray.init(num_cpus=LOCAL_MIN_LOGICAL_CPUS, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()

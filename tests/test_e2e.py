@@ -1,0 +1,135 @@
+"""End to end on local Ray with the tiny model: priors → Parquet → DeepSpeed ZeRO-2/3 training with
+2 workers → export → reload with plain diffusers. Plus resume after a stopped driver."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dreambooth import pipeline, storage
+from dreambooth.config import build_config
+from dreambooth.export import RUN_RECORD
+
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+
+FAST = {
+    "model": "tiny",
+    "class_noun": "dog",
+    "resolution": 32,
+    "num_class_images": 4,
+    "prior_batch_size": 2,
+    "num_inference_steps": 2,
+    "max_train_steps": 3,
+    "train_batch_size": 1,
+    "learning_rate": 1e-3,
+    "workers": 2,
+    "checkpointing_steps": 2,
+    "num_sample_images": 1,
+    "log_every": 1,
+}
+
+
+def _config(**overrides):
+    return build_config(({**FAST, **overrides}, "test"))
+
+
+def _weights(folder, component):
+    from safetensors.torch import load_file
+
+    (file,) = Path(folder, component).glob("*.safetensors")
+    return load_file(str(file))
+
+
+def _assert_changed(base, tuned):
+    assert base.keys() == tuned.keys()
+    changed = [k for k in base if not torch.equal(base[k], tuned[k])]
+    assert len(changed) > len(base) // 2, f"only {len(changed)} of {len(base)} tensors changed"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+def test_zero2_end_to_end_then_second_subject_zero3_reuses_priors(ray_cluster, tiny_model_path, dog_dir, runs):
+    from diffusers import StableDiffusionPipeline
+
+    out = runs / "dog"
+    cfg = _config(instance_dir=str(dog_dir), output=str(out), zero_stage=2)
+    outcome = pipeline.execute(pipeline.preflight(cfg))
+    record = storage.read_json(str(out / RUN_RECORD))
+    assert not outcome.skipped and record["identifier"] == cfg.subject.identifier != "auto"
+    assert record["identifier_auto"] is True
+    assert record["priors"]["generated"] == 4 and record["priors"]["images"] == 4
+    assert record["metrics"]["step"] == 3 and record["metrics"]["loss"] > 0
+    assert (out / "samples.png").is_file() and (out / "config.yaml").is_file()
+    assert not (out / "checkpoints").exists()  # removed after a successful export
+
+    # The prior shards hold the asked rows and columns.
+    cache = Path(record["priors"]["cache"])
+    table = pq.read_table(sorted((cache / "shards").glob("*.parquet")))
+    assert table.num_rows == 4 and sorted(table.column("seed").to_pylist()) == [0, 1, 2, 3]
+    assert {"image", "prompt", "seed", "height", "width", "latents", "latent_shape"} <= set(table.column_names)
+
+    # All layers trained: UNet and text encoder both changed.
+    _assert_changed(_weights(tiny_model_path, "unet"), _weights(out, "unet"))
+    _assert_changed(_weights(tiny_model_path, "text_encoder"), _weights(out, "text_encoder"))
+
+    # The export loads with plain diffusers and generates.
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
+    image = pipe(f"a {record['identifier']} dog", num_inference_steps=2, height=32, width=32).images[0]
+    assert image.size == (32, 32)
+
+    # A second subject of the same class: ZeRO-3, priors reused (nothing generated), weights gathered.
+    other_dir = runs / "dog2"
+    shutil.copytree(dog_dir, other_dir)
+    (other_dir / "04.jpg").unlink()
+    out2 = runs / "dog2-out"
+    cfg2 = _config(instance_dir=str(other_dir), output=str(out2), zero_stage=3, identifier_seed=1)
+    pipeline.execute(pipeline.preflight(cfg2))
+    record2 = storage.read_json(str(out2 / RUN_RECORD))
+    assert record2["priors"]["generated"] == 0 and record2["priors"]["cache"] == record["priors"]["cache"]
+    assert record2["config"]["train"]["zero_stage"] == 3
+    _assert_changed(_weights(tiny_model_path, "unet"), _weights(out2, "unet"))
+    _assert_changed(_weights(tiny_model_path, "text_encoder"), _weights(out2, "text_encoder"))
+
+    # Re-running onto a complete output does nothing and says so.
+    again = pipeline.execute(pipeline.preflight(_config(instance_dir=str(dog_dir), output=str(out))))
+    assert again.skipped
+
+
+def test_stopped_run_resumes_from_its_last_checkpoint(ray_cluster, dog_dir, runs):
+    """Kill the driver after the step-2 checkpoint; the same command continues from step 2."""
+    out = runs / "resumed"
+    snapshot = out / "checkpoints" / "checkpoint_manager_snapshot.json"
+    argv = [sys.executable, "-m", "dreambooth.cli", "run", "--model", "tiny", "--instance-dir", str(dog_dir),
+            "--class-noun", "dog", "--output", str(out), "--resolution", "32", "--num-class-images", "4",
+            "--num-inference-steps", "2", "--max-train-steps", "12", "--checkpointing-steps", "2",
+            "--workers", "2", "--train-batch-size", "1", "--num-sample-images", "1", "--identifier", "sks"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and driver.poll() is None:
+        if snapshot.exists() and "step-000002" in snapshot.read_text():
+            break
+        time.sleep(0.5)
+    assert driver.poll() is None, "the first run ended before it could be stopped"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    assert not (out / RUN_RECORD).exists()  # stopped: nothing claims to be complete
+
+    cfg = build_config(({**FAST, "instance_dir": str(dog_dir), "output": str(out), "identifier": "sks",
+                         "max_train_steps": 12, "checkpointing_steps": 2}, "test"))
+    pipeline.execute(pipeline.preflight(cfg))
+    record = storage.read_json(str(out / RUN_RECORD))
+    assert record["metrics"]["step"] == 12
+    assert record["metrics"]["resumed_from"] >= 2 and record["metrics"]["resumed_from"] % 2 == 0

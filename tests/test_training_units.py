@@ -1,0 +1,106 @@
+"""Loss, targets, batch composition and the DeepSpeed config, without Ray."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dreambooth.config import TrainConfig
+from dreambooth.models import load_components
+from dreambooth.subjects import load_subject_images
+from dreambooth.training.batches import BatchMaker, augment, prior_latents, tokenize
+from dreambooth.training.engine import deepspeed_config
+from dreambooth.training.module import DreamBoothModule, diffusion_target, dreambooth_loss
+
+
+def test_loss_matches_hand_computation():
+    prediction = torch.tensor([[1.0, 2.0], [0.0, 0.0], [3.0, 3.0], [1.0, 1.0]])
+    target = torch.tensor([[0.0, 0.0], [0.0, 2.0], [1.0, 1.0], [1.0, 3.0]])
+    # subject rows 0-1: squared errors 1, 4, 0, 4 → mean 2.25; prior rows 2-3: 4, 4, 0, 4 → mean 3.0
+    parts = dreambooth_loss(prediction, target, num_instance=2, prior_loss_weight=0.5)
+    assert parts.instance == pytest.approx(2.25)
+    assert parts.prior == pytest.approx(3.0)
+    assert parts.total.item() == pytest.approx(2.25 + 0.5 * 3.0)
+    no_prior = dreambooth_loss(prediction[:2], target[:2], num_instance=2, prior_loss_weight=1.0)
+    assert no_prior.total.item() == pytest.approx(2.25) and no_prior.prior == 0.0
+
+
+def test_target_follows_prediction_type(tiny_model_path):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_pretrained(tiny_model_path, subfolder="scheduler")
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    assert torch.equal(diffusion_target(scheduler, latents, noise, t), noise)
+    v_scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type="v_prediction")
+    v = diffusion_target(v_scheduler, latents, noise, t)
+    alpha = v_scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - v_scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    assert torch.allclose(v, alpha * noise - sigma * latents, atol=1e-5)
+    with pytest.raises(ValueError, match="prediction_type"):
+        diffusion_target(DDPMScheduler.from_config(scheduler.config, prediction_type="sample"), latents, noise, t)
+
+
+def test_augment_shapes_range_and_flip(dog_dir):
+    image = load_subject_images(str(dog_dir), 32)[0].to_pil()
+    out = augment(image, 32, random.Random(0), center_crop=True, random_flip=False)
+    assert out.shape == (3, 32, 32) and out.min() >= -1 and out.max() <= 1
+    flips = {augment(image, 32, random.Random(s), True, True).flip(-1).equal(out) for s in range(20)}
+    assert flips == {True, False}  # some draws flip, some don't
+
+
+def test_batch_mixes_subject_and_prior_rows_with_their_prompts(tiny_model_path, dog_dir):
+    parts = load_components(tiny_model_path)
+    prior_batch = {
+        "seed": np.array([0, 1]),
+        "latents": np.array([np.full(4 * 16 * 16, 7.0, dtype=np.float32)] * 2, dtype=object),
+        "latent_shape": np.array([[4, 16, 16]] * 2, dtype=object),
+    }
+    maker = BatchMaker(
+        load_subject_images(str(dog_dir), 32), parts.tokenizer, parts.vae, "a sks dog", "a dog",
+        resolution=32, batch_size=2, center_crop=False, random_flip=True, seed=0,
+        priors=iter([prior_batch]), device=torch.device("cpu"),
+    )
+    batch = maker.next()
+    assert batch.num_instance == 2
+    assert batch.latents.shape == (4, 4, 16, 16)
+    assert torch.all(batch.latents[2:] == 7.0) and not torch.all(batch.latents[:2] == 7.0)
+    sks, dog = tokenize(parts.tokenizer, "a sks dog")[0], tokenize(parts.tokenizer, "a dog")[0]
+    assert batch.input_ids.shape == (4, 77)
+    assert all(torch.equal(row, sks) for row in batch.input_ids[:2])
+    assert all(torch.equal(row, dog) for row in batch.input_ids[2:])
+    assert not torch.equal(sks, dog)
+
+
+def test_prior_latents_unflatten():
+    flat = np.arange(2 * 3 * 4, dtype=np.float32)
+    out = prior_latents({"latents": [flat, flat + 1], "latent_shape": [[2, 3, 4], [2, 3, 4]]})
+    assert out.shape == (2, 2, 3, 4) and out[1, 0, 0, 0] == 1.0
+
+
+def test_module_trains_unet_and_text_encoder_unless_frozen(tiny_model_path):
+    parts = load_components(tiny_model_path)
+    module = DreamBoothModule(parts.unet, parts.text_encoder, train_text_encoder=True)
+    ids = tokenize(parts.tokenizer, "a sks dog")
+    out = module(torch.randn(1, 4, 16, 16), torch.tensor([5]), ids)
+    out.pow(2).mean().backward()
+    assert parts.unet.conv_in.weight.grad is not None
+    assert parts.text_encoder.get_input_embeddings().weight.grad is not None
+    frozen = DreamBoothModule(parts.unet, parts.text_encoder, train_text_encoder=False)
+    assert not any(p.requires_grad for p in frozen.text_encoder.parameters())
+
+
+@pytest.mark.parametrize("stage,offload,precision", [(0, False, "no"), (2, False, "bf16"), (3, True, "fp16")])
+def test_deepspeed_config(stage, offload, precision):
+    train = TrainConfig(zero_stage=stage, offload_optimizer=offload, mixed_precision=precision,
+                        train_batch_size=3, gradient_accumulation_steps=4, max_grad_norm=0.5)
+    config = deepspeed_config(train)
+    assert config["zero_optimization"]["stage"] == stage
+    assert config["train_micro_batch_size_per_gpu"] == 3
+    assert config["gradient_accumulation_steps"] == 4
+    assert config["gradient_clipping"] == 0.5
+    assert config["bf16"]["enabled"] == (precision == "bf16")
+    assert config["fp16"]["enabled"] == (precision == "fp16")
+    assert ("offload_optimizer" in config["zero_optimization"]) == offload
+    assert ("optimizer" in config) == offload  # DeepSpeed's CPU Adam only when offloading
