@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def setup_logging(quiet: bool) -> None:
     import os
-    import warnings
+
+    from dreambooth.models import quiet_libraries
 
     if not _has_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # silences DeepSpeed's accelerator probe
@@ -223,18 +224,7 @@ def setup_logging(quiet: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    for noisy in ("diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-    except ImportError:
-        pass
+    quiet_libraries()
 
 
 def _has_cuda() -> bool:

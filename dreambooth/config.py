@@ -479,3 +479,14 @@ def validate(cfg: RunConfig) -> RunConfig:
                 f"--sample-prompts entry {prompt!r} may only use {{identifier}} and {{class_noun}}"
             ) from None
     return cfg
+
+
+def reference_markdown() -> str:
+    """The config reference table of the README, generated from the dataclasses' docstrings."""
+    lines = ["| YAML key (section) | flag | default | meaning |", "|---|---|---|---|"]
+    for info in all_fields().values():
+        key = info.name if info.section is None else f"{info.section}.{info.name}"
+        default = "; ".join(info.default) if isinstance(info.default, list) else info.default
+        shown = f"`{default}`" if default not in ("", None) else "(empty)" if default == "" else "(none)"
+        lines.append(f"| `{key}` | `{info.flag}` | {shown} | {info.doc.replace('|', '/')} |")
+    return "\n".join(lines)

@@ -38,9 +38,10 @@ def export_pipeline(cfg: RunConfig, model_path: str, weights_uri: str, use_gpu: 
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from dreambooth.models import load_pipeline
+    from dreambooth.models import load_pipeline, quiet_libraries
     from dreambooth.sample import png_bytes, render_grid
 
+    quiet_libraries()
     start = time.monotonic()
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:

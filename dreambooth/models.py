@@ -26,6 +26,30 @@ TOKENIZER_DIR = Path(str(resources.files("dreambooth") / "data" / "clip_tokenize
 CLIP_VOCAB_SIZE = 49408
 
 
+def quiet_libraries() -> None:
+    """Silence per-file progress bars and advisory warnings of diffusers/transformers/hub.
+
+    Called in every process that loads models (CLI, training workers, generation actors): their
+    "Loading weights" bars would otherwise drown the run's own progress lines.
+    """
+    import logging
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import diffusers
+    import huggingface_hub
+    import transformers
+
+    huggingface_hub.utils.disable_progress_bars()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("diffusers", "transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("DREAMBOOTH_CACHE", Path.home() / ".cache" / "dreambooth"))
 

@@ -118,8 +118,9 @@ class PriorGenerator:
     def __init__(self, model_path: str, spec: PriorSpec, shards_uri: str, device: str):
         import torch
 
-        from dreambooth.models import load_pipeline
+        from dreambooth.models import load_pipeline, quiet_libraries
 
+        quiet_libraries()
         if device == "cpu":
             torch.set_num_threads(1)  # one actor per core; torch would otherwise oversubscribe
         self.torch = torch

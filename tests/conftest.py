@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,26 @@ def ray_cluster(model_cache):
     ray.init(num_cpus=LOCAL_MIN_LOGICAL_CPUS, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that own the machine's Ray (``ray start``/``ray stop --force``) run after all others."""
+    items.sort(key=lambda item: item.get_closest_marker("exclusive_ray") is not None)
+
+
+@pytest.fixture
+def exclusive_ray():
+    """Shut down the shared cluster first: these tests start their own and stop every Ray process."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_libraries():
+    from dreambooth.models import quiet_libraries
+
+    quiet_libraries()

@@ -15,7 +15,7 @@ import ray.train
 import torch
 
 from dreambooth.config import RunConfig
-from dreambooth.models import load_components
+from dreambooth.models import load_components, quiet_libraries
 from dreambooth.subjects import SubjectImage
 from dreambooth.training import checkpoint
 from dreambooth.training.batches import BatchMaker, endless
@@ -42,6 +42,7 @@ def _step_generator(seed: int, rank: int, step: int, micro: int, device) -> torc
 
 def train_loop_per_worker(loop_config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    quiet_libraries()
     inputs: LoopInputs = loop_config["inputs"]
     cfg, train = inputs.config, inputs.config.train
     context = ray.train.get_context()
