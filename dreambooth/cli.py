@@ -40,7 +40,9 @@ def _add_field_flag(parser: argparse.ArgumentParser, info: FieldInfo, flag: Opti
     help_text = f"{info.doc} (default: {info.default!r})"
     flag = flag or info.flag
     if tp is bool:
-        parser.add_argument(flag, dest=info.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        # `--flag`, `--flag false` and `--no-flag` all work, so manifests and RayJobs can pass values.
+        parser.add_argument(flag, dest=info.name, nargs="?", const="true", default=None, metavar="true|false", help=help_text)
+        parser.add_argument("--no-" + flag[2:], dest=info.name, action="store_const", const="false", help=argparse.SUPPRESS)
     elif typing.get_origin(tp) is list:
         parser.add_argument(flag, dest=info.name, nargs="+", default=None, metavar="TEXT", help=help_text)
     else:
@@ -158,6 +160,87 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bulk_options(args: argparse.Namespace):
+    from dreambooth.bulk import BulkOptions
+
+    return BulkOptions(args.manifest, args.output, max_concurrent=args.max_concurrent, max_retries=args.max_retries)
+
+
+def _run_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return _flag_values(args, [n for n in all_fields() if n != "output"])
+
+
+def cmd_bulk(args: argparse.Namespace) -> int:
+    from dreambooth import bulk
+
+    options = _bulk_options(args)
+    planned = bulk.plan(options, _run_flags(args), args.config)
+    report = bulk.run_bulk(options, planned)
+    summary = bulk.write_summary(options, report)
+    print(bulk.format_table(report))
+    print(f"summary: {summary}")
+    if not report.ok:
+        print("next: fix the failed subjects and run the same command again; finished subjects are skipped")
+        return 1
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from dreambooth import bulk, kube
+
+    options = _bulk_options(args)
+    planned = bulk.plan(options, _run_flags(args), args.config, check_paths=False)
+    bulk_run = args.bulk_run or kube.default_bulk_run(args.manifest)
+    jobs = bulk.subject_jobs(planned)
+    spec = kube.load_cluster_spec(args.ray_cluster_spec) if args.ray_cluster_spec else None
+    try:
+        target = kube.RayJobTarget(namespace=args.namespace, bulk_run=bulk_run, cluster_name=args.cluster,
+                                   ray_cluster_spec=spec)
+        objects = [kube.build_rayjob(job, target) for job in jobs]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    api = None if (args.dry_run and args.offline) else kube.load_api_client(args.kubeconfig, args.context)
+    if args.dry_run:
+        print(kube.rayjobs_to_yaml(objects))
+    results = kube.submit(api, objects, dry_run=args.dry_run)
+    print(kube.format_submit_results(results))
+    if not all(r.ok for r in results):
+        return 1
+    if not args.dry_run:
+        print(f"next:\n  dreambooth status --namespace {args.namespace} --bulk-run {bulk_run}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dreambooth import kube
+
+    rows = kube.list_status(kube.load_api_client(args.kubeconfig, args.context), args.namespace, args.bulk_run)
+    print(kube.format_status_table(rows))
+    return 0
+
+
+def _add_run_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    parser.add_argument("--config", help="YAML config file; flags given here override it")
+    for info in all_fields().values():
+        if info.name not in skip:
+            _add_field_flag(parser, info)
+
+
+def _add_bulk_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--manifest", required=True, help="YAML with a 'subjects' list (and optional 'defaults')")
+    parser.add_argument("--output", required=True, help="root URI; subject NAME writes to OUTPUT/NAME")
+    parser.add_argument("--max-concurrent", type=int, default=0, help="subjects at once (0 = what the cluster fits)")
+    parser.add_argument("--max-retries", type=int, default=1, help="retries of a subject that failed while running")
+    _add_run_flags(parser, skip=("output",))
+
+
+def _add_kube_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--namespace", required=True, help="Kubernetes namespace of the RayJobs")
+    parser.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    parser.add_argument("--context", default=None, help="kubeconfig context")
+    parser.add_argument("--bulk-run", default=None, help="label value linking this run's RayJobs (default: manifest name)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dreambooth",
@@ -171,10 +254,34 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "run", "Personalize one subject: priors (cached) → train all layers → export.",
         "dreambooth run --model tiny --instance-dir examples/subjects/dog --class-noun dog --output runs/dog",
     )
-    run.add_argument("--config", help="YAML config file; flags given here override it")
-    for info in fields.values():
-        _add_field_flag(run, info)
+    _add_run_flags(run)
     run.set_defaults(func=cmd_run)
+
+    bulk = _parser(
+        sub, "bulk", "Personalize every subject of a manifest on this Ray cluster (shared priors, concurrent training).",
+        "dreambooth bulk --manifest subjects.yaml --output s3://bucket/runs --max-train-steps 400",
+    )
+    _add_bulk_flags(bulk)
+    bulk.set_defaults(func=cmd_bulk)
+
+    submit = _parser(
+        sub, "submit", "Create or update one KubeRay RayJob per subject of a manifest (idempotent).",
+        "dreambooth submit --manifest subjects.yaml --namespace ml --cluster db-dreambooth --output /mnt/shared/runs",
+    )
+    _add_bulk_flags(submit)
+    _add_kube_flags(submit)
+    submit.add_argument("--cluster", default=None, help="existing RayCluster to run on (e.g. the chart's)")
+    submit.add_argument("--ray-cluster-spec", default=None, help="YAML rayClusterSpec: one dedicated cluster per job")
+    submit.add_argument("--dry-run", action="store_true", help="print the RayJobs; the server only validates them")
+    submit.add_argument("--offline", action="store_true", help="with --dry-run: print without contacting Kubernetes")
+    submit.set_defaults(func=cmd_submit)
+
+    status = _parser(
+        sub, "status", "Show the RayJobs of a namespace (or one bulk run): job and deployment states.",
+        "dreambooth status --namespace ml --bulk-run subjects",
+    )
+    _add_kube_flags(status)
+    status.set_defaults(func=cmd_status)
 
     prior = _parser(
         sub, "prior", "Generate (or reuse) class-prior images as Parquet shards with Ray Data.",
@@ -227,6 +334,12 @@ def setup_logging(quiet: bool) -> None:
     quiet_libraries()
 
 
+def _kube_error() -> type:
+    from dreambooth.kube import KubeError
+
+    return KubeError
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -242,6 +355,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, SubjectError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except _kube_error() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -130,6 +130,9 @@ class TrainConfig:
     use_gpu: str = "auto"
     """Give each worker and prior actor a GPU: auto (if the cluster has GPUs), true or false."""
 
+    cpus_per_worker: float = 1.0
+    """CPUs each training worker requests (data loading and, without GPUs, the compute itself)."""
+
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3 (0 = plain data parallel; 3 also shards the parameters)."""
 
@@ -458,6 +461,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(t.prior_loss_weight >= 0, f"--prior-loss-weight must be >= 0, got {t.prior_loss_weight}")
     _check(t.mixed_precision in PRECISIONS, f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {t.mixed_precision!r}")
     _check(t.workers >= 1, f"--workers must be >= 1, got {t.workers}")
+    _check(t.cpus_per_worker > 0, f"--cpus-per-worker must be > 0, got {t.cpus_per_worker}")
     _check(t.zero_stage in (0, 1, 2, 3), f"--zero-stage must be 0, 1, 2 or 3, got {t.zero_stage}")
     _check(
         not (t.offload_optimizer and t.zero_stage == 0),

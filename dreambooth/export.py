@@ -29,21 +29,21 @@ def is_complete(output: str) -> bool:
     return storage.exists(storage.join(output, RUN_RECORD))
 
 
-def export_pipeline(cfg: RunConfig, model_path: str, weights_uri: str, use_gpu: bool) -> dict:
+def export_pipeline(cfg: RunConfig, model_path: str, weights_uri: str) -> dict:
     """Assemble base VAE/tokenizer/scheduler + trained UNet/text encoder, save, and render the grid.
 
     Runs where a GPU is (a Ray task) or locally; returns {"grid": uri, "seconds": float}.
     """
-    import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    from dreambooth.cluster import local_device
     from dreambooth.models import load_pipeline, quiet_libraries
     from dreambooth.sample import png_bytes, render_grid
 
     quiet_libraries()
     start = time.monotonic()
-    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    device = local_device()
     with tempfile.TemporaryDirectory() as tmp:
         weights = weights_uri
         if not storage.is_local(weights_uri):

@@ -180,6 +180,22 @@ def validate_k8s_name(name: str, what: str = "name", max_len: int = MAX_LABEL) -
         raise ValueError(f"invalid {what} {name!r}: it {'; it '.join(problems)}. Rename it, e.g. {hint!r}")
 
 
+def default_bulk_run(manifest_path: str) -> str:
+    """A bulk-run label from a manifest's file name: ``subjects.yaml`` → ``subjects``."""
+    from pathlib import Path
+
+    return _suggest_name(Path(manifest_path).stem)[:MAX_LABEL] or "bulk"
+
+
+def load_cluster_spec(path: str) -> dict[str, Any]:
+    """A ``rayClusterSpec`` from a YAML file (either the spec itself or a whole RayCluster)."""
+    import yaml
+
+    with open(path) as handle:
+        data = yaml.safe_load(handle) or {}
+    return data.get("spec", data) if data.get("kind") == "RayCluster" else data
+
+
 def rayjob_name(subject_name: str, bulk_run: str) -> str:
     """``<bulk_run>-<subject>``: deterministic, a DNS-1035 label of at most 47 characters.
 
@@ -409,12 +425,12 @@ def format_submit_results(results: Sequence[SubmitResult]) -> str:
 
 
 def list_status(api_client: Any, namespace: str, bulk_run: Optional[str] = None) -> list[JobStatus]:
-    """Status of the RayJobs this CLI manages in ``namespace`` (one bulk run when given)."""
+    """Status of the dreambooth RayJobs in ``namespace``, from this CLI or the Helm chart (one bulk run when given)."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
-    selector = f"{LABEL_MANAGED_BY}={FIELD_MANAGER}"
+    selector = f"{LABEL_NAME}=dreambooth"
     if bulk_run is not None:
         selector += f",{LABEL_BULK_RUN}={bulk_run}"
     try:

@@ -62,7 +62,7 @@ class RunOutcome:
     record: Optional[dict] = None
 
 
-def execute(prepared: Prepared, *, resources_per_worker: Optional[dict] = None) -> RunOutcome:
+def execute(prepared: Prepared) -> RunOutcome:
     """Run the stages on Ray for a prepared subject. Connects to (or starts) Ray."""
     from dreambooth.training.trainer import final_weights_uri, train
 
@@ -97,15 +97,16 @@ def execute(prepared: Prepared, *, resources_per_worker: Optional[dict] = None) 
     if storage.exists(storage.join(weights, "progress.json")):
         log.info("final weights already trained at %s; exporting them", weights)
     else:
-        result = train(cfg, prepared.model_path, prepared.images, prior_set, use_gpu=use_gpu, resources_per_worker=resources_per_worker)
+        result = train(cfg, prepared.model_path, prepared.images, prior_set, use_gpu=use_gpu)
         metrics, timings["train_s"] = result.metrics, result.seconds
 
     import ray
 
+    shape = cluster.resource_shapes(cfg.train, use_gpu).export_task
     exported = ray.get(
         ray.remote(export.export_pipeline)
-        .options(num_gpus=1 if use_gpu else 0, num_cpus=1)
-        .remote(cfg, prepared.model_path, weights, use_gpu)
+        .options(num_gpus=shape.get("GPU", 0), num_cpus=shape["CPU"])
+        .remote(cfg, prepared.model_path, weights)
     )
     timings["export_s"] = exported["seconds"]
     if not cfg.export.keep_checkpoints:

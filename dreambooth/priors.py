@@ -115,12 +115,14 @@ class PriorGenerator:
     the committed shard that holds each seed.
     """
 
-    def __init__(self, model_path: str, spec: PriorSpec, shards_uri: str, device: str):
+    def __init__(self, model_path: str, spec: PriorSpec, shards_uri: str):
         import torch
 
+        from dreambooth.cluster import local_device
         from dreambooth.models import load_pipeline, quiet_libraries
 
         quiet_libraries()
+        device = local_device()
         if device == "cpu":
             torch.set_num_threads(1)  # one actor per core; torch would otherwise oversubscribe
         self.torch = torch
@@ -261,7 +263,6 @@ def generate(
                 "model_path": model_path,
                 "spec": spec,
                 "shards_uri": storage.join(cache_uri, SHARDS),
-                "device": "cuda" if use_gpu else "cpu",
             },
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=pool),
@@ -301,7 +302,7 @@ def _actor_resources(use_gpu: bool, actors: int, num_batches: int) -> tuple[int,
     if use_gpu:
         auto = max(1, int(resources.get("GPU", 1)))
         size = min(actors or auto, num_batches)
-        return max(size, 1), {"num_gpus": 1}
+        return max(size, 1), {"num_gpus": 1, "num_cpus": 1}
     cpus = max(1.0, resources.get("CPU", 1.0))
     auto = max(1, int(cpus) - 1)
     size = max(1, min(actors or auto, num_batches))

@@ -58,7 +58,9 @@ def ray_cluster(model_cache):
     import ray
 
     from dreambooth.cluster import LOCAL_MIN_LOGICAL_CPUS
+    from dreambooth.training.engine import prebuild_deepspeed_ops
 
+    prebuild_deepspeed_ops()  # the one JIT build of the session, before any worker needs it
     ray.init(num_cpus=LOCAL_MIN_LOGICAL_CPUS, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()

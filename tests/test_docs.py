@@ -11,5 +11,5 @@ def test_readme_config_reference_is_current():
     block = re.search(r"<!-- config-reference.*?-->\n(.*?)\n<!-- /config-reference -->", readme, re.S)
     assert block, "README lost its config-reference block"
     assert block.group(1).strip() == reference_markdown().strip(), (
-        "README config reference is stale: paste dreambooth.config.reference_markdown() into it"
+        "README config reference is stale: run scripts/update-readme-reference.py"
     )

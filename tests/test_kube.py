@@ -360,7 +360,7 @@ def test_list_status_reads_what_kuberay_reports(double, api):
     assert rows[1].start_time == "2025-01-01T10:00:00Z" and rows[1].end_time == "2025-01-01T10:20:00Z"
     assert len(kube.list_status(api, NS)) == 3
     selectors = [parse_qs(urlsplit(url).query).get("labelSelector") for method, url, _ in double.requests]
-    assert ["app.kubernetes.io/managed-by=dreambooth-cli,dreambooth.io/bulk-run=b1"] in selectors
+    assert ["app.kubernetes.io/name=dreambooth,dreambooth.io/bulk-run=b1"] in selectors
 
     table = kube.format_status_table(rows).splitlines()
     assert table[0].split() == ["SUBJECT", "RAYJOB", "JOB", "STATUS", "DEPLOYMENT", "START", "END", "MESSAGE"]

@@ -26,13 +26,10 @@ def test_readme_ray_job_submit_example(exclusive_ray, tmp_path):
     shutil.rmtree(output.parent, ignore_errors=True)
     home = tmp_path / "home"
     home.mkdir()
-    env = {
-        **os.environ,
-        "HOME": str(home),  # a fresh user: no Ray token yet
-        "TORCH_EXTENSIONS_DIR": os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")
-        ),
-    }
+    from dreambooth.training.engine import extension_build_dirs
+
+    # A fresh user (no Ray token yet), who keeps the session's JIT-built DeepSpeed op.
+    env = {**os.environ, "HOME": str(home), "TORCH_EXTENSIONS_DIR": str(extension_build_dirs()[-1])}
     env.pop("RAY_ADDRESS", None)
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)

@@ -1,4 +1,4 @@
-"""Shapes world: a tiny procedural text-to-image domain where DreamBooth can be trained and measured.
+"""Shapes world: a tiny procedural text-to-image domain to train and measure DreamBooth in.
 
 ``world`` generates captioned scenes and personalization subjects; ``analyzers`` reads images back
 (background, object colour, position, size, shape, subject likeness) so results are scored exactly.

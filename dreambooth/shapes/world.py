@@ -109,23 +109,19 @@ class Scene:
         return (self.shape, self.color, self.background)
 
 
-# ---------------------------------------------------------------- geometry and rendering
+_POLYGONS: dict[str, tuple[np.ndarray, np.ndarray]] = {  # vertex angles (deg), radii (units of r)
+    "square": (np.array([-135, -45, 45, 135]), np.full(4, 0.8 * np.sqrt(2))),
+    "triangle": (np.array([-90, 30, 150]), np.full(3, EXTENT)),
+    "star": (-90 + 36 * np.arange(10), np.where(np.arange(10) % 2 == 0, EXTENT, EXTENT / 2)),
+}
 
 
 def shape_vertices(shape: str, cx: float, cy: float, r: float) -> np.ndarray | None:
     """Polygon vertices (k, 2) as (x, y) pixels, y down; None for a circle."""
+    _check("shape", shape, SHAPES)
     if shape == "circle":
         return None
-    if shape == "square":
-        s = 0.8 * r
-        return np.array([(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)])
-    if shape == "triangle":
-        angles, radii = np.radians([-90, 30, 150]), np.full(3, EXTENT * r)
-    elif shape == "star":
-        angles = np.radians(-90 + 36 * np.arange(10))
-        radii = np.where(np.arange(10) % 2 == 0, EXTENT * r, 0.5 * EXTENT * r)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
+    angles, radii = np.radians(_POLYGONS[shape][0]), r * _POLYGONS[shape][1]
     return np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1)
 
 
@@ -145,7 +141,8 @@ def _grid(resolution: int, supersample: int) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(t, t)
 
 
-def _inside(shape: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+def _inside(shape: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float,
+            r: float) -> np.ndarray:
     verts = shape_vertices(shape, cx, cy, r)
     if verts is None:
         return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
@@ -158,7 +155,8 @@ def _inside(shape: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, r: f
     return inside
 
 
-def _pattern(pattern: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+def _pattern(pattern: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float,
+             r: float) -> np.ndarray:
     """Where a subject shows its secondary colour (u, v: coordinates in units of r)."""
     u, v = (x - cx) / r, (y - cy) / r
     if pattern == "checker":  # 3x3 cells across the square, centre cell primary
@@ -174,7 +172,8 @@ def _pattern(pattern: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, r
 
 
 def coverage(shape: str, cx: float, cy: float, r: float, resolution: int, *,
-             pattern: str | None = None, supersample: int = SUPERSAMPLE) -> tuple[np.ndarray, np.ndarray]:
+             pattern: str | None = None,
+             supersample: int = SUPERSAMPLE) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel coverage (primary, secondary) in [0, 1]; secondary is zero without a pattern."""
     x, y = _grid(resolution, supersample)
     inside = _inside(shape, x, y, cx, cy, r)
@@ -197,7 +196,9 @@ def compose(background: str, layers: Sequence[tuple[np.ndarray, str]]) -> Image.
 
 
 def _rng(rng: Seed) -> np.random.Generator | None:
-    return np.random.default_rng(rng) if isinstance(rng, int) else rng
+    if rng is None or isinstance(rng, np.random.Generator):
+        return rng
+    return np.random.default_rng(rng)
 
 
 def position_name(u: float, v: float) -> str:
@@ -240,9 +241,6 @@ def render(scene: Scene, resolution: int = 32, rng: Seed = None) -> Image.Image:
     return compose(scene.background, [(primary, scene.color)])
 
 
-# ---------------------------------------------------------------- captions
-
-
 def caption(scene: Scene, detail: str = "full") -> str:
     if detail not in ("short", "full"):
         raise ValueError(f"detail must be 'short' or 'full', not {detail!r}")
@@ -275,10 +273,8 @@ def parse_caption(text: str) -> dict[str, str]:
     return fields
 
 
-# ---------------------------------------------------------------- sampling and held-out splits
-
-
-def all_combinations(shapes: Sequence[str] = SHAPES, colors: Sequence[str] = COLORS) -> list[Triple]:
+def all_combinations(shapes: Sequence[str] = SHAPES,
+                     colors: Sequence[str] = COLORS) -> list[Triple]:
     return [(s, c, b) for s, c, b in product(shapes, colors, colors) if c != b]
 
 
@@ -286,7 +282,8 @@ def sample_scenes(n: int, seed: int, *, shapes: Sequence[str] = SHAPES,
                   colors: Sequence[str] = COLORS, positions: Sequence[str] = tuple(POSITIONS),
                   sizes: Sequence[str] = tuple(SIZES), exclude: Collection[Triple] = (),
                   only: Collection[Triple] | None = None) -> list[Scene]:
-    """n random scenes; (shape, color, background) never in ``exclude`` and, if given, in ``only``."""
+    """n random scenes whose (shape, color, background) is not in ``exclude`` and, if given, is
+    in ``only``. Deterministic for a seed."""
     combos = [t for t in all_combinations(shapes, colors)
               if t not in exclude and (only is None or t in only)]
     if not combos:
@@ -305,10 +302,14 @@ def _parts(t: Triple) -> list[tuple]:
     return [("s", s), ("c", c), ("b", b), ("sc", s, c), ("sb", s, b), ("cb", c, b)]
 
 
-def held_out_combinations(seed: int, fraction: float = 0.2, *, shapes: Sequence[str] = SHAPES,
-                          colors: Sequence[str] = COLORS) -> tuple[frozenset[Triple], frozenset[Triple]]:
+def held_out_combinations(
+    seed: int, fraction: float = 0.2, *, shapes: Sequence[str] = SHAPES,
+    colors: Sequence[str] = COLORS,
+) -> tuple[frozenset[Triple], frozenset[Triple]]:
     """(train, test) sets of (shape, color, background). Test triples are novel compositions: every
     single value and every pair of values of a test triple still occurs in some train triple."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), not {fraction}")
     combos = all_combinations(shapes, colors)
     left = Counter(p for t in combos for p in _parts(t))
     test: set[Triple] = set()
@@ -329,9 +330,6 @@ def make_dataset(n: int, seed: int, *, resolution: int = 32, detail: str = "full
     scenes = sample_scenes(n, seed, **sample_kw)
     return [(render(s, resolution, np.random.default_rng([seed, i])), caption(s, detail), s)
             for i, s in enumerate(scenes)]
-
-
-# ---------------------------------------------------------------- personalization subjects
 
 
 @dataclass(frozen=True)

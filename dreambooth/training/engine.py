@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from dreambooth.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+STALE_JIT_LOCK_SECONDS = 600
+"""A JIT build lock older than this is left by a killed build (builds take about a minute)."""
 
 
 def deepspeed_config(train: TrainConfig) -> dict[str, Any]:
@@ -42,9 +51,53 @@ def deepspeed_config(train: TrainConfig) -> dict[str, Any]:
     return config
 
 
+def extension_build_dirs() -> list[Path]:
+    """Where torch JIT-builds DeepSpeed's ops on this node (TORCH_EXTENSIONS_DIR or torch's default)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return [Path(root)]
+    from torch.utils.cpp_extension import get_default_build_root
+
+    base = Path(get_default_build_root())
+    return [base, *sorted(p for p in base.glob("py*") if p.is_dir())]
+
+
+def clear_stale_jit_locks(max_age_s: float = STALE_JIT_LOCK_SECONDS) -> list[Path]:
+    """Remove build locks that a killed worker left behind.
+
+    torch's JIT builder waits *forever* for another process's ``lock`` file to disappear; a worker
+    killed mid-build (preemption, a restarted worker group) would otherwise hang every later run.
+    """
+    removed = []
+    for root in extension_build_dirs():
+        for lock in root.glob("*/lock"):
+            try:
+                if time.time() - lock.stat().st_mtime > max_age_s:
+                    lock.unlink()
+                    removed.append(lock)
+                    log.warning("removed stale JIT build lock %s (left by a killed build)", lock)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def prebuild_deepspeed_ops() -> None:
+    """JIT-build the op every ``deepspeed.initialize`` loads on CPU (shared-memory comm) once, here.
+
+    Workers then find it built. Used by tests and benchmarks so the build cost is paid once.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    clear_stale_jit_locks()
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 def build_engine(module: torch.nn.Module, train: TrainConfig):
     """``deepspeed.initialize`` on an already-initialized process group (Ray Train made it)."""
     import deepspeed
+
+    clear_stale_jit_locks()
     from diffusers.optimization import get_scheduler
 
     params = [p for p in module.parameters() if p.requires_grad]

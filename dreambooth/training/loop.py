@@ -49,7 +49,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
+        torch.set_num_threads(max(1, int(train.cpus_per_worker)))
 
     parts = load_components(inputs.model_path, cfg.revision)
     parts.vae.requires_grad_(False).eval().to(device)

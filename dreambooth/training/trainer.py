@@ -38,9 +38,9 @@ def final_weights_uri(output: str) -> str:
     return storage.join(storage_path(output), CHECKPOINTS, checkpoint.FINAL)
 
 
-def worker_env(use_gpu: bool) -> dict[str, str]:
+def worker_env(cuda: bool) -> dict[str, str]:
     env = {key: os.environ[key] for key in ("TORCH_EXTENSIONS_DIR", "DREAMBOOTH_CACHE", "HF_HUB_OFFLINE", "HF_HOME") if key in os.environ}
-    if not use_gpu:
+    if not cuda:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for CUDA and warn
     return env
 
@@ -52,7 +52,6 @@ def train(
     prior_set: Optional[PriorSet],
     *,
     use_gpu: bool,
-    resources_per_worker: Optional[dict] = None,
 ) -> TrainResult:
     """Fine-tune on a connected Ray cluster; return where the full weights are."""
     import time
@@ -61,7 +60,10 @@ def train(
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from dreambooth.cluster import gpu_nodes_have_cuda, resource_shapes
+
     start = time.monotonic()
+    cuda = use_gpu and gpu_nodes_have_cuda()
     datasets = {}
     if prior_set is not None and cfg.train.prior_loss_weight > 0:
         # Materialized before the workers take their CPUs: streaming reads would need CPUs that a
@@ -73,15 +75,15 @@ def train(
         scaling_config=ScalingConfig(
             num_workers=cfg.train.workers,
             use_gpu=use_gpu,
-            resources_per_worker=resources_per_worker or ({"GPU": 1} if use_gpu else {"CPU": 1}),
+            resources_per_worker=resource_shapes(cfg.train, use_gpu).train_worker,
         ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
         run_config=ray.train.RunConfig(
             name=CHECKPOINTS,
             storage_path=storage_path(cfg.output),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": worker_env(use_gpu)},
+            worker_runtime_env={"env_vars": worker_env(cuda)},
         ),
         datasets=datasets,
     )

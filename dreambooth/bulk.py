@@ -1,0 +1,332 @@
+"""``dreambooth bulk``: personalize many subjects on one Ray cluster.
+
+Owns the manifest and the scheduling of subjects. A manifest is YAML::
+
+    defaults:                 # optional: any `run` option, for every subject
+      max_train_steps: 400
+    subjects:
+      - name: my-dog          # a Kubernetes-style name: the subject's folder and RayJob name
+        instance_dir: s3://bucket/subjects/my-dog
+        class_noun: dog
+        identifier: sks       # optional; `auto` (default) draws a unique rare token
+        learning_rate: 2e-6   # any `run` option overrides the defaults for this subject
+
+Layers, later winning: built-in defaults < ``--config`` file < manifest ``defaults`` < bulk flags <
+the subject's own keys. Subject ``name`` writes to ``<output>/<name>/``; priors go to
+``<output>/priors`` unless ``prior_output`` says otherwise.
+
+Order of work: (1) the whole manifest is checked before anything runs (names, duplicates, config
+values, instance folders, identifiers unique across subjects — auto-picked ones too); (2) each
+subject's photos are checked: a subject with bad photos fails alone; (3) the priors of each distinct
+(model, class, sampler settings) are generated once; (4) subjects train concurrently as Ray tasks,
+at most ``max_concurrent`` at a time, a failed one retried up to ``max_retries`` times; (5) a table
+and ``<output>/bulk-summary.json`` report every subject.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from dreambooth import cluster, export, pipeline, priors, storage
+from dreambooth.config import ConfigError, RunConfig, build_config, flatten, validate
+from dreambooth.subjects import SubjectError
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "bulk-summary.json"
+
+
+@dataclass
+class BulkOptions:
+    """How a bulk run is scheduled (the subjects' own settings live in their RunConfigs)."""
+
+    manifest: str
+    """YAML file listing the subjects (see the module docstring)."""
+
+    output: str
+    """Root URI; subject ``name`` writes to ``<output>/<name>/``."""
+
+    max_concurrent: int = 0
+    """Subjects training at once; 0 = as many as the cluster's GPUs (or CPUs) fit right now."""
+
+    max_retries: int = 1
+    """Times a subject that failed while running is tried again (bad photos are not retried)."""
+
+
+@dataclass
+class SubjectResult:
+    name: str
+    status: str  # succeeded | skipped | failed
+    output: str
+    identifier: Optional[str] = None
+    attempts: int = 0
+    seconds: float = 0.0
+    error: Optional[str] = None
+
+
+@dataclass
+class BulkReport:
+    results: list[SubjectResult]
+    prior_caches: dict[str, int] = field(default_factory=dict)  # cache uri -> images generated now
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status != "failed" for r in self.results)
+
+
+# --------------------------------------------------------------------------- manifest → configs
+
+
+def load_manifest(path: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The subjects and the flat defaults of a manifest file."""
+    if not Path(path).is_file():
+        raise ConfigError(f"--manifest {path} does not exist; pass a YAML file with a 'subjects' list")
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"manifest {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or set(data) - {"subjects", "defaults"}:
+        raise ConfigError(f"manifest {path} must be a mapping with 'subjects' (and optional 'defaults')")
+    subjects = data.get("subjects")
+    if not isinstance(subjects, list) or not subjects:
+        raise ConfigError(f"manifest {path} has no subjects; add a 'subjects:' list with name, instance_dir, class_noun")
+    defaults = flatten(data.get("defaults") or {}, f"{path} (defaults)")
+    return subjects, defaults
+
+
+def plan(
+    options: BulkOptions,
+    flags: Optional[dict[str, Any]] = None,
+    config_file: Optional[str] = None,
+    check_paths: bool = True,
+) -> list[tuple[str, RunConfig]]:
+    """Check the whole manifest and build one validated RunConfig per subject. Raises ConfigError.
+
+    ``check_paths=False`` skips the instance-folder check, for `submit`: the folders are read on
+    the cluster and may not be visible from where the RayJobs are created.
+    """
+    from dreambooth.config import load_yaml
+    from dreambooth.kube import validate_k8s_name
+
+    subjects, defaults = load_manifest(options.manifest)
+    file_layers = [(load_yaml(config_file), config_file)] if config_file else []
+    seen: dict[str, int] = {}
+    given_identifiers: dict[str, str] = {}
+    planned = []
+    for index, entry in enumerate(subjects):
+        where = f"{options.manifest}: subjects[{index}]"
+        if not isinstance(entry, dict) or not entry.get("name"):
+            raise ConfigError(f"{where} needs a 'name' (a lowercase Kubernetes-style name such as 'my-dog')")
+        name = str(entry["name"])
+        try:
+            validate_k8s_name(name, what=f"subject name {name!r}")
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if name in seen:
+            raise ConfigError(f"{where}: name {name!r} is used twice (also subjects[{seen[name]}]); names must be unique")
+        seen[name] = index
+        own = flatten({k: v for k, v in entry.items() if k != "name"}, f"{where} ({name})")
+        if "output" in own:
+            raise ConfigError(f"{where} ({name}): 'output' is set by bulk as <output>/{name}; remove it")
+        cfg = build_config(
+            *file_layers,
+            (defaults, f"{options.manifest} (defaults)"),
+            (flags or {}, "command-line flags"),
+            (own, f"{where} ({name})"),
+            ({"output": storage.join(options.output, name)}, "bulk"),
+        )
+        if not cfg.prior.prior_output:
+            cfg.prior.prior_output = storage.join(options.output, "priors")
+        try:
+            validate(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"subject {name!r}: {exc}") from None
+        if check_paths and not storage.exists(cfg.subject.instance_dir):
+            raise ConfigError(f"subject {name!r}: instance_dir {cfg.subject.instance_dir} does not exist")
+        ident = cfg.subject.identifier
+        if ident != "auto":
+            if ident in given_identifiers:
+                raise ConfigError(
+                    f"subject {name!r}: identifier {ident!r} is also used by {given_identifiers[ident]!r}; "
+                    "each subject needs its own (or use 'auto')"
+                )
+            given_identifiers[ident] = name
+        planned.append((name, cfg))
+    return planned
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _completed_identifier(cfg: RunConfig) -> Optional[str]:
+    if export.is_complete(cfg.output):
+        return storage.read_json(storage.join(cfg.output, export.RUN_RECORD)).get("identifier")
+    return None
+
+
+def _default_concurrency(configs: list[RunConfig], use_gpu: bool) -> int:
+    import ray
+
+    key = "GPU" if use_gpu else "CPU"
+    total = ray.cluster_resources().get(key, 0)
+    need = max(cfg.train.workers * cluster.resource_shapes(cfg.train, use_gpu).train_worker[key] for cfg in configs)
+    return max(1, int(total // need))
+
+
+def _personalize(prepared: pipeline.Prepared) -> dict:
+    return pipeline.execute(prepared).record or {}
+
+
+def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> BulkReport:
+    """Preflight every subject, generate shared priors once, train subjects concurrently."""
+    import ray
+
+    start = time.monotonic()
+    results: dict[str, SubjectResult] = {name: SubjectResult(name, "pending", cfg.output) for name, cfg in planned}
+
+    # Identifiers: user-given ones and those of finished subjects are taken before any auto draw.
+    taken = {cfg.subject.identifier for _, cfg in planned if cfg.subject.identifier != "auto"}
+    done_ids = {name: _completed_identifier(cfg) for name, cfg in planned}
+    taken |= {i for i in done_ids.values() if i}
+    ready: list[tuple[str, pipeline.Prepared]] = []
+    for name, cfg in planned:
+        if done_ids[name] is not None and not cfg.overwrite:
+            results[name] = SubjectResult(name, "skipped", cfg.output, identifier=done_ids[name])
+            continue
+        try:
+            prepared = pipeline.preflight(cfg, frozenset(taken - {cfg.subject.identifier}))
+        except (SubjectError, ConfigError, PermissionError) as exc:
+            results[name] = SubjectResult(name, "failed", cfg.output, error=f"{type(exc).__name__}: {exc}")
+            continue
+        taken.add(cfg.subject.identifier)
+        results[name].identifier = cfg.subject.identifier
+        ready.append((name, prepared))
+
+    report = BulkReport(list(results.values()))
+    if not ready:
+        report.results = [results[name] for name, _ in planned]
+        report.seconds = time.monotonic() - start
+        return report
+
+    cluster.connect()
+    use_gpu = cluster.resolve_use_gpu(ready[0][1].config.train.use_gpu)
+
+    # Priors: once per distinct spec, with the largest image count any subject of it asks for.
+    groups: dict[str, list[tuple[str, pipeline.Prepared]]] = {}
+    for name, prepared in ready:
+        cfg = prepared.config
+        if cfg.train.prior_loss_weight > 0:
+            spec = priors.spec_from_config(cfg, pipeline._scheduler_name(prepared.model_path))
+            groups.setdefault(spec.cache_uri(cfg.prior_root), []).append((name, prepared))
+    failed_priors: set[str] = set()
+    for cache_uri, members in groups.items():
+        cfg = max((p.config for _, p in members), key=lambda c: c.prior.num_class_images)
+        spec = priors.spec_from_config(cfg, pipeline._scheduler_name(members[0][1].model_path))
+        try:
+            made = priors.generate(
+                spec, members[0][1].model_path, cfg.prior_root, cfg.prior.num_class_images,
+                use_gpu=use_gpu, actors=cfg.prior.prior_actors, batch_size=cfg.prior.prior_batch_size,
+            )
+            report.prior_caches[made.uri] = made.generated
+        except Exception as exc:  # the subjects of this class fail; others go on
+            for name, _ in members:
+                results[name].status, results[name].error = "failed", f"prior generation failed: {exc}"
+                failed_priors.add(name)
+
+    queue = [(name, prepared) for name, prepared in ready if name not in failed_priors]
+    cap = options.max_concurrent or _default_concurrency([p.config for _, p in queue] or [ready[0][1].config], use_gpu)
+    log.info("training %d subject(s), at most %d at a time", len(queue), cap)
+    task = ray.remote(num_cpus=0, max_retries=0)(_personalize)
+    running: dict[Any, tuple[str, pipeline.Prepared, float]] = {}
+    while queue or running:
+        while queue and len(running) < cap:
+            name, prepared = queue.pop(0)
+            results[name].attempts += 1
+            running[task.remote(prepared)] = (name, prepared, time.monotonic())
+        (ref,), _ = ray.wait(list(running), num_returns=1)
+        name, prepared, began = running.pop(ref)
+        result = results[name]
+        result.seconds += time.monotonic() - began
+        try:
+            ray.get(ref)
+            result.status, result.error = "succeeded", None
+            log.info("subject %s succeeded (%d attempt(s))", name, result.attempts)
+        except Exception as exc:
+            result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            if result.attempts <= options.max_retries:
+                log.warning("subject %s failed (attempt %d), retrying: %s", name, result.attempts, result.error)
+                queue.append((name, prepared))
+            else:
+                result.status = "failed"
+                log.error("subject %s failed after %d attempt(s): %s", name, result.attempts, result.error)
+    report.results = [results[name] for name, _ in planned]
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def write_summary(options: BulkOptions, report: BulkReport) -> str:
+    uri = storage.join(options.output, SUMMARY)
+    storage.write_json_atomic(
+        uri,
+        {
+            "manifest": options.manifest,
+            "ok": report.ok,
+            "seconds": report.seconds,
+            "prior_caches": report.prior_caches,
+            "subjects": [asdict(r) for r in report.results],
+        },
+    )
+    return uri
+
+
+def format_table(report: BulkReport) -> str:
+    rows = [("SUBJECT", "STATUS", "ATTEMPTS", "IDENTIFIER", "SECONDS", "OUTPUT / ERROR")]
+    for r in report.results:
+        rows.append((r.name, r.status, str(r.attempts), r.identifier or "-", f"{r.seconds:.0f}", r.error or r.output))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
+    counts = {s: sum(r.status == s for r in report.results) for s in ("succeeded", "skipped", "failed")}
+    lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" in {report.seconds:.0f} s")
+    return "\n".join(lines)
+
+
+def subject_jobs(planned: list[tuple[str, RunConfig]]) -> list["SubjectJob"]:
+    """One RayJob description per subject: the `run` flags that differ from the defaults.
+
+    Auto identifiers are drawn here, from the CLIP vocabulary every Stable Diffusion 1.x/2.x model
+    shares, so that they are unique across the whole manifest before any job starts.
+    """
+    from dreambooth.config import all_fields
+    from dreambooth.identifier import pick_identifiers
+    from dreambooth.kube import SubjectJob
+    from dreambooth.models import load_clip_tokenizer
+
+    defaults = RunConfig()
+    taken = {cfg.subject.identifier for _, cfg in planned if cfg.subject.identifier != "auto"}
+    jobs = []
+    tokenizer = None
+    for name, cfg in planned:
+        if cfg.subject.identifier == "auto":
+            tokenizer = tokenizer or load_clip_tokenizer()
+            cfg.subject.identifier = pick_identifiers(tokenizer, 1, cfg.subject.identifier_seed, exclude=taken)[0]
+            taken.add(cfg.subject.identifier)
+        args: dict[str, str] = {}
+        for info in all_fields().values():
+            holder, base = (cfg, defaults) if info.section is None else (getattr(cfg, info.section), getattr(defaults, info.section))
+            value = getattr(holder, info.name)
+            if value == getattr(base, info.name) and info.name not in ("model", "class_noun", "instance_dir", "output"):
+                continue
+            if isinstance(value, list):
+                raise ConfigError(f"subject {name!r}: {info.name} cannot be passed to a RayJob; leave it at its default")
+            if value is None:
+                continue
+            args[info.name.replace("_", "-")] = str(value).lower() if isinstance(value, bool) else str(value)
+        jobs.append(SubjectJob(name=name, args=args))
+    return jobs

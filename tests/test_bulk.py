@@ -1,0 +1,93 @@
+"""Bulk runs on one Ray cluster: manifest checks first, shared priors once, a bad subject fails alone,
+finished subjects are skipped on a re-run."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from dreambooth import bulk, storage
+from dreambooth.cli import main
+from dreambooth.config import ConfigError
+
+
+def _manifest(tmp_path, subjects, defaults=None):
+    path = tmp_path / "subjects.yaml"
+    path.write_text(yaml.safe_dump({"subjects": subjects, **({"defaults": defaults} if defaults else {})}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "subjects,message",
+    [
+        ([{"name": "a", "instance_dir": "{dog}", "class_noun": "dog"}, {"name": "a", "instance_dir": "{dog}", "class_noun": "dog"}], "used twice"),
+        ([{"name": "My Dog", "instance_dir": "{dog}", "class_noun": "dog"}], "my-dog"),
+        ([{"instance_dir": "{dog}", "class_noun": "dog"}], "needs a 'name'"),
+        ([{"name": "a", "instance_dir": "{dog}/missing", "class_noun": "dog"}], "does not exist"),
+        ([{"name": "a", "instance_dir": "{dog}", "class_noun": "dog", "identifier": "sks"},
+          {"name": "b", "instance_dir": "{dog}", "class_noun": "cat", "identifier": "sks"}], "also used by 'a'"),
+        ([{"name": "a", "instance_dir": "{dog}", "class_noun": "dog", "learning_rat": 1}], "did you mean 'learning_rate'"),
+        ([{"name": "a", "instance_dir": "{dog}", "class_noun": "dog", "output": "x"}], "'output' is set by bulk"),
+        ([{"name": "a", "instance_dir": "{dog}", "class_noun": ""}], "subject 'a': --class-noun is empty"),
+        ([], "has no subjects"),
+    ],
+)
+def test_manifest_is_checked_before_anything_runs(tmp_path, dog_dir, subjects, message):
+    subjects = json.loads(json.dumps(subjects).replace("{dog}", str(dog_dir)))
+    options = bulk.BulkOptions(_manifest(tmp_path, subjects), str(tmp_path / "runs"))
+    with pytest.raises(ConfigError, match=message):
+        bulk.plan(options)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_layers_defaults_flags_and_subject_keys(tmp_path, dog_dir):
+    subjects = [{"name": "a", "instance_dir": str(dog_dir), "class_noun": "dog", "learning_rate": 3e-6},
+                {"name": "b", "instance_dir": str(dog_dir), "class_noun": "cat"}]
+    path = _manifest(tmp_path, subjects, defaults={"max_train_steps": 7, "learning_rate": 1e-6, "workers": 3})
+    planned = dict(bulk.plan(bulk.BulkOptions(path, "s3://bucket/runs"), {"workers": 2}))
+    assert planned["a"].train.learning_rate == 3e-6 and planned["b"].train.learning_rate == 1e-6
+    assert planned["a"].train.max_train_steps == 7 and planned["b"].train.workers == 2  # flags beat defaults
+    assert planned["a"].output == "s3://bucket/runs/a" and planned["a"].prior_root == "s3://bucket/runs/priors"
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_bulk_shares_priors_isolates_failures_and_skips_finished(ray_cluster, tmp_path, dog_dir, capsys):
+    bad_dir = tmp_path / "bad-dog"
+    shutil.copytree(dog_dir, bad_dir)
+    (bad_dir / "00.jpg").write_bytes(b"\xff\xd8 broken")
+    subjects = [
+        {"name": "dog-a", "instance_dir": str(dog_dir), "class_noun": "dog"},
+        {"name": "dog-b", "instance_dir": str(bad_dir), "class_noun": "dog"},
+        {"name": "cat-c", "instance_dir": str(dog_dir), "class_noun": "cat"},
+    ]
+    manifest = _manifest(tmp_path, subjects, defaults={
+        "model": "tiny", "resolution": 32, "num_class_images": 2, "prior_batch_size": 2, "num_inference_steps": 2,
+        "max_train_steps": 2, "checkpointing_steps": 0, "workers": 1, "num_sample_images": 1})
+    out = tmp_path / "runs"
+    argv = ["bulk", "--manifest", manifest, "--output", str(out), "--max-concurrent", "2"]
+
+    assert main(argv) == 1  # one subject failed
+    summary = storage.read_json(str(out / bulk.SUMMARY))
+    status = {s["name"]: s for s in summary["subjects"]}
+    assert status["dog-a"]["status"] == status["cat-c"]["status"] == "succeeded"
+    assert status["dog-b"]["status"] == "failed" and "00.jpg is corrupt" in status["dog-b"]["error"]
+    assert len(summary["prior_caches"]) == 2 and all(n == 2 for n in summary["prior_caches"].values())
+    identifiers = [status[n]["identifier"] for n in ("dog-a", "cat-c")]
+    assert len(set(identifiers)) == 2 and None not in identifiers
+    table = capsys.readouterr().out
+    assert "dog-b" in table and "failed" in table and "2 succeeded, 1 failed" in table
+
+    # Fix the bad subject and run the same manifest again: finished subjects are skipped and the
+    # fixed one trains on the already generated dog priors.
+    shutil.copy(dog_dir / "00.jpg", bad_dir / "00.jpg")
+    assert main(argv) == 0
+    summary = storage.read_json(str(out / bulk.SUMMARY))
+    status = {s["name"]: s for s in summary["subjects"]}
+    assert status["dog-a"]["status"] == status["cat-c"]["status"] == "skipped"
+    assert status["dog-b"]["status"] == "succeeded"
+    assert list(summary["prior_caches"].values()) == [0]  # reused, nothing generated
+    assert status["dog-b"]["identifier"] not in identifiers
+    record = storage.read_json(str(out / "dog-b" / "run.json"))
+    assert record["priors"]["generated"] == 0
