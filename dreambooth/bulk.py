@@ -67,6 +67,8 @@ class SubjectResult:
     identifier: Optional[str] = None
     attempts: int = 0
     seconds: float = 0.0
+    started_unix: Optional[float] = None  # first launch
+    finished_unix: Optional[float] = None  # last attempt's end
     error: Optional[str] = None
 
 
@@ -249,11 +251,13 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
         while queue and len(running) < cap:
             name, prepared = queue.pop(0)
             results[name].attempts += 1
+            results[name].started_unix = results[name].started_unix or time.time()
             running[task.remote(prepared)] = (name, prepared, time.monotonic())
         (ref,), _ = ray.wait(list(running), num_returns=1)
         name, prepared, began = running.pop(ref)
         result = results[name]
         result.seconds += time.monotonic() - began
+        result.finished_unix = time.time()
         try:
             ray.get(ref)
             result.status, result.error = "succeeded", None

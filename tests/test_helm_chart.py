@@ -239,7 +239,7 @@ def test_entrypoint_survives_both_shells(helm):
 
 @pytest.mark.parametrize("values", CI_IDS)
 def test_entrypoints_are_accepted_by_the_job_cli(rendered, values):
-    cli = pytest.importorskip("dreambooth.cli")
+    from dreambooth import cli
     from dreambooth.config import all_fields
 
     parser = cli.build_parser()
@@ -247,6 +247,30 @@ def test_entrypoints_are_accepted_by_the_job_cli(rendered, values):
         ns = parser.parse_args(["run", *argv(job)[3:]])  # ray_jobs.personalize == `dreambooth run`
         cfg = cli.config_from_args(ns, list(all_fields()))
         assert cfg.output and ns.use_gpu == "true"
+
+
+def test_worker_group_fits_what_each_subject_requests(rendered):
+    """Every unit of work a chart RayJob starts (training worker, prior actor, export task) fits
+    in one worker pod, and the pod's GPU limit is what Ray advertises."""
+    from dreambooth import cli
+    from dreambooth.cluster import resource_shapes
+    from dreambooth.config import all_fields
+
+    docs = rendered["default-values.yaml"]
+    (cluster,) = ch.of_kind(docs, "RayCluster")
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    gpus, cpus = float(group["rayStartParams"]["num-gpus"]), float(group["rayStartParams"]["num-cpus"])
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert float(limits["nvidia.com/gpu"]) == gpus >= 1
+    parser = cli.build_parser()
+    jobs = ch.of_kind(docs, "RayJob")
+    assert jobs
+    for job in jobs:
+        cfg = cli.config_from_args(parser.parse_args(["run", *argv(job)[3:]]), list(all_fields()))
+        shapes = resource_shapes(cfg.train, use_gpu=cfg.train.use_gpu == "true")
+        for shape in (shapes.train_worker, shapes.prior_actor, shapes.export_task):
+            assert shape["GPU"] == 1 and shape["GPU"] <= gpus and shape["CPU"] <= cpus, shape
+        assert cfg.train.workers <= group["maxReplicas"] * gpus  # the autoscaler can place every worker
 
 
 def test_shared_mode_targets_the_release_cluster(rendered):
