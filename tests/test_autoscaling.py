@@ -137,7 +137,8 @@ def test_bulk_scales_gpu_workers_up_from_zero_and_back(exclusive_ray, tmp_path, 
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and (not timeline.samples or timeline.samples[-1][1] > 0):
                 time.sleep(1)
-        print(f"\nGPU worker nodes over time (bulk finished at {done_at:.1f} s):\n{timeline.render()}")
+        with capsys.disabled():  # the timeline belongs in the test log, pass or fail
+            print(f"\nGPU worker nodes over time (bulk finished at {done_at:.1f} s):\n{timeline.render()}")
         assert code == 0, capsys.readouterr().out[-3000:]
         summary = storage.read_json(str(out / bulk.SUMMARY))
         assert [s["status"] for s in summary["subjects"]] == ["succeeded"] * 3

@@ -47,7 +47,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg, train = inputs.config, inputs.config.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    # A GPU resource is not CUDA (fake GPU nodes, a CPU-only image): train where CUDA really is.
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))
 
