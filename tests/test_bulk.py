@@ -91,3 +91,31 @@ def test_bulk_shares_priors_isolates_failures_and_skips_finished(ray_cluster, tm
     assert status["dog-b"]["identifier"] not in identifiers
     record = storage.read_json(str(out / "dog-b" / "run.json"))
     assert record["priors"]["generated"] == 0
+
+
+@pytest.mark.ray
+def test_failed_subjects_are_retried_up_to_the_limit_without_stopping_others(ray_cluster, tmp_path, dog_dir, monkeypatch):
+    marker_dir = tmp_path / "attempts"
+    marker_dir.mkdir()
+
+    def flaky_personalize(prepared):  # stands in for training: fails by subject name
+        import uuid
+
+        name = prepared.config.output.rsplit("/", 1)[-1]
+        (marker_dir / f"{name}-{uuid.uuid4().hex}").touch()
+        tries = len(list(marker_dir.glob(f"{name}-*")))
+        if name == "always-fails" or (name == "fails-once" and tries == 1):
+            raise RuntimeError(f"{name} broke on try {tries}")
+        return {"identifier": prepared.config.subject.identifier}
+
+    monkeypatch.setattr(bulk, "_personalize", flaky_personalize)
+    subjects = [{"name": n, "instance_dir": str(dog_dir), "class_noun": "dog"} for n in ("always-fails", "fails-once", "fine")]
+    options = bulk.BulkOptions(_manifest(tmp_path, subjects), str(tmp_path / "runs"), max_concurrent=2, max_retries=2)
+    planned = bulk.plan(options, {"model": "tiny", "resolution": 32, "prior_loss_weight": 0})
+    report = bulk.run_bulk(options, planned)
+    status = {r.name: r for r in report.results}
+    assert (status["always-fails"].status, status["always-fails"].attempts) == ("failed", 3)
+    assert "always-fails broke on try 3" in status["always-fails"].error
+    assert (status["fails-once"].status, status["fails-once"].attempts) == ("succeeded", 2)
+    assert (status["fine"].status, status["fine"].attempts) == ("succeeded", 1)
+    assert not report.ok
