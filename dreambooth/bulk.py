@@ -204,7 +204,7 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
             continue
         try:
             prepared = pipeline.preflight(cfg, frozenset(taken - {cfg.subject.identifier}))
-        except (SubjectError, ConfigError, PermissionError) as exc:
+        except (SubjectError, ConfigError, storage.StorageError, PermissionError) as exc:
             results[name] = SubjectResult(name, "failed", cfg.output, error=f"{type(exc).__name__}: {exc}")
             continue
         taken.add(cfg.subject.identifier)

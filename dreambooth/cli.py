@@ -20,6 +20,7 @@ from dreambooth.config import (
     load_yaml,
     validate_generation,
 )
+from dreambooth.storage import StorageError
 from dreambooth.subjects import SubjectError
 
 log = logging.getLogger("dreambooth")
@@ -352,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ConfigError, SubjectError, PermissionError) as exc:
+    except (ConfigError, SubjectError, StorageError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except _kube_error() as exc:

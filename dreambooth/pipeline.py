@@ -64,7 +64,8 @@ class RunOutcome:
 
 def execute(prepared: Prepared) -> RunOutcome:
     """Run the stages on Ray for a prepared subject. Connects to (or starts) Ray."""
-    from dreambooth.training.trainer import final_weights_uri, train
+    from dreambooth.training.checkpoint import final_weights_uri, steps_run
+    from dreambooth.training.trainer import train
 
     cfg = prepared.config
     if export.is_complete(cfg.output):
@@ -109,6 +110,7 @@ def execute(prepared: Prepared) -> RunOutcome:
         .remote(cfg, prepared.model_path, weights)
     )
     timings["export_s"] = exported["seconds"]
+    executed, attempts = steps_run(cfg.output)
     if not cfg.export.keep_checkpoints:
         storage.remove(storage.join(cfg.output, "checkpoints"))
     timings["total_s"] = time.monotonic() - start
@@ -129,6 +131,9 @@ def execute(prepared: Prepared) -> RunOutcome:
         },
         "metrics": metrics,
         "steps": cfg.train.max_train_steps,
+        "steps_run": executed,  # over every attempt, this driver's and earlier ones'
+        "steps_redone": max(0, executed - cfg.train.max_train_steps),
+        "training_attempts": attempts,
         "grid": exported["grid"],
         "timings": timings,
         "use_gpu": use_gpu,

@@ -19,9 +19,21 @@ import fsspec
 from fsspec.core import url_to_fs
 
 
+class StorageError(ValueError):
+    """A URI that cannot be used: unknown protocol or missing fsspec backend; says what to install."""
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path inside it for a URI or local path."""
-    fs, path = url_to_fs(str(uri))
+    try:
+        fs, path = url_to_fs(str(uri))
+    except ImportError as exc:
+        raise StorageError(f"{uri}: the fsspec backend for this protocol is not installed ({exc}); "
+                           "install it, e.g. `pip install s3fs` for s3:// or `gcsfs` for gs://") from None
+    except ValueError as exc:
+        protocol = str(uri).split("://", 1)[0]
+        raise StorageError(f"{uri}: unknown storage protocol {protocol!r} ({exc}); use a local path or a URI "
+                           "such as s3://bucket/path") from None
     return fs, path
 
 

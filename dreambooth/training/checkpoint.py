@@ -4,6 +4,8 @@ Owns the on-disk layout of ``<output>/checkpoints/`` (Ray Train's run folder):
 
     step-000100/         every rank's ZeRO shard + ``progress.json`` ({"step": 100})
     final-weights/       ``unet/`` and ``text_encoder/`` in diffusers layout + ``progress.json``
+    attempts/<id>.json   one per worker-group start: {"start_step", "step"} (how far it got), so the
+                         run record can say how many steps a failure made us redo
 
 Resumable checkpoints are saved by every rank (``engine.save_checkpoint``) and merged by Ray Train
 into one folder; ``ray.train.get_checkpoint()`` hands the latest to restarted workers, and to a new
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -21,9 +24,47 @@ import ray.train
 import torch
 from ray.train import Checkpoint
 
+from dreambooth import storage
+
+CHECKPOINTS = "checkpoints"
 PROGRESS = "progress.json"
 FINAL = "final-weights"
+ATTEMPTS = "attempts"
 DEEPSPEED_TAG = "zero"
+
+
+def run_storage_path(output: str) -> str:
+    """Ray Train's ``storage_path`` for a run: an absolute path or a URI."""
+    return str(Path(output).resolve()) if storage.is_local(output) else output
+
+
+def checkpoints_uri(output: str) -> str:
+    return storage.join(run_storage_path(output), CHECKPOINTS)
+
+
+def final_weights_uri(output: str) -> str:
+    return storage.join(checkpoints_uri(output), FINAL)
+
+
+class AttemptLog:
+    """Rank 0's record of one worker-group attempt: where it started and how far it got."""
+
+    def __init__(self, output: str, start_step: int):
+        self.uri = storage.join(checkpoints_uri(output), ATTEMPTS, f"{uuid.uuid4().hex}.json")
+        self.start_step = start_step
+
+    def reached(self, step: int) -> None:
+        storage.write_json_atomic(self.uri, {"start_step": self.start_step, "step": step})
+
+
+def steps_run(output: str) -> tuple[int, int]:
+    """(optimizer steps executed over all attempts, number of attempts) of a run's training."""
+    fs, path = storage.filesystem(storage.join(checkpoints_uri(output), ATTEMPTS))
+    if not fs.exists(path):
+        return 0, 0
+    attempts = [storage.read_json(storage.join(checkpoints_uri(output), ATTEMPTS, f.rsplit("/", 1)[-1]))
+                for f in fs.ls(path, detail=False) if f.endswith(".json")]
+    return sum(a["step"] - a["start_step"] for a in attempts), len(attempts)
 
 
 def step_dir_name(step: int) -> str:

@@ -82,6 +82,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     num_timesteps = noise_scheduler.config.num_train_timesteps
     dtype = next(p for p in engine.module.parameters()).dtype
 
+    attempt = checkpoint.AttemptLog(cfg.output, start_step) if rank == 0 else None
     progress = None
     if rank == 0:
         from ray.experimental.tqdm_ray import tqdm
@@ -113,7 +114,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "lr": scheduler.get_last_lr()[0],
             "resumed_from": start_step,
         }
-        if progress is not None:
+        if attempt is not None:
+            attempt.reached(step)
             progress.update(1)
         if rank == 0 and (step % train.log_every == 0 or step == train.max_train_steps):
             seconds = (time.perf_counter() - window_start) / window_steps

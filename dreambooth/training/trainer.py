@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
-from dreambooth import storage
 from dreambooth.config import RunConfig
 from dreambooth.priors import PriorSet, read_prior_dataset
 from dreambooth.subjects import SubjectImage
 from dreambooth.training import checkpoint
+from dreambooth.training.checkpoint import CHECKPOINTS, final_weights_uri, run_storage_path
 from dreambooth.training.loop import LoopInputs, train_loop_per_worker
-
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -27,15 +24,6 @@ class TrainResult:
     weights_uri: str  # folder with unet/ and text_encoder/ (diffusers layout)
     metrics: dict
     seconds: float
-
-
-def storage_path(output: str) -> str:
-    """Ray Train needs an absolute path or a URI."""
-    return str(Path(output).resolve()) if storage.is_local(output) else output
-
-
-def final_weights_uri(output: str) -> str:
-    return storage.join(storage_path(output), CHECKPOINTS, checkpoint.FINAL)
 
 
 def worker_env(cuda: bool) -> dict[str, str]:
@@ -80,7 +68,7 @@ def train(
         torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
         run_config=ray.train.RunConfig(
             name=CHECKPOINTS,
-            storage_path=storage_path(cfg.output),
+            storage_path=run_storage_path(cfg.output),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": worker_env(cuda)},
