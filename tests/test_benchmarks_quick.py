@@ -1,0 +1,60 @@
+"""The benchmark scripts' CI modes run and print the tables they promise.
+
+``gpu_step.py --tiny`` trains in this process's own single-rank process group (no Ray);
+``memory.py --quick`` starts its own Ray cluster, so it runs with the ``exclusive_ray`` tests.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(script: str, *args: str, timeout: int) -> str:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    env.pop("RAY_ADDRESS", None)  # memory.py starts its own local cluster
+    proc = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args, "--no-write"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def table_rows(output: str) -> list[list[str]]:
+    """Cells of the markdown table's data rows (header and separator dropped)."""
+    lines = [line for line in output.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_gpu_step_tiny_prints_step_time_and_flops():
+    out = run_benchmark("gpu_step.py", "--tiny", timeout=300)
+    assert "UNet 985,444 params, text encoder 1,597,162 params" in out
+    assert "| model | device | precision | ZeRO |" in out
+    rows = table_rows(out)
+    assert len(rows) == 1, out
+    model, device, precision, zero, batch, params, gflop, step_s, samples_s, tflops, mfu, mem = rows[0]
+    assert model == "tiny 32 px" and zero == "2" and batch == "1+1"
+    assert float(gflop) > 0 and float(step_s) > 0 and float(samples_s) > 0
+    if device.startswith("CPU"):
+        assert mfu == "n/a" and mem == "n/a" and precision == "float32"
+
+
+@pytest.mark.e2e
+@pytest.mark.exclusive_ray
+def test_memory_quick_reports_zero0_and_zero3_per_rank(exclusive_ray):
+    out = run_benchmark("memory.py", "--quick", timeout=600)
+    rows = table_rows(out)
+    assert [(r[0], r[1], r[2]) for r in rows] == [("0", "-", "0"), ("0", "-", "1"), ("3", "-", "0"), ("3", "-", "1")], out
+    states = {(r[0], r[2]): float(r[7]) for r in rows}  # "model states MB"
+    assert all(v > 0 for v in states.values())
+    assert states[("3", "0")] < states[("0", "0")] and states[("3", "1")] < states[("0", "1")]
+    ratio = float(re.search(r"ZeRO-3 / ZeRO-0: [\d.]+ / [\d.]+ MB = ([\d.]+)", out).group(1))
+    assert ratio <= 0.6, out
