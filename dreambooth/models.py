@@ -57,8 +57,9 @@ def cache_root() -> Path:
 def load_clip_tokenizer(path: str | Path = TOKENIZER_DIR):
     """The real CLIP tokenizer from a folder with vocab.json + merges.txt.
 
-    ``from_pretrained(folder)``, never ``CLIPTokenizer(vocab_file=..., merges_file=...)``: transformers
-    5.24 silently ignores those keywords and yields a 2-token vocabulary.
+    Loaded with ``from_pretrained(folder)``: passing the two files as keyword arguments
+    (``vocab_file``/``merges_file``) is silently ignored by transformers 5.24, which then yields a
+    2-token vocabulary and identical ids for every caption.
     """
     from transformers import CLIPTokenizer
 
