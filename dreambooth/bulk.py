@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import yaml
 
-from dreambooth import cluster, export, pipeline, priors, storage
+from dreambooth import cluster, export, models, pipeline, priors, storage
 from dreambooth.config import ConfigError, RunConfig, build_config, flatten, validate
 from dreambooth.subjects import SubjectError
 
@@ -221,16 +221,15 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
     use_gpu = cluster.resolve_use_gpu(ready[0][1].config.train.use_gpu)
 
     # Priors: once per distinct spec, with the largest image count any subject of it asks for.
-    groups: dict[str, list[tuple[str, pipeline.Prepared]]] = {}
+    groups: dict[str, tuple[priors.PriorSpec, list[tuple[str, pipeline.Prepared]]]] = {}
     for name, prepared in ready:
         cfg = prepared.config
         if cfg.train.prior_loss_weight > 0:
-            spec = priors.spec_from_config(cfg, pipeline._scheduler_name(prepared.model_path))
-            groups.setdefault(spec.cache_uri(cfg.prior_root), []).append((name, prepared))
+            spec = priors.spec_from_config(cfg, models.scheduler_class_name(prepared.model_path))
+            groups.setdefault(spec.cache_uri(cfg.prior_root), (spec, []))[1].append((name, prepared))
     failed_priors: set[str] = set()
-    for cache_uri, members in groups.items():
+    for spec, members in groups.values():
         cfg = max((p.config for _, p in members), key=lambda c: c.prior.num_class_images)
-        spec = priors.spec_from_config(cfg, pipeline._scheduler_name(members[0][1].model_path))
         try:
             made = priors.generate(
                 spec, members[0][1].model_path, cfg.prior_root, cfg.prior.num_class_images,

@@ -100,7 +100,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_prior(args: argparse.Namespace) -> int:
     from dreambooth import cluster, models, priors
-    from dreambooth.pipeline import _scheduler_name
 
     cfg = config_from_args(args, PRIOR_FIELDS)
     if not cfg.prior.prior_output:
@@ -111,7 +110,7 @@ def cmd_prior(args: argparse.Namespace) -> int:
 
     check_writable(cfg.prior_root)
     cluster.connect()
-    spec = priors.spec_from_config(cfg, _scheduler_name(model_path))
+    spec = priors.spec_from_config(cfg, models.scheduler_class_name(model_path))
     result = priors.generate(
         spec,
         model_path,

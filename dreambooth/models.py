@@ -188,6 +188,13 @@ def resolve_model(model: str, revision: Optional[str] = None) -> str:
     return model
 
 
+def scheduler_class_name(model_path: str) -> str:
+    """The sampler a pipeline ships with (part of the prior cache key)."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(model_path)["scheduler"][1]
+
+
 @dataclass
 class Components:
     """The parts of a Stable Diffusion pipeline that training touches."""

@@ -81,7 +81,7 @@ def execute(prepared: Prepared) -> RunOutcome:
 
     prior_set = None
     if cfg.train.prior_loss_weight > 0:
-        spec = priors.spec_from_config(cfg, _scheduler_name(prepared.model_path))
+        spec = priors.spec_from_config(cfg, models.scheduler_class_name(prepared.model_path))
         prior_set = priors.generate(
             spec,
             prepared.model_path,
@@ -141,9 +141,3 @@ def execute(prepared: Prepared) -> RunOutcome:
     }
     export.write_run_record(cfg.output, record)
     return RunOutcome(cfg.output, skipped=False, record=record)
-
-
-def _scheduler_name(model_path: str) -> str:
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.load_config(model_path)["scheduler"][1]
