@@ -160,6 +160,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dreambooth.evaluation.runner import EvalOptions, evaluate, format_table
+
+    options = EvalOptions(
+        output=args.output, suite=args.suite, shapes_subject=args.shapes_subject,
+        images_per_prompt=args.images_per_prompt, seed=args.seed, num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale, compare_base=not args.no_base,
+        dino_model=args.dino_model, clip_model=args.clip_model, report=args.report,
+    )
+    report = evaluate(options)
+    where = args.report or f"{args.output.rstrip('/')}/eval.json"
+    print(f"{report['suite']} suite, identifier {report['identifier']!r}, class {report['class_noun']!r}:")
+    print(format_table(report))
+    print(f"report: {where}")
+    return 0
+
+
 def _bulk_options(args: argparse.Namespace):
     from dreambooth.bulk import BulkOptions
 
@@ -316,6 +333,24 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--resolution", type=int, default=None, help="image side (default: the model's)")
     sample.add_argument("--output", required=True, help="PNG file to write (local path or URI)")
     sample.set_defaults(func=cmd_sample)
+
+    evaluate = _parser(
+        sub, "eval", "Score a personalized run: subject fidelity, prompt fidelity, PRES, DIV (or DINO/CLIP-I/CLIP-T).",
+        "dreambooth eval --output runs/demo/checker_square --images-per-prompt 8",
+    )
+    evaluate.add_argument("--output", required=True, help="finished run folder/URI (holds run.json)")
+    evaluate.add_argument("--suite", default="auto", choices=("auto", "shapes", "dreambench"),
+                          help="shapes-world analyzers or the paper's embedding metrics (auto: shapes for the shapes model)")
+    evaluate.add_argument("--shapes-subject", default=None, help="shapes subject name (default: the photo folder's name)")
+    evaluate.add_argument("--images-per-prompt", type=int, default=8, help="images per prompt (image j uses seed + j)")
+    evaluate.add_argument("--seed", type=int, default=0, help="first sampling seed")
+    evaluate.add_argument("--steps", type=int, default=25, help="denoising steps")
+    evaluate.add_argument("--guidance-scale", type=float, default=4.0, help="classifier-free guidance scale")
+    evaluate.add_argument("--no-base", action="store_true", help="skip scoring the base model for comparison")
+    evaluate.add_argument("--dino-model", default="facebook/dino-vits16", help="dreambench: DINO model id or folder")
+    evaluate.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="dreambench: CLIP model id or folder")
+    evaluate.add_argument("--report", default=None, help="where to write the JSON report (default: <output>/eval.json)")
+    evaluate.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -177,13 +177,18 @@ class ExportConfig:
     keep_checkpoints: bool = False
     """Keep ``<output>/checkpoints`` after a successful export (they hold optimizer state)."""
 
+    before_after: bool = True
+    """Also write ``before_after.png``: each sample prompt by the base model (left half) and the
+    personalized model (right half), same seeds."""
+
 
 @dataclass
 class RunConfig:
     """Everything one personalization run needs, validated once."""
 
     model: str = "tiny"
-    """Base model: a local diffusers folder, a hub id, or a built-in name (``tiny``)."""
+    """Base model: a local diffusers folder, a hub id, or a built-in name (``tiny``: random weights;
+    ``shapes``: pretrained on the shapes world, see ``dreambooth.shapes``)."""
 
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) of ``model``; ignored for local folders."""

@@ -5,6 +5,7 @@ Output layout (``<output>/``)::
     model_index.json, unet/, text_encoder/, vae/, tokenizer/, scheduler/    the pipeline (safetensors)
     config.yaml       the exact, resolved config of the run
     samples.png       grid: rows = sample prompts (subject in context, subject, bare class for drift)
+    before_after.png  the same prompts and seeds, base model (left) | personalized model (right)
     run.json          identifier, class, prompts, config, metrics, timings — written last
 
 ``run.json`` is the completion marker: an output without it is unfinished, whatever else it holds.
@@ -17,11 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from dreambooth import storage
 from dreambooth.config import RunConfig
 
 RUN_RECORD = "run.json"
 GRID = "samples.png"
+BEFORE_AFTER = "before_after.png"
 CONFIG = "config.yaml"
 
 
@@ -39,7 +43,7 @@ def export_pipeline(cfg: RunConfig, model_path: str, weights_uri: str) -> dict:
 
     from dreambooth.cluster import local_device
     from dreambooth.models import load_pipeline, quiet_libraries
-    from dreambooth.sample import png_bytes, render_grid
+    from dreambooth.sample import png_bytes, render_grid, side_by_side
 
     quiet_libraries()
     start = time.monotonic()
@@ -49,26 +53,30 @@ def export_pipeline(cfg: RunConfig, model_path: str, weights_uri: str) -> dict:
         if not storage.is_local(weights_uri):
             weights = str(storage.download_dir(weights_uri, Path(tmp) / "weights"))
         pipe = load_pipeline(model_path, cfg.revision)
-        pipe.unet = UNet2DConditionModel.from_pretrained(weights, subfolder="unet")
-        pipe.text_encoder = CLIPTextModel.from_pretrained(weights, subfolder="text_encoder")
+        grid_settings = dict(
+            num_images=cfg.export.num_sample_images,
+            seed=cfg.train.seed,
+            num_inference_steps=cfg.prior.num_inference_steps,
+            guidance_scale=cfg.prior.guidance_scale,
+            resolution=cfg.train.resolution,
+        )
+        sampling = cfg.export.num_sample_images > 0
+        before = render_grid(pipe.to(device), cfg.sample_prompts(), **grid_settings) if sampling and cfg.export.before_after else None
+        pipe = pipe.to("cpu")
+        pipe.unet = UNet2DConditionModel.from_pretrained(weights, subfolder="unet", torch_dtype=torch.float32)
+        pipe.text_encoder = CLIPTextModel.from_pretrained(weights, subfolder="text_encoder", dtype=torch.float32)
         pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder)
         staged = Path(tmp) / "pipeline"
         pipe.save_pretrained(str(staged), safe_serialization=True)
         storage.upload_dir(staged, cfg.output)
 
         pipe = pipe.to(device)
-        grid = render_grid(
-            pipe,
-            cfg.sample_prompts(),
-            num_images=cfg.export.num_sample_images,
-            seed=cfg.train.seed,
-            num_inference_steps=cfg.prior.num_inference_steps,
-            guidance_scale=cfg.prior.guidance_scale,
-            resolution=cfg.train.resolution,
-        ) if cfg.export.num_sample_images else None
+        grid = render_grid(pipe, cfg.sample_prompts(), **grid_settings) if sampling else None
     grid_uri = storage.join(cfg.output, GRID)
     if grid is not None:
         storage.write_bytes_atomic(grid_uri, png_bytes(grid))
+    if before is not None:
+        storage.write_bytes_atomic(storage.join(cfg.output, BEFORE_AFTER), png_bytes(side_by_side(before, grid)))
     storage.write_bytes_atomic(storage.join(cfg.output, CONFIG), cfg.to_yaml().encode())
     return {"grid": grid_uri if grid is not None else None, "seconds": time.monotonic() - start}
 

@@ -4,8 +4,10 @@ Owns: what counts as a model (a local diffusers folder, a hub id, or a built-in 
 that a model exists (run before any Ray work), and loading the components training and generation
 need. Knows nothing of Ray or DeepSpeed.
 
-Built-in models are materialized once per machine into ``$DREAMBOOTH_CACHE/models/<name>`` (default
-``~/.cache/dreambooth``) from a fixed seed, so every process and node sees identical weights.
+Built-in models: ``tiny`` (random weights) is materialized once per machine into
+``$DREAMBOOTH_CACHE/models/<name>`` (default ``~/.cache/dreambooth``) from a fixed seed, so every
+process and node sees identical weights; ``shapes`` (pretrained on the shapes world) ships as
+package data in ``dreambooth/data/shapes``.
 """
 
 from __future__ import annotations
@@ -135,6 +137,9 @@ def build_tiny(target: Path) -> None:
 BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny}
 # Bump when a builder changes, so stale caches are rebuilt rather than reused.
 BUILTIN_VERSION = "1"
+#: Built-in models shipped as trained weights inside the package (see ``dreambooth.shapes.basemodel``).
+SHIPPED_MODELS: dict[str, Path] = {"shapes": Path(str(resources.files("dreambooth") / "data" / "shapes"))}
+BUILTIN_NAMES = (*BUILTIN_MODELS, *SHIPPED_MODELS)
 
 
 def _materialize_builtin(name: str) -> Path:
@@ -162,17 +167,25 @@ def resolve_model(model: str, revision: Optional[str] = None) -> str:
     """
     if model in BUILTIN_MODELS:
         return str(_materialize_builtin(model))
+    if model in SHIPPED_MODELS:
+        folder = SHIPPED_MODELS[model]
+        if not (folder / "model_index.json").is_file():
+            raise ConfigError(
+                f"--model {model}: this installation lacks the shipped weights in {folder}; "
+                "reinstall the package, or rebuild them with `python -m ray_jobs.pretrain_shapes --ship`"
+            )
+        return str(folder)
     local = Path(model).expanduser()
     if local.exists():
         if not (local / "model_index.json").is_file():
             raise ConfigError(
                 f"--model {model}: the folder has no model_index.json; pass a diffusers pipeline folder "
-                "(saved with save_pretrained) or a built-in name: " + ", ".join(BUILTIN_MODELS)
+                "(saved with save_pretrained) or a built-in name: " + ", ".join(BUILTIN_NAMES)
             )
         return str(local)
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise ConfigError(
-            f"--model {model!r} is not a built-in name ({', '.join(BUILTIN_MODELS)}), not an existing "
+            f"--model {model!r} is not a built-in name ({', '.join(BUILTIN_NAMES)}), not an existing "
             "folder, and not a hub id of the form 'org/name'"
         )
     from huggingface_hub import hf_hub_download
@@ -210,18 +223,37 @@ class Components:
         """``epsilon`` or ``v_prediction``: what the UNet predicts, hence the loss target."""
         return self.noise_scheduler.config.prediction_type
 
+    def pipeline(self, scheduler):
+        """A sampling pipeline over these (live, possibly fine-tuned) modules and ``scheduler``."""
+        return assemble_pipeline(vae=self.vae, unet=self.unet, text_encoder=self.text_encoder,
+                                 tokenizer=self.tokenizer, scheduler=scheduler)
+
+
+def assemble_pipeline(*, vae, unet, text_encoder, tokenizer, scheduler):
+    """A StableDiffusionPipeline from in-memory modules (no copy), progress bar and safety checker off."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
 
 def load_components(model_path: str, revision: Optional[str] = None) -> Components:
-    """Load tokenizer, text encoder, UNet, VAE and the DDPM training scheduler in fp32."""
+    """Load tokenizer, text encoder, UNet, VAE (all fp32) and the DDPM training scheduler."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     kw = {"revision": revision} if revision else {}
+    # fp32 explicitly: shipped weights may be stored in fp16 (the built-in ``shapes`` model is), and
+    # transformers 5 would otherwise keep the stored dtype ("auto").
+    fp32 = torch.float32
     return Components(
         tokenizer=CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **kw),
-        text_encoder=CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **kw),
-        unet=UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **kw),
-        vae=AutoencoderKL.from_pretrained(model_path, subfolder="vae", **kw),
+        text_encoder=CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", dtype=fp32, **kw),
+        unet=UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", torch_dtype=fp32, **kw),
+        vae=AutoencoderKL.from_pretrained(model_path, subfolder="vae", torch_dtype=fp32, **kw),
         noise_scheduler=DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw),
     )
 

@@ -41,6 +41,14 @@ def render_grid(
     return make_image_grid(images, rows=len(prompts), cols=num_images)
 
 
+def side_by_side(left: Image.Image, right: Image.Image, gap: int = 4) -> Image.Image:
+    """Two grids of equal height next to each other, a white gap between them."""
+    out = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), "white")
+    out.paste(left, (0, 0))
+    out.paste(right, (left.width + gap, 0))
+    return out
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")

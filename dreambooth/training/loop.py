@@ -20,7 +20,7 @@ from dreambooth.subjects import SubjectImage
 from dreambooth.training import checkpoint
 from dreambooth.training.batches import BatchMaker, endless
 from dreambooth.training.engine import build_engine
-from dreambooth.training.module import DreamBoothModule, diffusion_target, dreambooth_loss
+from dreambooth.training.module import DreamBoothModule, mixed_batch_loss
 
 log = logging.getLogger("dreambooth.train")
 
@@ -78,9 +78,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         priors=priors,
         device=device,
     )
-    noise_scheduler = parts.noise_scheduler
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    dtype = next(p for p in engine.module.parameters()).dtype
 
     attempt = checkpoint.AttemptLog(cfg.output, start_step) if rank == 0 else None
     progress = None
@@ -96,13 +93,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for micro in range(train.gradient_accumulation_steps):
             batch = batches.next()
             gen = _step_generator(train.seed, rank, step, micro, device)
-            latents = batch.latents
-            noise = torch.randn(latents.shape, generator=gen).to(device)
-            timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=gen).to(device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            prediction = engine(noisy.to(dtype), timesteps, batch.input_ids)
-            target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-            loss = dreambooth_loss(prediction, target, batch.num_instance, train.prior_loss_weight)
+            loss = mixed_batch_loss(engine, parts.noise_scheduler, batch.latents, batch.input_ids,
+                                    batch.num_instance, train.prior_loss_weight, gen)
             engine.backward(loss.total)
             engine.step()
         window_steps += 1

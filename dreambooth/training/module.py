@@ -67,3 +67,23 @@ def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor
     if kind == "v_prediction":
         return noise_scheduler.get_velocity(latents, noise, timesteps)
     raise ValueError(f"unsupported prediction_type {kind!r}; expected 'epsilon' or 'v_prediction'")
+
+
+def mixed_batch_loss(model, noise_scheduler, latents: torch.Tensor, input_ids: torch.Tensor, num_instance: int,
+                     prior_loss_weight: float, generator: torch.Generator) -> LossParts:
+    """One DreamBooth loss evaluation: noise the latents at random timesteps, predict, compare.
+
+    ``model`` is a ``DreamBoothModule`` or a DeepSpeed engine wrapping one; ``latents`` [N, C, h, w]
+    and ``input_ids`` [N, L] hold ``num_instance`` subject rows, then prior rows. Noise and
+    timesteps come from ``generator`` (CPU), so a step's randomness is reproducible.
+    """
+    device = latents.device
+    dtype = next(model.parameters()).dtype
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction = model(noisy.to(dtype), timesteps, input_ids)
+    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+    return dreambooth_loss(prediction, target, num_instance, prior_loss_weight)
+

@@ -1,0 +1,1 @@
+"""Evaluation of personalized models: shapes-world measures and the paper's DINO / CLIP-I / CLIP-T."""

@@ -1,0 +1,182 @@
+"""``dreambooth eval``: score a finished personalized run against its subject (and its base model).
+
+Owns reading a run's record (identifier, class noun, subject photos, base model), choosing the
+suite, and writing ``<output>/eval.json``. Two suites:
+
+``shapes``      for runs on the built-in ``shapes`` model with a shapes-world subject (the photo
+                folder is named after one of ``dreambooth.shapes.SUBJECTS``, or ``--shapes-subject``
+                names it): subject fidelity, prompt fidelity, PRES and DIV from the world's analyzers
+                (``evaluation.shapes``).
+``dreambench``  for real models: the paper's DINO, CLIP-I and CLIP-T on the DreamBench prompt list of
+                the class (25 prompts), plus PRES as the DINO similarity of "a [class]" images to
+                the subject photos. Embedding models are hub ids or local folders.
+
+With ``compare_base`` the base model is scored the same way on the same seeds, with the identifier
+left out of every prompt: what the model could do before personalization.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from dreambooth import storage
+from dreambooth.config import ConfigError
+from dreambooth.export import RUN_RECORD
+
+EVAL_RECORD = "eval.json"
+SUITES = ("auto", "shapes", "dreambench")
+
+
+@dataclass
+class EvalOptions:
+    """What ``dreambooth eval`` scores and how."""
+
+    output: str
+    """A finished personalized run (folder or URI holding run.json)."""
+    suite: str = "auto"
+    """``shapes``, ``dreambench``, or ``auto``: shapes for runs on the ``shapes`` model."""
+    shapes_subject: str | None = None
+    """Shapes-world subject name (default: the subject photo folder's name)."""
+    images_per_prompt: int = 8
+    """Images per prompt; image j of every prompt uses seed ``seed + j``."""
+    seed: int = 0
+    """First sampling seed."""
+    num_inference_steps: int = 25
+    """Denoising steps per image."""
+    guidance_scale: float = 4.0
+    """Classifier-free guidance scale."""
+    compare_base: bool = True
+    """Also score the base model (identifier left out) on the same seeds."""
+    dino_model: str = "facebook/dino-vits16"
+    """DreamBench suite: DINO ViT-S/16 (hub id or local folder)."""
+    clip_model: str = "openai/clip-vit-base-patch32"
+    """DreamBench suite: CLIP model for CLIP-I and CLIP-T (hub id or local folder)."""
+    report: str | None = None
+    """Where to write the JSON report (default ``<output>/eval.json``)."""
+
+    def check(self) -> None:
+        if self.suite not in SUITES:
+            raise ConfigError(f"--suite {self.suite!r}: expected one of {', '.join(SUITES)}")
+        if self.images_per_prompt < 2:
+            raise ConfigError("--images-per-prompt must be at least 2 (diversity needs pairs)")
+        if self.num_inference_steps < 1:
+            raise ConfigError("--steps must be at least 1")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What evaluation needs from a run record."""
+
+    output: str
+    model: str
+    revision: str | None
+    identifier: str
+    class_noun: str
+    instance_dir: str
+
+
+def read_run(output: str) -> RunInfo:
+    uri = storage.join(output, RUN_RECORD)
+    if not storage.exists(uri):
+        raise ConfigError(f"{output} has no {RUN_RECORD}: it is not a finished `dreambooth run` output "
+                          "(run or resume it first)")
+    record = storage.read_json(uri)
+    config, subject = record["config"], record["config"]["subject"]
+    return RunInfo(output=output, model=config["model"], revision=config.get("revision"),
+                   identifier=record.get("identifier", subject["identifier"]),
+                   class_noun=subject["class_noun"], instance_dir=subject["instance_dir"])
+
+
+def resolve_suite(options: EvalOptions, run: RunInfo) -> str:
+    if options.suite != "auto":
+        return options.suite
+    return "shapes" if run.model == "shapes" else "dreambench"
+
+
+def shapes_subject(options: EvalOptions, run: RunInfo):
+    from dreambooth.shapes import SUBJECTS
+
+    name = options.shapes_subject or PurePosixPath(run.instance_dir.rstrip("/")).name
+    if name not in SUBJECTS:
+        raise ConfigError(
+            f"the shapes suite needs a shapes-world subject, and {name!r} is not one "
+            f"({', '.join(SUBJECTS)}); pass --shapes-subject NAME, or --suite dreambench for real photos")
+    subject = SUBJECTS[name]
+    if subject.class_noun != run.class_noun:
+        raise ConfigError(f"subject {name!r} is a {subject.class_noun}, but the run's class noun is "
+                          f"{run.class_noun!r}; pass the right --shapes-subject")
+    return subject
+
+
+def _references(run: RunInfo):
+    from dreambooth.subjects import load_subject_images
+
+    return [image.to_pil() for image in load_subject_images(run.instance_dir, resolution=1)]
+
+
+def _shapes_suite(options: EvalOptions, run: RunInfo, pipes: dict) -> dict:
+    from dreambooth.evaluation.shapes import evaluate_subject
+
+    subject, refs = shapes_subject(options, run), _references(run)
+    sampler = dict(images_per_prompt=options.images_per_prompt, seed=options.seed,
+                   steps=options.num_inference_steps, guidance_scale=options.guidance_scale)
+    return {name: evaluate_subject(pipe, subject, refs, run.identifier if name == "personalized" else "",
+                                   **sampler).as_dict()
+            for name, pipe in pipes.items()}
+
+
+def _dreambench_suite(options: EvalOptions, run: RunInfo, pipes: dict) -> dict:
+    from dreambooth.evaluation.dreambench import dreambench_prompts
+    from dreambooth.evaluation.embedding import EmbeddingScorer, strip_identifier
+    from dreambooth.evaluation.shapes import generate
+
+    scorer = EmbeddingScorer(options.dino_model, options.clip_model)
+    refs = _references(run)
+    seeds = [options.seed + j for j in range(options.images_per_prompt)]
+    results = {}
+    for name, pipe in pipes.items():
+        identifier = run.identifier if name == "personalized" else ""
+        prompts = [strip_identifier(p, run.identifier) if not identifier else p
+                   for p in dreambench_prompts(run.identifier, run.class_noun)]
+        repeated = [p for p in prompts for _ in seeds]
+        sampler = dict(steps=options.num_inference_steps, guidance_scale=options.guidance_scale)
+        images = generate(pipe, repeated, seeds * len(prompts), **sampler)
+        scores = scorer.score(images, refs, repeated, identifier=run.identifier).as_dict()
+        class_images = generate(pipe, [f"a {run.class_noun}"] * len(seeds), seeds, **sampler)
+        scores["pres_dino"] = scorer.dino(class_images, refs)
+        results[name] = scores
+    return results
+
+
+def evaluate(options: EvalOptions) -> dict:
+    """Score the run (and its base model), write the report, return it."""
+    from dreambooth.sample import load_any_pipeline
+
+    options.check()
+    run = read_run(options.output)
+    suite = resolve_suite(options, run)
+    if suite == "shapes":
+        shapes_subject(options, run)  # fail on a wrong subject before loading any model
+    pipes = {"personalized": load_any_pipeline(run.output)}
+    if options.compare_base:
+        pipes["base"] = load_any_pipeline(run.model, run.revision)
+    scores = (_shapes_suite if suite == "shapes" else _dreambench_suite)(options, run, pipes)
+    report = {"output": run.output, "suite": suite, "identifier": run.identifier,
+              "class_noun": run.class_noun, "model": run.model,
+              "settings": {k: v for k, v in vars(options).items() if k not in ("output", "report")},
+              "scores": scores}
+    storage.write_bytes_atomic(options.report or storage.join(run.output, EVAL_RECORD),
+                               json.dumps(report, indent=2).encode())
+    return report
+
+
+def format_table(report: dict) -> str:
+    """Scores as a text table: one row per measure, one column per model."""
+    models = list(report["scores"])
+    measures = list(report["scores"][models[0]])
+    lines = [f"{'measure':<26}" + "".join(f"{m:>14}" for m in models)]
+    for measure in measures:
+        lines.append(f"{measure:<26}" + "".join(f"{report['scores'][m][measure]:>14.3f}" for m in models))
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""Shapes-world measures of a pipeline: does it draw what a caption asks?
+
+Owns generating fixed-seed images for a list of prompts and scoring them with the world's analyzers.
+The base-model accuracy (``prompt_accuracy``) is what pretraining reports and the shipped model's
+test checks; ``dreambooth eval`` builds its subject measures on ``generate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dreambooth.shapes import (Subject, analyze, caption, is_subject, matches, pairwise_distance,
+                               sample_scenes, subject_features, subject_similarity)
+from dreambooth.shapes.world import PLACE_PHRASES, _a
+
+#: Sampler settings every shapes measurement uses unless told otherwise.
+INFERENCE_STEPS = 25
+GUIDANCE_SCALE = 4.0
+
+
+def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = INFERENCE_STEPS,
+             guidance_scale: float = GUIDANCE_SCALE, batch_size: int = 64) -> list[Image.Image]:
+    """One image per (prompt, seed) pair, in order; image i depends only on prompts[i], seeds[i]."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[chunk]]
+        with torch.no_grad():
+            images += pipe(list(prompts[chunk]), num_inference_steps=steps, guidance_scale=guidance_scale,
+                           generator=generators).images
+    return images
+
+
+@dataclass
+class PromptAccuracy:
+    """Fraction of images whose analyzed field equals the caption's (None: the caption omits it)."""
+
+    background: float
+    color: float
+    shape: float
+    position: float | None
+    count: int
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items()}
+
+
+def score(images: Sequence[Image.Image], asked: Sequence[Mapping[str, str]]) -> PromptAccuracy:
+    """Accuracy of each field over images; ``asked[i]`` holds the fields prompt i named."""
+    hits: dict[str, list[bool]] = {"background": [], "color": [], "shape": [], "position": []}
+    for image, fields in zip(images, asked, strict=True):
+        for field, ok in matches(analyze(image), fields).items():
+            if field in hits:
+                hits[field].append(ok)
+
+    def rate(field: str) -> float | None:
+        return sum(hits[field]) / len(hits[field]) if hits[field] else None
+
+    return PromptAccuracy(rate("background"), rate("color"), rate("shape"), rate("position"), len(images))
+
+
+def evaluation_scenes(triples: Sequence[tuple[str, str, str]] | frozenset, n: int, seed: int = 1234):
+    """n scenes drawn from the given (shape, colour, background) triples, fixed by ``seed``."""
+    return sample_scenes(n, seed, only=frozenset(triples))
+
+
+def prompt_accuracy(pipe, scenes, *, seed: int = 0, detail: str = "short", **sampler) -> PromptAccuracy:
+    """Generate each scene's caption once (seed ``seed + i``) and score what the analyzers read back.
+
+    ``detail="short"`` asks for shape, colour and background only; ``"full"`` adds size and position.
+    """
+    prompts = [caption(s, detail) for s in scenes]
+    images = generate(pipe, prompts, [seed + i for i in range(len(scenes))], **sampler)
+    fields = [{"shape": s.shape, "color": s.color, "background": s.background}
+              | ({"position": s.position} if detail == "full" else {}) for s in scenes]
+    return score(images, fields)
+
+
+# -- personalized models --------------------------------------------------------------------------
+
+def recontext_asks(subject: Subject, positions: Sequence[str] = ("top left", "top right", "bottom left",
+                                                                   "bottom right")) -> list[tuple[str, str, str]]:
+    """Recontextualization asks: (prompt suffix, the field the analyzers check, the value asked)."""
+    asks = [(f" on {_a(bg)} {bg} background", "background", bg) for bg in subject.backgrounds]
+    asks += [(f" {PLACE_PHRASES[p]}", "position", p) for p in positions]
+    return asks
+
+
+@dataclass
+class SubjectReport:
+    """Shapes-world DreamBooth measures of one model for one subject (all in [0, 1]).
+
+    ``subject_fidelity``: mean ``subject_similarity`` of "a [V] [class]" images to the subject's
+    photos (every pair; the analogue of DINO). ``subject_match``: share of those images the
+    analyzers call the subject (its two colours, outline and pattern). ``prompt_fidelity``: share of
+    recontextualization images ("a [V] [class] on a green background", "... in the top left") with
+    the asked background or position; ``recontext_subject_match``: share of them that also show the
+    subject. ``pres``: share of "a [class]" images that show the subject (lower is better: the
+    class prior survived). ``div``: mean pairwise RMS pixel distance between "a [V] [class]" images
+    (higher is more varied, the analogue of the paper's LPIPS-based DIV).
+    """
+
+    subject_fidelity: float
+    subject_match: float
+    prompt_fidelity: float
+    recontext_subject_match: float
+    pres: float
+    div: float
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], identifier: str, *,
+                     images_per_prompt: int = 8, seed: int = 0, **sampler) -> SubjectReport:
+    """Score ``pipe`` on ``subject``; pass ``identifier=""`` to score a base model on class prompts.
+
+    Image j of every prompt uses seed ``seed + j``, so two models are compared on the same noise.
+    """
+    noun = f"{identifier} {subject.class_noun}".strip()
+    seeds = [seed + j for j in range(images_per_prompt)]
+    asks = recontext_asks(subject)
+    prompts = [f"a {noun}", f"a {subject.class_noun}"] + [f"a {noun}{suffix}" for suffix, _, _ in asks]
+    images = generate(pipe, [p for p in prompts for _ in seeds], seeds * len(prompts), **sampler)
+    per_prompt = [images[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
+    subject_images, class_images, recontext = per_prompt[0], per_prompt[1], per_prompt[2:]
+    ref_features = [subject_features(r) for r in references]
+    fidelity = [subject_similarity(subject_features(img), ref) for img in subject_images for ref in ref_features]
+    asked, shown = [], []
+    for (_, field, value), group in zip(asks, recontext):
+        for img in group:
+            asked.append(getattr(analyze(img), field) == value)
+            shown.append(is_subject(img, subject))
+    return SubjectReport(
+        subject_fidelity=float(np.mean(fidelity)),
+        subject_match=float(np.mean([is_subject(i, subject) for i in subject_images])),
+        prompt_fidelity=float(np.mean(asked)),
+        recontext_subject_match=float(np.mean([a and s for a, s in zip(asked, shown)])),
+        pres=float(np.mean([is_subject(i, subject) for i in class_images])),
+        div=pairwise_distance(subject_images),
+    )

@@ -1,0 +1,90 @@
+"""DreamBooth in one process, without Ray or DeepSpeed: the same batches and loss as the cluster loop.
+
+Owns a single-process fine-tune for experiments that run many small ones (the paper-claims
+benchmark) and for baselines that measure what the distribution layer costs. It shares everything
+but the engine with ``loop``: ``BatchMaker`` (subject photos + prior latents), ``DreamBoothModule``
+and ``mixed_batch_loss``. Production runs go through ``dreambooth run`` (Ray Train + DeepSpeed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from dreambooth.subjects import SubjectImage
+from dreambooth.training.batches import BatchMaker
+from dreambooth.training.module import DreamBoothModule, mixed_batch_loss
+
+
+@dataclass
+class FinetuneSettings:
+    """One in-process fine-tune (the subset of ``TrainConfig`` that matters without a cluster)."""
+
+    instance_prompt: str
+    """"a [V] [class]"."""
+    class_prompt: str
+    """"a [class]"; unused when ``prior_loss_weight`` is 0."""
+    max_train_steps: int = 300
+    """Optimizer steps."""
+    train_batch_size: int = 2
+    """Subject examples per step (as many prior examples join them)."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate, constant."""
+    prior_loss_weight: float = 1.0
+    """λ of the prior-preservation term; 0 trains on the subject alone."""
+    resolution: int = 32
+    """Training image side."""
+    random_flip: bool = False
+    """Horizontal flips (off for asymmetric subjects)."""
+    seed: int = 0
+    """Seeds batch order, noise and timesteps."""
+
+
+def prior_stream(latents: torch.Tensor, batch_size: int) -> Iterator[dict[str, list]]:
+    """Endless batches in the Ray Data prior-shard format ``{"latents", "latent_shape"}`` from
+    already-scaled prior latents [P, C, h, w], cycling in order."""
+    flat = latents.float().cpu().numpy()
+    shape = list(flat.shape[1:])
+    start = 0
+    while True:
+        idx = [(start + i) % len(flat) for i in range(batch_size)]
+        start += batch_size
+        yield {"latents": [flat[i].reshape(-1) for i in idx], "latent_shape": [shape] * batch_size}
+
+
+def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
+             prior_latents: torch.Tensor | None = None) -> list[dict]:
+    """Fine-tune ``parts.unet`` and ``parts.text_encoder`` (a ``models.Components``) in place.
+
+    ``prior_latents`` [P, C, h, w] are the class-prior examples (scaled, as the prior cache stores
+    them); needed when ``prior_loss_weight`` > 0. Returns per-step losses.
+    """
+    with_priors = settings.prior_loss_weight > 0
+    if with_priors and prior_latents is None:
+        raise ValueError("prior_loss_weight > 0 needs prior_latents")
+    parts.vae.requires_grad_(False).eval()
+    module = DreamBoothModule(parts.unet, parts.text_encoder).train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=settings.learning_rate, weight_decay=0.0)
+    batches = BatchMaker(
+        images, parts.tokenizer, parts.vae, settings.instance_prompt, settings.class_prompt,
+        resolution=settings.resolution, batch_size=settings.train_batch_size, center_crop=False,
+        random_flip=settings.random_flip, seed=settings.seed,
+        priors=prior_stream(prior_latents, settings.train_batch_size) if with_priors else None,
+        device=torch.device("cpu"),
+    )
+    generator = torch.Generator().manual_seed(settings.seed)
+    history = []
+    for step in range(settings.max_train_steps):
+        batch = batches.next()
+        loss = mixed_batch_loss(module, parts.noise_scheduler, batch.latents, batch.input_ids,
+                                batch.num_instance, settings.prior_loss_weight, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        history.append({"step": step + 1, "loss": loss.total.item(), "instance": loss.instance,
+                        "prior": loss.prior})
+    module.eval()
+    return history

@@ -1,0 +1,138 @@
+"""Shapes-world evaluation measures on scripted "pipelines" whose behaviour is known, and the checks
+``dreambooth eval`` runs before loading any model."""
+
+from __future__ import annotations
+
+import json
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from dreambooth.cli import main
+from dreambooth.config import ConfigError
+from dreambooth.evaluation import runner
+from dreambooth.evaluation.shapes import evaluate_subject, recontext_asks, score
+from dreambooth.shapes import SUBJECTS, Scene, render, render_subject
+from dreambooth.shapes.world import PLACE_PHRASES
+
+SUBJECT = SUBJECTS["checker_square"]
+V = "sks"
+_BG = re.compile(r"on an? (\w+) background")
+
+
+class ScriptedPipe:
+    """Draws from the prompt's text, with the call signature of a diffusers pipeline.
+
+    ``mode``: ``faithful`` draws the subject when the identifier is in the prompt and a plain
+    class object otherwise, where and on what the prompt asks; ``overfit`` draws the same subject
+    image whatever the prompt; ``base`` never draws the subject.
+    """
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, prompts, num_inference_steps, guidance_scale, generator):
+        images = []
+        for prompt, gen in zip(prompts, generator):
+            if self.mode == "overfit":
+                images.append(render_subject(SUBJECT, "green", "center", "large", 32, 0))
+                continue
+            rng = np.random.default_rng(gen.initial_seed())
+            match = _BG.search(prompt)
+            bg = match[1] if match else SUBJECT.backgrounds[rng.integers(len(SUBJECT.backgrounds))]
+            position = next((p for p, phrase in PLACE_PHRASES.items() if phrase in prompt), "center")
+            if self.mode == "faithful" and V in prompt.split():
+                images.append(render_subject(SUBJECT, bg, position, "large", 32, rng))
+            else:
+                color = "yellow" if bg != "yellow" else "black"
+                images.append(render(Scene(SUBJECT.class_noun, color, bg, position, "large"), 32, rng))
+        return SimpleNamespace(images=images)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    from dreambooth.shapes import write_subject_images
+
+    from PIL import Image
+
+    paths = write_subject_images(SUBJECT, tmp_path_factory.mktemp("subject"), n=5, seed=0)
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def test_a_faithful_model_scores_full_fidelity_and_no_prior_drift(references):
+    report = evaluate_subject(ScriptedPipe("faithful"), SUBJECT, references, V, images_per_prompt=4)
+    assert report.subject_match == 1.0 and report.subject_fidelity > 0.8
+    assert report.prompt_fidelity == 1.0 and report.recontext_subject_match == 1.0
+    assert report.pres == 0.0 and report.div > 0.05
+
+
+def test_an_overfit_model_scores_drift_no_diversity_and_ignores_prompts(references):
+    report = evaluate_subject(ScriptedPipe("overfit"), SUBJECT, references, V, images_per_prompt=4)
+    assert report.subject_match == 1.0
+    assert report.pres == 1.0 and report.div == 0.0
+    assert report.prompt_fidelity == pytest.approx(1 / len(recontext_asks(SUBJECT)))  # only the "green" ask
+
+
+def test_the_base_model_never_shows_the_subject(references):
+    report = evaluate_subject(ScriptedPipe("base"), SUBJECT, references, "", images_per_prompt=4)
+    faithful = evaluate_subject(ScriptedPipe("faithful"), SUBJECT, references, V, images_per_prompt=4)
+    assert report.subject_match == 0.0 and report.pres == 0.0
+    assert report.subject_fidelity < faithful.subject_fidelity - 0.2
+    assert report.prompt_fidelity == 1.0 and report.recontext_subject_match == 0.0
+
+
+def test_score_reports_each_asked_field():
+    scenes = [Scene("circle", "red", "blue"), Scene("star", "white", "black", "top left")]
+    images = [render(s, 32, 0) for s in scenes]
+    wrong = {"shape": "square", "color": "white", "background": "black", "position": "top left"}
+    result = score(images, [{"shape": "circle", "color": "red", "background": "blue"}, wrong])
+    assert (result.shape, result.color, result.background, result.position) == (0.5, 1.0, 1.0, 1.0)
+    assert result.count == 2
+
+
+def _fake_run(tmp_path, instance_dir: str, class_noun: str = "square", model: str = "shapes"):
+    out = tmp_path / "run"
+    out.mkdir()
+    record = {"identifier": V, "config": {"model": model, "revision": None,
+                                          "subject": {"identifier": V, "class_noun": class_noun,
+                                                      "instance_dir": instance_dir}}}
+    (out / "run.json").write_text(json.dumps(record))
+    return out
+
+
+def test_run_record_gives_suite_and_subject(tmp_path):
+    run = runner.read_run(str(_fake_run(tmp_path, "examples/subjects/checker_square")))
+    options = runner.EvalOptions(output=run.output)
+    assert runner.resolve_suite(options, run) == "shapes"
+    assert runner.shapes_subject(options, run) is SUBJECT
+    assert runner.resolve_suite(options, runner.RunInfo(**{**vars(run), "model": "org/sd"})) == "dreambench"
+
+
+@pytest.mark.parametrize("setup, flags, message", [
+    ("none", [], "has no run.json"),
+    ("dog", [], "is not one"),
+    ("square-as-circle", [], "class noun is 'circle'"),
+    ("ok", ["--suite", "colour"], "invalid choice"),
+    ("ok", ["--images-per-prompt", "1"], "at least 2"),
+])
+def test_eval_refuses_bad_input_before_loading_models(tmp_path, capsys, setup, flags, message):
+    if setup == "none":
+        out = tmp_path
+    else:
+        folder = {"dog": "examples/subjects/dog"}.get(setup, "examples/subjects/checker_square")
+        out = _fake_run(tmp_path, folder, class_noun="circle" if setup == "square-as-circle" else "square")
+    with pytest.raises(SystemExit) if "invalid choice" in message else _no_raise():
+        code = main(["eval", "--output", str(out), *flags])
+        assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "eval.json").exists()
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
