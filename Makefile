@@ -1,5 +1,5 @@
 # Two commands for a fresh machine:
-#   make demo   creates .venv, installs, personalizes the sample dog on local Ray, prints where results are
+#   make demo   creates .venv, installs, personalizes a shapes subject on the `shapes` model (local Ray), prints where results are
 #   make test   creates .venv if needed, runs the whole test suite (.ci/run calls this)
 SHELL := /bin/bash
 VENV ?= .venv

@@ -1,6 +1,6 @@
 """The DreamBooth paper's claims, reproduced on the ``shapes`` base model.
 
-    python benchmarks/paper_claims.py             # 2 subjects x 2 seeds, 5 conditions (~10 min, 2 cores)
+    python benchmarks/paper_claims.py             # 2 subjects x 2 seeds, 5 conditions (~15 min, 2 cores)
     python benchmarks/paper_claims.py --quick     # CI: 1 subject, 1 seed, a few steps (proves it runs)
 
 For each shapes-world subject and seed, the base model is fine-tuned from scratch under each
@@ -168,10 +168,10 @@ def figure(s: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="shapes")
-    parser.add_argument("--subjects", nargs="+", default=["checker_square", "striped_circle"], choices=list(SUBJECTS))
+    parser.add_argument("--subjects", nargs="+", default=["two_tone_triangle", "striped_circle"], choices=list(SUBJECTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps per run")
-    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--steps", type=int, default=500, help="fine-tuning steps per run")
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--num-priors", type=int, default=64, help="class-prior images per subject")
     parser.add_argument("--images-per-prompt", type=int, default=8)
     parser.add_argument("--sampling-steps", type=int, default=25)

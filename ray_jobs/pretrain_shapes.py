@@ -17,7 +17,7 @@ import time
 
 from dreambooth.models import quiet_libraries
 from dreambooth.shapes.basemodel import PACKAGE_DIR, check_size
-from dreambooth.shapes.pretrain import PretrainConfig, Pretrainer
+from dreambooth.shapes.pretrain import PretrainConfig, Pretrainer, model_card
 
 
 def parse(argv=None) -> tuple[PretrainConfig, bool]:
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     if ship:
         shutil.rmtree(PACKAGE_DIR, ignore_errors=True)
         shutil.copytree(pipeline, PACKAGE_DIR)
+        (PACKAGE_DIR / "README.md").write_text(model_card(config))
         print(f"shipped to {PACKAGE_DIR}; the built-in model name `shapes` now loads it")
     return 0
 

@@ -58,3 +58,17 @@ def test_memory_quick_reports_zero0_and_zero3_per_rank(exclusive_ray):
     assert states[("3", "0")] < states[("0", "0")] and states[("3", "1")] < states[("0", "1")]
     ratio = float(re.search(r"ZeRO-3 / ZeRO-0: [\d.]+ / [\d.]+ MB = ([\d.]+)", out).group(1))
     assert ratio <= 0.6, out
+
+
+def test_paper_claims_quick_prints_every_condition_and_verdict(tmp_path):
+    """CI mode of the shapes-model claims benchmark: 1 subject, 1 seed, 4 fine-tuning steps."""
+    figure = tmp_path / "claims.png"
+    out = run_benchmark("paper_claims.py", "--quick", "--figure", str(figure), timeout=600)
+    rows = table_rows(out)
+    assert [r[0] for r in rows] == ["base", "dreambooth", "no_prior", "common_word", "random_string"]
+    assert all(len(r) == 7 for r in rows)
+    verdicts = [line for line in out.splitlines() if line.startswith(("- reproduced", "- NOT reproduced"))]
+    assert [v.split(": ", 1)[1][:3] for v in verdicts] == ["(a)", "(b)", "(c)", "(d)"]
+    from PIL import Image
+
+    assert Image.open(figure).size[0] > 600

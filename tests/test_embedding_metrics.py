@@ -279,3 +279,28 @@ def test_dreambench_data_ships_with_its_license():
     for name in ("prompts_and_classes.txt", "LICENSE.md", "SOURCE.md"):
         assert (folder / name).is_file()
     assert "Attribution 4.0" in (folder / "LICENSE.md").read_text(encoding="utf-8")
+
+
+def test_eval_command_scores_a_run_with_the_dreambench_suite(dino_dir, tiny_clip, tiny_model_path, dog_dir,
+                                                             tmp_path, capsys):
+    """``dreambooth eval --suite dreambench`` end to end on a finished run of the tiny model, with the
+    tiny random ViT/CLIP standing in for DINO ViT-S/16 and CLIP: same code path as real models."""
+    import json
+    import shutil
+
+    from dreambooth.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_path, run)
+    (run / "run.json").write_text(json.dumps({"identifier": "sks", "config": {
+        "model": "tiny", "revision": None,
+        "subject": {"identifier": "sks", "class_noun": "dog", "instance_dir": str(dog_dir)}}}))
+    code = main(["eval", "--output", str(run), "--suite", "dreambench", "--dino-model", str(dino_dir),
+                 "--clip-model", str(tiny_clip.folder), "--images-per-prompt", "2", "--steps", "2"])
+    assert code == 0
+    report = json.loads((run / "eval.json").read_text())
+    assert report["suite"] == "dreambench" and set(report["scores"]) == {"personalized", "base"}
+    for scores in report["scores"].values():
+        assert set(scores) == {"dino", "clip_i", "clip_t", "pres_dino"}
+        assert all(-1.0 <= v <= 1.0 for v in scores.values())
+    assert "clip_t" in capsys.readouterr().out  # the score table is printed

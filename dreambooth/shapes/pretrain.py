@@ -8,7 +8,8 @@ captions, checkpoints every few minutes, and the export of the EMA weights as a 
 
 Stages, each resumed from ``<output>/checkpoint.pt`` where a previous run stopped::
 
-    1 vae    images [B, 3, 32, 32] in [-1, 1] -> reconstruction MSE + kl_weight * KL
+    1 vae    images [B, 3, 32, 32] in [-1, 1], half plain scenes, half patterned objects
+             -> reconstruction MSE + kl_weight * KL
     2 text-to-image
              cached VAE posteriors of every training image (mean, std: [N, 4, 8, 8]); each step
              samples latents, a caption variant per image (10 % empty, for classifier-free
@@ -48,12 +49,17 @@ class PretrainConfig:
     """Rendered training images (fixed set; its VAE latents are cached for stage 2)."""
     held_out_fraction: float = 0.2
     """Share of (shape, colour, background) triples never shown in training."""
-    vae_steps: int = 4000
+    vae_steps: int = 5000
     """Stage 1 optimizer steps."""
     vae_batch_size: int = 16
     """Stage 1 images per step: small batches, many steps learn edges fastest per CPU second."""
     vae_learning_rate: float = 3e-3
     """Stage 1 AdamW peak learning rate (cosine decay after warm-up)."""
+    vae_patterned_fraction: float = 0.5
+    """Share of stage-1 images that show two-colour patterned objects (never the shipped subjects):
+    the VAE is the model's image codec and must reproduce objects the captions cannot name, as
+    Stable Diffusion's VAE reproduces any photo; trained on plain shapes only, it turned subjects'
+    checks and stripes into mush and no fine-tune could learn them."""
     kl_weight: float = 1e-6
     """Weight of the KL term against per-pixel MSE: small, so latents keep detail but stay bounded."""
     steps: int = 8000
@@ -109,6 +115,24 @@ def _images(scenes: list[world.Scene], seed: int, resolution: int) -> torch.Tens
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+def patterned_images(n: int, seed: int, resolution: int) -> torch.Tensor:
+    """uint8 [n, 3, R, R] of random two-colour patterned objects, none equal to a shipped subject."""
+    rng = np.random.default_rng([seed, 7])
+    shipped = {(s.class_noun, s.color, s.secondary, s.pattern) for s in world.SUBJECTS.values()}
+    arrays = []
+    while len(arrays) < n:
+        shape, pattern = world.SHAPES[rng.integers(4)], world.PATTERNS[rng.integers(len(world.PATTERNS))]
+        color, secondary, background = (world.COLORS[i] for i in rng.choice(len(world.COLORS), 3, replace=False))
+        if (shape, color, secondary, pattern) in shipped:
+            continue
+        subject = world.Subject("vae", shape, color, secondary, pattern)
+        position = list(world.POSITIONS)[rng.integers(len(world.POSITIONS))]
+        size = list(world.SIZES)[rng.integers(len(world.SIZES))]
+        image = world.render_subject(subject, background, position, size, resolution, rng)
+        arrays.append(np.asarray(image))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
 def _to_unit(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.float() / 127.5 - 1.0
 
@@ -139,6 +163,9 @@ class Pretrainer:
         self.train_triples, self.test_triples = split(config)
         self.scenes = world.sample_scenes(config.dataset_size, config.seed, only=self.train_triples)
         self.images = _images(self.scenes, config.seed, arch.resolution)
+        patterned = round(config.vae_patterned_fraction * config.dataset_size)
+        self.vae_images = torch.cat([self.images[:config.dataset_size - patterned],
+                                     patterned_images(patterned, config.seed, arch.resolution)])
         self.checkpoint_path = self.out / "checkpoint.pt"
         self.started = time.time()
 
@@ -179,7 +206,7 @@ class Pretrainer:
         vae.train()
         while step < c.vae_steps:
             g = _generator(c.seed, 1, step)
-            x = _to_unit(self.images[torch.randint(len(self.images), (c.vae_batch_size,), generator=g)])
+            x = _to_unit(self.vae_images[torch.randint(len(self.vae_images), (c.vae_batch_size,), generator=g)])
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
             recon = vae.decode(z).sample
@@ -319,3 +346,41 @@ class Pretrainer:
         self.train_vae()
         self.train_text_to_image()
         return self.export()
+
+
+def model_card(config: PretrainConfig) -> str:
+    """README of the shipped model: recipe, command, steps, wall time and held-out accuracy, read
+    from ``<output>/log.jsonl`` (wall times are per process: a resumed run restarts its clock)."""
+    rows = [json.loads(line) for line in (Path(config.output) / "log.jsonl").read_text().splitlines()]
+    last = {stage: max((r for r in rows if r["stage"] == stage), key=lambda r: r["step"])
+            for stage in ("vae", "text_to_image", "eval")}
+    evals = "\n".join(f"| {r['step']} | " + " | ".join(f"{r['held_out'][k]:.2f}" for k in ("background", "color", "shape"))
+                      + " |" for r in rows if r["stage"] == "eval")
+    arch = config.architecture
+    return f"""# `shapes`: a Stable-Diffusion-layout model of the shapes world
+
+Built-in model of the `dreambooth` package (`--model shapes`), pretrained on CPU by
+
+    python -m ray_jobs.pretrain_shapes --ship
+
+(resumable: re-running the command continues from `<output>/checkpoint.pt`). Layout: see
+`dreambooth/shapes/basemodel.py`; recipe: `dreambooth/shapes/pretrain.py`. Weights are fp16
+safetensors; `dreambooth` loads them as fp32.
+
+- VAE: {arch.vae_channels} channels, 32 px <-> {arch.latent_side}x{arch.latent_side}x{arch.latent_channels} latents,
+  {config.vae_steps} steps of {config.vae_batch_size} images (half of them patterned objects), final MSE
+  {last["vae"]["mse"]:.4f}, {last["vae"]["wall_s"]:.0f} s.
+- UNet {arch.unet_channels} + CLIP text encoder (width {arch.text_width}, {arch.text_layers} layers, real CLIP
+  tokenizer, {arch.text_positions} positions), {arch.prediction_type}: {config.steps} steps of {config.batch_size}
+  captioned images ({config.dataset_size} rendered scenes; {config.held_out_fraction:.0%} of the
+  (shape, colour, background) triples held out), AdamW {config.learning_rate}, EMA {config.ema_decay};
+  stage 2 ended at {last["text_to_image"]["wall_s"]:.0f} s after the process started.
+
+Held-out captions (never-seen triples, short captions, {config.eval_images} images, DDIM 25 steps,
+guidance 4), share the analyzers read back as asked:
+
+| step | background | colour | shape |
+|---|---|---|---|
+{evals}
+"""
+
