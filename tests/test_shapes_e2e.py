@@ -34,5 +34,5 @@ def test_demo_personalizes_two_tone_triangle_and_eval_beats_the_base(ray_cluster
     tuned, base = report["scores"]["personalized"], report["scores"]["base"]
     print(json.dumps(report["scores"], indent=1))
     assert report["suite"] == "shapes" and report["identifier"] == cfg.subject.identifier
-    assert tuned["subject_match"] >= base["subject_match"] + 0.4
-    assert tuned["subject_fidelity"] > base["subject_fidelity"] + 0.1
+    assert tuned["subject_match"] >= base["subject_match"] + 0.3  # measured here: 0.50 vs 0.00
+    assert tuned["subject_fidelity"] >= base["subject_fidelity"] + 0.3  # measured: 0.71 vs 0.17
