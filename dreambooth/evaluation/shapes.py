@@ -16,7 +16,7 @@ from PIL import Image
 
 from dreambooth.shapes import (Subject, analyze, caption, is_subject, matches, pairwise_distance,
                                sample_scenes, subject_features, subject_similarity)
-from dreambooth.shapes.world import PLACE_PHRASES, _a
+from dreambooth.shapes.world import PLACE_PHRASES, article
 
 #: Sampler settings every shapes measurement uses unless told otherwise.
 INFERENCE_STEPS = 25
@@ -88,7 +88,7 @@ def prompt_accuracy(pipe, scenes, *, seed: int = 0, detail: str = "short", **sam
 def recontext_asks(subject: Subject, positions: Sequence[str] = ("top left", "top right", "bottom left",
                                                                    "bottom right")) -> list[tuple[str, str, str]]:
     """Recontextualization asks: (prompt suffix, the field the analyzers check, the value asked)."""
-    asks = [(f" on {_a(bg)} {bg} background", "background", bg) for bg in subject.backgrounds]
+    asks = [(f" on {article(bg)} {bg} background", "background", bg) for bg in subject.backgrounds]
     asks += [(f" {PLACE_PHRASES[p]}", "position", p) for p in positions]
     return asks
 

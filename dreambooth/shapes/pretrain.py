@@ -95,11 +95,11 @@ def training_caption(scene: world.Scene, rng: np.random.Generator) -> str:
     color = scene.color if rng.random() < 0.8 else ""
     size = scene.size if rng.random() < 0.3 else ""
     words = " ".join(w for w in (size, color, scene.shape) if w)
-    text = f"{world._a(words)} {words}"
+    text = f"{world.article(words)} {words}"
     if rng.random() < 0.4:
         text += " " + world.PLACE_PHRASES[scene.position]
     if rng.random() < 0.8:
-        text += f" on {world._a(scene.background)} {scene.background} background"
+        text += f" on {world.article(scene.background)} {scene.background} background"
     return text
 
 

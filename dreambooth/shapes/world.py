@@ -78,7 +78,8 @@ SIDE_THRESHOLD = 0.15
 SUPERSAMPLE = 4
 
 
-def _a(word: str) -> str:
+def article(word: str) -> str:
+    """The indefinite article for word: 'an' before a vowel, else 'a'."""
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -248,7 +249,7 @@ def caption(scene: Scene, detail: str = "full") -> str:
     words = f"{scene.size} {scene.color}" if full else scene.color
     place = f" {PLACE_PHRASES[scene.position]}" if full else ""
     bg = scene.background
-    return f"{_a(words)} {words} {scene.shape}{place} on {_a(bg)} {bg} background"
+    return f"{article(words)} {words} {scene.shape}{place} on {article(bg)} {bg} background"
 
 
 _PLACE_TO_NAME = {phrase: name for name, phrase in PLACE_PHRASES.items()}
@@ -356,7 +357,7 @@ class Subject:
 
     def prompt(self, identifier: str, background: str | None = None) -> str:
         text = f"a {identifier} {self.class_noun}"
-        return f"{text} on {_a(background)} {background} background" if background else text
+        return f"{text} on {article(background)} {background} background" if background else text
 
 
 SUBJECTS: dict[str, Subject] = {s.name: s for s in (
