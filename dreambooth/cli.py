@@ -90,10 +90,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{cfg.output} is already complete (run.json present); nothing to do. Use --overwrite to train again.")
         return 0
     record = outcome.record or {}
+    out = cfg.output.rstrip("/")
+    before_after = cfg.export.before_after and cfg.export.num_sample_images > 0
     print(
         f"\nDone: '{cfg.subject.instance_prompt}' in {record.get('timings', {}).get('total_s', 0):.0f} s.\n"
-        f"  model:      {cfg.output}\n  grid:       {record.get('grid')}\n  run record: {cfg.output.rstrip('/')}/run.json\n"
-        f"next:\n  dreambooth sample --model {cfg.output} --prompt \"{cfg.subject.instance_prompt} on the beach\" --output beach.png"
+        f"  model:        {cfg.output}\n  grid:         {record.get('grid')}\n"
+        + (f"  before/after: {out}/before_after.png\n" if before_after else "")
+        + f"  run record:   {out}/run.json\n"
+        f"next:\n  dreambooth sample --model {cfg.output} --prompt \"{cfg.sample_prompts()[0]}\" --output sample.png\n"
+        f"  dreambooth eval --output {cfg.output}"
     )
     return 0
 
