@@ -3,7 +3,7 @@
 Owns the pretraining recipe: the training set (scenes from the world, with 20 % of the
 (shape, colour, background) triples held out for measuring), caption variants, the VAE stage, the
 text-to-image stage (UNet + CLIP text encoder trained together through ``DreamBoothModule`` and
-``diffusion_target``, the same code personalization uses), EMA, periodic accuracy on held-out
+``mixed_batch_loss``, the same code personalization uses), EMA, periodic accuracy on held-out
 captions, checkpoints every few minutes, and the export of the EMA weights as a pipeline.
 
 Stages, each resumed from ``<output>/checkpoint.pt`` where a previous run stopped::
@@ -141,6 +141,14 @@ def _generator(seed: int, stage: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.default_rng([seed, stage, step]).integers(2**62)))
 
 
+def _optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt, sched) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+
+
 def _lr_lambda(warmup: int, total: int):
     def at(step: int) -> float:
         if step < warmup:
@@ -211,12 +219,7 @@ class Pretrainer:
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
             recon = vae.decode(z).sample
             mse = F.mse_loss(recon, x)
-            loss = mse + c.kl_weight * posterior.kl().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            _optimizer_step(mse + c.kl_weight * posterior.kl().mean(), vae, opt, sched)
             step += 1
             if step % 200 == 0 or step == c.vae_steps:
                 self.log(f"vae step {step}/{c.vae_steps} mse {mse.item():.5f}")
@@ -245,7 +248,7 @@ class Pretrainer:
 
     def train_text_to_image(self) -> None:
         from dreambooth.training.batches import tokenize
-        from dreambooth.training.module import DreamBoothModule, diffusion_target
+        from dreambooth.training.module import DreamBoothModule, mixed_batch_loss
 
         c, p = self.config, self.parts
         mean, std = self.encode_dataset()
@@ -276,15 +279,9 @@ class Pretrainer:
                             truncation=True, return_tensors="pt").input_ids
             dropped = torch.from_numpy(rng.random(c.batch_size) < c.caption_dropout)
             ids[dropped] = empty_ids
-            noise = torch.randn(latents.shape, generator=g)
-            t = torch.randint(noise_scheduler.config.num_train_timesteps, (c.batch_size,), generator=g)
-            noisy = noise_scheduler.add_noise(latents, noise, t)
-            loss = F.mse_loss(module(noisy, t, ids), diffusion_target(noise_scheduler, latents, noise, t))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            # Every row is an "instance" row: the DreamBooth loss without a prior term.
+            loss = mixed_batch_loss(module, noise_scheduler, latents, ids, c.batch_size, 0.0, g).total
+            _optimizer_step(loss, module, opt, sched)
             step += 1
             decay = min(c.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
