@@ -9,7 +9,7 @@ import torch
 from dreambooth.config import TrainConfig
 from dreambooth.models import load_components
 from dreambooth.subjects import load_subject_images
-from dreambooth.training.batches import BatchMaker, augment, prior_latents, tokenize
+from dreambooth.training.batches import BatchMaker, PriorPool, augment, prior_latents, tokenize
 from dreambooth.training.engine import deepspeed_config
 from dreambooth.training.module import DreamBoothModule, diffusion_target, dreambooth_loss
 
@@ -60,7 +60,7 @@ def test_batch_mixes_subject_and_prior_rows_with_their_prompts(tiny_model_path, 
     maker = BatchMaker(
         load_subject_images(str(dog_dir), 32), parts.tokenizer, parts.vae, "a sks dog", "a dog",
         resolution=32, batch_size=2, center_crop=False, random_flip=True, seed=0,
-        priors=iter([prior_batch]), device=torch.device("cpu"),
+        priors=PriorPool.from_batches([prior_batch], batch_size=2, seed=0), device=torch.device("cpu"),
     )
     batch = maker.next()
     assert batch.num_instance == 2
@@ -79,6 +79,29 @@ def test_prior_latents_unflatten():
     assert out.shape == (2, 2, 3, 4) and out[1, 0, 0, 0] == 1.0
 
 
+def _numbered_prior_batches(count: int, rows_per_batch: int) -> list[dict]:
+    """Ray Data-style prior batches whose latents [1, 1, 1] hold the prior's number."""
+    numbers = [list(range(start, min(start + rows_per_batch, count))) for start in range(0, count, rows_per_batch)]
+    return [{"latents": [np.full(1, float(i), dtype=np.float32) for i in batch], "latent_shape": [[1, 1, 1]] * len(batch)}
+            for batch in numbers]
+
+
+def test_prior_pool_uses_every_prior_equally_often_in_a_new_order_each_epoch():
+    pool = PriorPool.from_batches(_numbered_prior_batches(6, rows_per_batch=4), batch_size=4, seed=3)
+    assert len(pool) == 6
+    drawn = torch.cat([pool.next() for _ in range(6)]).flatten().long().tolist()  # 24 draws = 4 epochs
+    epochs = [drawn[i:i + 6] for i in range(0, 24, 6)]
+    assert all(sorted(epoch) == list(range(6)) for epoch in epochs)  # no prior skipped or repeated
+    assert len({tuple(epoch) for epoch in epochs}) > 1  # reshuffled between epochs
+    again = PriorPool.from_batches(_numbered_prior_batches(6, rows_per_batch=4), batch_size=4, seed=3)
+    assert torch.cat([again.next() for _ in range(6)]).flatten().long().tolist() == drawn  # seeded
+
+
+def test_prior_pool_refuses_an_empty_shard():
+    with pytest.raises(RuntimeError, match="generate more class images"):
+        PriorPool.from_batches([], batch_size=1, seed=0)
+
+
 def test_module_trains_unet_and_text_encoder_unless_frozen(tiny_model_path):
     parts = load_components(tiny_model_path)
     module = DreamBoothModule(parts.unet, parts.text_encoder, train_text_encoder=True)
@@ -91,11 +114,13 @@ def test_module_trains_unet_and_text_encoder_unless_frozen(tiny_model_path):
     assert not any(p.requires_grad for p in frozen.text_encoder.parameters())
 
 
-@pytest.mark.parametrize("stage,offload,precision", [(0, False, "no"), (2, False, "bf16"), (3, True, "fp16")])
-def test_deepspeed_config(stage, offload, precision):
+@pytest.mark.parametrize("stage,offload,precision,cuda", [(0, False, "no", False), (2, False, "bf16", True), (3, True, "fp16", False)])
+def test_deepspeed_config(stage, offload, precision, cuda):
     train = TrainConfig(zero_stage=stage, offload_optimizer=offload, mixed_precision=precision,
                         train_batch_size=3, gradient_accumulation_steps=4, max_grad_norm=0.5)
-    config = deepspeed_config(train)
+    config = deepspeed_config(train, cuda=cuda)
+    # flat gradient buffers fight GPU fragmentation; on CPU they are only an extra copy
+    assert config["zero_optimization"]["contiguous_gradients"] == cuda
     assert config["zero_optimization"]["stage"] == stage
     assert config["train_micro_batch_size_per_gpu"] == 3
     assert config["gradient_accumulation_steps"] == 4

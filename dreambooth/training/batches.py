@@ -9,15 +9,16 @@ A micro-batch of a worker (``B`` = ``--train-batch-size``) is a ``MixedBatch``::
     num_instance  int                     B; P is B with prior preservation, 0 without
 
 where ``h = w = resolution / vae_scale_factor`` and ``L`` is the tokenizer's max length (77 for CLIP).
-Prior rows come from the Ray Data shard of this worker: ``{"seed": int64[P], "latents": list<f32>[P],
-"latent_shape": list<i32>[P]}`` as written by ``dreambooth.priors``.
+Prior rows come from this worker's ``PriorPool``, filled once from its Ray Data shard:
+``{"seed": int64[P], "latents": list<f32>[P], "latent_shape": list<i32>[P]}`` as written by
+``dreambooth.priors``.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -57,15 +58,40 @@ def prior_latents(batch: dict[str, np.ndarray]) -> torch.Tensor:
     )
 
 
-def endless(iter_epoch) -> Iterator[dict[str, np.ndarray]]:
-    """Repeat a Ray Data iterator's epochs forever (priors are fewer than training examples)."""
-    while True:
-        empty = True
-        for batch in iter_epoch():
-            empty = False
-            yield batch
-        if empty:
+class PriorPool:
+    """One worker's class-prior latents, held in memory and served in a new random order each epoch.
+
+    The shard is read from Ray Data once (``from_batches``): prior latents are small (4x64x64
+    float32 = 64 KiB each at 512 px), and re-reading a shard through Ray Data every epoch costs a
+    coordinator round trip per batch, which showed up as ~35 ms of a 0.2 s step on small models.
+
+    ``latents``: float32 [P, C, h, w], already scaled by the VAE's ``scaling_factor``.
+    ``next()``: float32 [batch_size, C, h, w]; an epoch that does not divide evenly continues into
+    the next epoch's order, so every prior is used equally often.
+    """
+
+    def __init__(self, latents: torch.Tensor, batch_size: int, seed: int):
+        if latents.shape[0] == 0:
             raise RuntimeError("this worker's prior dataset shard is empty; generate more class images")
+        self.latents = latents.float()
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._order = torch.empty(0, dtype=torch.long)
+
+    @classmethod
+    def from_batches(cls, batches: Iterable[dict[str, np.ndarray]], batch_size: int, seed: int) -> "PriorPool":
+        """Collect a Ray Data shard's batches (``{"latents", "latent_shape"}`` numpy) into a pool."""
+        parts = [prior_latents(batch) for batch in batches if len(batch["latents"])]
+        return cls(torch.cat(parts) if parts else torch.empty(0, 0), batch_size, seed)
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def next(self) -> torch.Tensor:
+        while self._order.numel() < self.batch_size:
+            self._order = torch.cat([self._order, torch.randperm(len(self), generator=self.generator)])
+        take, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        return self.latents[take]
 
 
 @dataclass
@@ -91,7 +117,7 @@ class BatchMaker:
         center_crop: bool,
         random_flip: bool,
         seed: int,
-        priors: Optional[Iterator[dict[str, np.ndarray]]],
+        priors: Optional[PriorPool],
         device: torch.device,
     ):
         self.images = [img.to_pil() for img in images]
@@ -119,7 +145,7 @@ class BatchMaker:
         latents = [self._encode(pixels).float()]
         ids = [self.instance_ids.repeat(self.batch_size, 1)]
         if self.priors is not None:
-            prior = prior_latents(next(self.priors)).to(self.device)
+            prior = self.priors.next().to(self.device)
             latents.append(prior)
             ids.append(self.class_ids.repeat(prior.shape[0], 1))
         return MixedBatch(torch.cat(latents), torch.cat(ids).to(self.device), self.batch_size)

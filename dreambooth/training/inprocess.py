@@ -8,13 +8,12 @@ and ``mixed_batch_loss``. Production runs go through ``dreambooth run`` (Ray Tra
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from dreambooth.subjects import SubjectImage
-from dreambooth.training.batches import BatchMaker
+from dreambooth.training.batches import BatchMaker, PriorPool
 from dreambooth.training.module import DreamBoothModule, mixed_batch_loss
 
 
@@ -42,18 +41,6 @@ class FinetuneSettings:
     """Seeds batch order, noise and timesteps."""
 
 
-def prior_stream(latents: torch.Tensor, batch_size: int) -> Iterator[dict[str, list]]:
-    """Endless batches in the Ray Data prior-shard format ``{"latents", "latent_shape"}`` from
-    already-scaled prior latents [P, C, h, w], cycling in order."""
-    flat = latents.float().cpu().numpy()
-    shape = list(flat.shape[1:])
-    start = 0
-    while True:
-        idx = [(start + i) % len(flat) for i in range(batch_size)]
-        start += batch_size
-        yield {"latents": [flat[i].reshape(-1) for i in idx], "latent_shape": [shape] * batch_size}
-
-
 def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
              prior_latents: torch.Tensor | None = None) -> list[dict]:
     """Fine-tune ``parts.unet`` and ``parts.text_encoder`` (a ``models.Components``) in place.
@@ -71,7 +58,7 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
         images, parts.tokenizer, parts.vae, settings.instance_prompt, settings.class_prompt,
         resolution=settings.resolution, batch_size=settings.train_batch_size, center_crop=False,
         random_flip=settings.random_flip, seed=settings.seed,
-        priors=prior_stream(prior_latents, settings.train_batch_size) if with_priors else None,
+        priors=PriorPool(prior_latents, settings.train_batch_size, settings.seed) if with_priors else None,
         device=torch.device("cpu"),
     )
     generator = torch.Generator().manual_seed(settings.seed)

@@ -8,6 +8,7 @@ subject/prior examples, log, and checkpoint; finally gather the full weights for
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from dreambooth.config import RunConfig
 from dreambooth.models import load_components, quiet_libraries
 from dreambooth.subjects import SubjectImage
 from dreambooth.training import checkpoint
-from dreambooth.training.batches import BatchMaker, endless
+from dreambooth.training.batches import BatchMaker, PriorPool
 from dreambooth.training.engine import build_engine
 from dreambooth.training.module import DreamBoothModule, mixed_batch_loss
 
@@ -40,7 +41,23 @@ def _step_generator(seed: int, rank: int, step: int, micro: int, device) -> torc
     return torch.Generator(device="cpu").manual_seed(hash((seed, rank, step, micro)) & 0x7FFF_FFFF)
 
 
+class SetupLaps:
+    """Seconds a worker spends in each setup phase, reported with the final metrics as
+    ``setup_<phase>_s`` (plus ``worker_started_unix``, which the driver turns into the worker
+    group's start-up time), so start-up is measured apart from the steady-state step time."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {"worker_started_unix": time.time()}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.metrics[f"setup_{phase}_s"] = now - self._last
+        self._last = now
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
+    setup = SetupLaps()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     quiet_libraries()
     inputs: LoopInputs = loop_config["inputs"]
@@ -55,15 +72,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     parts = load_components(inputs.model_path, cfg.revision)
     parts.vae.requires_grad_(False).eval().to(device)
     module = DreamBoothModule(parts.unet, parts.text_encoder, train.train_text_encoder)
-    engine, scheduler = build_engine(module, train)
+    setup.lap("load_model")
+    engine, scheduler = build_engine(module, train, cuda=device.type == "cuda")
+    setup.lap("deepspeed_initialize")  # includes JIT-building DeepSpeed's ops when not cached
     start_step = checkpoint.restore(engine)
+    setup.lap("restore_checkpoint")
     if start_step:
         log.info("rank %d resumed from step %d", rank, start_step)
 
+    batch_seed = train.seed + 1000 * rank + start_step
     priors = None
     if inputs.with_priors:
         shard = ray.train.get_dataset_shard("priors")
-        priors = endless(lambda: shard.iter_batches(batch_size=train.train_batch_size, batch_format="numpy"))
+        priors = PriorPool.from_batches(shard.iter_batches(batch_size=256, batch_format="numpy"),
+                                        train.train_batch_size, batch_seed)
+    setup.lap("read_priors")
     batches = BatchMaker(
         inputs.images,
         parts.tokenizer,
@@ -74,7 +97,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batch_size=train.train_batch_size,
         center_crop=train.center_crop,
         random_flip=train.random_flip,
-        seed=train.seed + 1000 * rank + start_step,
+        seed=batch_seed,
         priors=priors,
         device=device,
     )
@@ -87,7 +110,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         progress = tqdm(total=train.max_train_steps, desc="train")
         progress.update(start_step)
     metrics: dict = {}
-    window_start, window_steps = time.perf_counter(), 0
+    step_seconds: list[float] = []  # each step since the last log line, checkpoint saves included
+    last_lap = time.perf_counter()
     for step in range(start_step + 1, train.max_train_steps + 1):
         engine.train()
         for micro in range(train.gradient_accumulation_steps):
@@ -97,7 +121,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                     batch.num_instance, train.prior_loss_weight, gen)
             engine.backward(loss.total)
             engine.step()
-        window_steps += 1
         metrics = {
             "step": step,
             "loss": loss.total.item(),
@@ -109,18 +132,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if attempt is not None:
             attempt.reached(step)
             progress.update(1)
-        if rank == 0 and (step % train.log_every == 0 or step == train.max_train_steps):
-            seconds = (time.perf_counter() - window_start) / window_steps
-            metrics["step_seconds"] = seconds
-            log.info(
-                "step %d/%d loss %.4f (instance %.4f, prior %.4f) lr %.2e %.3f s/step x%d workers",
-                step, train.max_train_steps, metrics["loss"], loss.instance, loss.prior, metrics["lr"], seconds, world,
-            )
-            window_start, window_steps = time.perf_counter(), 0
+        now = time.perf_counter()
+        step_seconds.append(now - last_lap)
+        last_lap = now
+        if step % train.log_every == 0 or step == train.max_train_steps:
+            # The mean is throughput; the median is robust to a noisy neighbour's bursts (benchmarks).
+            metrics["step_seconds"] = statistics.fmean(step_seconds)
+            metrics["step_seconds_median"] = statistics.median(step_seconds)
+            step_seconds.clear()
+            if rank == 0:
+                log.info(
+                    "step %d/%d loss %.4f (instance %.4f, prior %.4f) lr %.2e %.3f s/step x%d workers",
+                    step, train.max_train_steps, metrics["loss"], loss.instance, loss.prior, metrics["lr"],
+                    metrics["step_seconds"], world,
+                )
         if train.checkpointing_steps and step % train.checkpointing_steps == 0 and step < train.max_train_steps:
             checkpoint.save_resumable(engine, step, metrics)
     if progress is not None:
         progress.close()
 
+    metrics.update(setup.metrics)
     state = checkpoint.gathered_state_dict(engine.module, train.zero_stage)
     checkpoint.save_final(state, parts.unet.config, parts.text_encoder.config, train.max_train_steps, metrics)

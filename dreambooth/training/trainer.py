@@ -75,7 +75,12 @@ def train(
         ),
         datasets=datasets,
     )
+    fit_started_unix = time.time()
     result = trainer.fit()
     if result.checkpoint is None or not result.checkpoint.path.rstrip("/").endswith(checkpoint.FINAL):
         raise RuntimeError(f"training ended without final weights (last checkpoint: {result.checkpoint})")
-    return TrainResult(final_weights_uri(cfg.output), dict(result.metrics or {}), time.monotonic() - start)
+    metrics = dict(result.metrics or {})
+    if "worker_started_unix" in metrics:
+        # From fit() to the (last) worker group running the loop: actor start-up, process group, dataset split.
+        metrics["setup_worker_group_s"] = metrics.pop("worker_started_unix") - fit_started_unix
+    return TrainResult(final_weights_uri(cfg.output), metrics, time.monotonic() - start)
