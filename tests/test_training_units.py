@@ -1,6 +1,7 @@
 """Loss, targets, batch composition and the DeepSpeed config, without Ray."""
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -129,3 +130,25 @@ def test_deepspeed_config(stage, offload, precision, cuda):
     assert config["fp16"]["enabled"] == (precision == "fp16")
     assert ("offload_optimizer" in config["zero_optimization"]) == offload
     assert ("optimizer" in config) == offload  # DeepSpeed's CPU Adam only when offloading
+
+
+def test_attempt_log_coalesces_slow_writes_and_records_the_last_step(tmp_path, monkeypatch):
+    from dreambooth import storage
+    from dreambooth.training import checkpoint
+
+    writes = []
+    real_write = storage.write_json_atomic
+
+    def slow_write(uri, obj):  # an object store's round trip
+        time.sleep(0.02)
+        writes.append(obj["step"])
+        real_write(uri, obj)
+
+    monkeypatch.setattr(storage, "write_json_atomic", slow_write)
+    log = checkpoint.AttemptLog(str(tmp_path), start_step=10)
+    for step in range(11, 111):
+        log.reached(step)
+    log.close()
+    assert writes[-1] == 110 and writes == sorted(writes)
+    assert len(writes) < 100  # steps reached during a write are folded into the next one
+    assert checkpoint.steps_run(str(tmp_path)) == (100, 1)

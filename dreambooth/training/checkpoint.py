@@ -15,7 +15,9 @@ driver run with the same output (Ray Train restores its run state from storage).
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -25,6 +27,8 @@ import torch
 from ray.train import Checkpoint
 
 from dreambooth import storage
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 PROGRESS = "progress.json"
@@ -47,14 +51,48 @@ def final_weights_uri(output: str) -> str:
 
 
 class AttemptLog:
-    """Rank 0's record of one worker-group attempt: where it started and how far it got."""
+    """Rank 0's record of one worker-group attempt: where it started and how far it got.
+
+    ``reached(step)`` only hands the step to a writer thread, which writes the newest one it has
+    (older ones are skipped): a write to an object store takes tens of milliseconds, which would
+    otherwise be added to every training step. A killed worker loses at most the write in flight.
+    """
 
     def __init__(self, output: str, start_step: int):
         self.uri = storage.join(checkpoints_uri(output), ATTEMPTS, f"{uuid.uuid4().hex}.json")
         self.start_step = start_step
+        self._latest: Optional[int] = None
+        self._closed = False
+        self._changed = threading.Condition()
+        self._writer = threading.Thread(target=self._write_latest, name="attempt-log", daemon=True)
+        self._writer.start()
 
     def reached(self, step: int) -> None:
-        storage.write_json_atomic(self.uri, {"start_step": self.start_step, "step": step})
+        with self._changed:
+            self._latest = step
+            self._changed.notify()
+
+    def close(self) -> None:
+        """Write the last step reached and stop the writer."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._writer.join()
+
+    def _write_latest(self) -> None:
+        written = None
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._closed or self._latest != written)
+                step, closed = self._latest, self._closed
+            if step != written:
+                try:
+                    storage.write_json_atomic(self.uri, {"start_step": self.start_step, "step": step})
+                except Exception as exc:  # bookkeeping: the run record's step counts, not the model
+                    log.warning("could not record training progress in %s: %s", self.uri, exc)
+                written = step
+            if closed:
+                return
 
 
 def steps_run(output: str) -> tuple[int, int]:

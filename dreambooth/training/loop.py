@@ -148,7 +148,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 )
         if train.checkpointing_steps and step % train.checkpointing_steps == 0 and step < train.max_train_steps:
             checkpoint.save_resumable(engine, step, metrics)
-    if progress is not None:
+    if attempt is not None:
+        attempt.close()
         progress.close()
 
     metrics.update(setup.metrics)
