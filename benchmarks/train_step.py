@@ -3,7 +3,7 @@
 Both sides run the same work per step on the same model, batch, resolution and precision: draw
 ``B`` augmented subject photos, VAE-encode them, add ``B`` prior latents from an in-memory
 ``PriorPool``, forward UNet + text encoder, the DreamBooth loss, backward, clip, AdamW. The bare loop
-is one process with one thread; each Ray worker also gets one CPU thread, so with 2 workers the
+is ``dreambooth.training.inprocess.finetune`` in one process with one thread; each Ray worker also gets one CPU thread, so with 2 workers the
 global batch is twice as large.
 
 Both report the *median* step time over ``--steps`` steps after as many warm-up steps. This
@@ -43,9 +43,8 @@ from dreambooth import pipeline  # noqa: E402
 from dreambooth.config import TrainConfig, build_config  # noqa: E402
 from dreambooth.models import load_components, quiet_libraries, resolve_model  # noqa: E402
 from dreambooth.subjects import load_subject_images  # noqa: E402
-from dreambooth.training.batches import BatchMaker, PriorPool  # noqa: E402
 from dreambooth.training.engine import prebuild_deepspeed_ops  # noqa: E402
-from dreambooth.training.module import DreamBoothModule, mixed_batch_loss  # noqa: E402
+from dreambooth.training.inprocess import FinetuneSettings, finetune  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECT = REPO / "examples" / "subjects" / "dog"
@@ -53,35 +52,20 @@ NUM_PRIORS = 8
 
 
 def bare_loop(model_path: str, resolution: int, batch: int, steps: int) -> float:
-    """Median seconds per step of the plain single-process loop over ``steps`` steps after as many
+    """Median seconds per step of the plain single-process loop (``inprocess.finetune``: the same
+    batches, loss, clipping and AdamW as the cluster loop) over ``steps`` steps after as many
     warm-up steps (the window a Ray run of ``2 * steps`` steps reports)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     parts = load_components(model_path)
-    parts.vae.requires_grad_(False).eval()
-    module = DreamBoothModule(parts.unet, parts.text_encoder, train_text_encoder=True)
-    train = TrainConfig()
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4,
-                                  weight_decay=train.adam_weight_decay)
     latent = resolution // (2 ** (len(parts.vae.config.block_out_channels) - 1))
-    maker = BatchMaker(
-        load_subject_images(str(SUBJECT), resolution), parts.tokenizer, parts.vae, "a sks dog", "a dog",
-        resolution=resolution, batch_size=batch, center_crop=False, random_flip=True, seed=0,
-        priors=PriorPool(torch.randn(NUM_PRIORS, 4, latent, latent), batch, seed=0), device=torch.device("cpu"),
+    settings = FinetuneSettings(
+        "a sks dog", "a dog", max_train_steps=2 * steps, train_batch_size=batch, learning_rate=1e-4,
+        adam_weight_decay=TrainConfig().adam_weight_decay, resolution=resolution, random_flip=True,
     )
-    generator = torch.Generator().manual_seed(0)
-    seconds = []
-    for _ in range(2 * steps):
-        start = time.perf_counter()
-        b = maker.next()
-        loss = mixed_batch_loss(module, parts.noise_scheduler, b.latents, b.input_ids, b.num_instance, 1.0, generator)
-        optimizer.zero_grad()
-        loss.total.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), train.max_grad_norm)
-        optimizer.step()
-        loss.total.item()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds[steps:])
+    history = finetune(parts, load_subject_images(str(SUBJECT), resolution), settings,
+                       prior_latents=torch.randn(NUM_PRIORS, 4, latent, latent))
+    return statistics.median(entry["seconds"] for entry in history[steps:])
 
 
 def ray_run(workers: int, zero: int, resolution: int, batch: int, steps: int, root: str) -> dict:

@@ -8,6 +8,7 @@ and ``mixed_batch_loss``. Production runs go through ``dreambooth run`` (Ray Tra
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,8 @@ class FinetuneSettings:
     """Subject examples per step (as many prior examples join them)."""
     learning_rate: float = 1e-4
     """AdamW learning rate, constant."""
+    adam_weight_decay: float = 0.0
+    """AdamW weight decay (``TrainConfig.adam_weight_decay`` is the cluster loop's)."""
     prior_loss_weight: float = 1.0
     """λ of the prior-preservation term; 0 trains on the subject alone."""
     resolution: int = 32
@@ -46,14 +49,15 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
     """Fine-tune ``parts.unet`` and ``parts.text_encoder`` (a ``models.Components``) in place.
 
     ``prior_latents`` [P, C, h, w] are the class-prior examples (scaled, as the prior cache stores
-    them); needed when ``prior_loss_weight`` > 0. Returns per-step losses.
+    them); needed when ``prior_loss_weight`` > 0. Returns per-step losses and seconds.
     """
     with_priors = settings.prior_loss_weight > 0
     if with_priors and prior_latents is None:
         raise ValueError("prior_loss_weight > 0 needs prior_latents")
     parts.vae.requires_grad_(False).eval()
     module = DreamBoothModule(parts.unet, parts.text_encoder).train()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=settings.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=settings.learning_rate,
+                                  weight_decay=settings.adam_weight_decay)
     batches = BatchMaker(
         images, parts.tokenizer, parts.vae, settings.instance_prompt, settings.class_prompt,
         resolution=settings.resolution, batch_size=settings.train_batch_size, center_crop=False,
@@ -64,6 +68,7 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
     generator = torch.Generator().manual_seed(settings.seed)
     history = []
     for step in range(settings.max_train_steps):
+        started = time.perf_counter()
         batch = batches.next()
         loss = mixed_batch_loss(module, parts.noise_scheduler, batch.latents, batch.input_ids,
                                 batch.num_instance, settings.prior_loss_weight, generator)
@@ -72,6 +77,6 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
         history.append({"step": step + 1, "loss": loss.total.item(), "instance": loss.instance,
-                        "prior": loss.prior})
+                        "prior": loss.prior, "seconds": time.perf_counter() - started})
     module.eval()
     return history
