@@ -32,13 +32,12 @@ awk -v dir="$tmp/parts" '
 
 describe() {
   case "$1" in
-    serviceaccount.yaml) echo "ServiceAccount for RayJob submission (CI, the dreambooth CLI)." ;;
+    serviceaccount.yaml) echo "ServiceAccount of the Ray pods (and their cloud identity) and for RayJob submission." ;;
     rbac.yaml)           echo "Namespaced Role + RoleBinding: rayjobs only, no cluster-wide rights." ;;
     pvc.yaml)            echo "Shared RWX volume for subject photos, priors, checkpoints and outputs." ;;
     service.yaml)        echo "ClusterIP Service for the Ray dashboard / job API (not exposed outside)." ;;
     raycluster.yaml)     echo "The shared RayCluster: CPU head + autoscaled (0..N) GPU worker group, token auth." ;;
     rayjobs.yaml)        echo "One RayJob per subject, running python -m ray_jobs.personalize on the shared cluster." ;;
-    secret.yaml)         echo "Ray auth token Secret." ;;
     ingress.yaml)        echo "Ingress for the Ray dashboard." ;;
     *)                   echo "Rendered from the chart template of the same name." ;;
   esac
@@ -58,8 +57,8 @@ for part in "$tmp"/parts/*.yaml; do
     echo "# change the chart and re-run scripts/render-k8s.sh."
     echo "#"
     echo "# $(describe "$name")"
-    echo "# Prerequisites: the KubeRay operator v1.7.0, and a Secret with the Ray token:"
-    echo "#   kubectl create secret generic dreambooth-ray-token --from-literal=auth_token=\"\$(openssl rand -hex 32)\""
+    echo "# Prerequisites: the KubeRay operator v1.7.0 (it generates the Ray token Secret \"dreambooth\","
+    echo "# key auth_token, when it creates the RayCluster) and a ReadWriteMany StorageClass (pvc.yaml)."
     echo "# Apply everything with: kubectl apply -n default -f k8s/"
     cat "$part"
   } > "$OUT/$name"

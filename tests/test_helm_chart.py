@@ -73,7 +73,12 @@ def test_lint_strict_passes(helm, values):
         ({"subjects": [{"name": "d", "instanceDir": "/x/$HOME", "classNoun": "dog"}]}, r"instanceDir"),
         ({"subjects": [{"name": "d", "instanceDir": "/x", "classNoun": "o'dog"}]}, r"classNoun"),
         ({"training": {"model": "m;rm -rf /"}}, r"training[./]model"),
-        ({"storage": {"type": "s3"}}, r"storage"),  # s3 needs an existing Secret
+        ({"head": {"affinity": {"nodeAfinity": {}}}}, r"head[./]affinity"),
+        ({"worker": {"volumes": [{"name": "host", "hostPath": {"path": "/"}}]}}, r"hostPath"),  # not restricted
+        ({"worker": {"volumeMounts": [{"name": "m"}]}}, r"worker[./]volumeMounts"),  # no mountPath
+        ({"head": {"envFrom": [{"secretRef": {}}]}}, r"head[./]envFrom"),
+        ({"head": {"priorityClassName": "High Priority"}}, r"head[./]priorityClassName"),
+        ({"worker": {"labels": {"team": 1}}}, r"worker[./]labels"),
     ],
 )
 def test_lint_rejects_bad_values(helm, tmp_path, bad, expected):
@@ -174,10 +179,103 @@ def test_values_reach_the_raycluster(helm):
     (["--set", "jobs.mode=dedicated", "--set", "dashboard.service.type=NodePort"], "need jobs.mode=shared"),
     (["--set-json", 'subjects=[{"name":"a","instanceDir":"/x","classNoun":"c"},'
       '{"name":"a","instanceDir":"/y","classNoun":"c"}]'], "same RayJob name"),
+    (["--set-json", 'worker.volumes=[{"name":"dshm","emptyDir":{}}]'], "is the chart's own"),
+    (["--set-json", 'head.volumes=[{"name":"shared","emptyDir":{}}]'], "is the chart's own"),
 ])
 def test_inconsistent_values_fail(helm, bad, message):
     with pytest.raises(RuntimeError, match=re.escape(message)):
         render_default(helm, *bad)
+
+
+# --- pod values (the KubeRay ray-cluster chart's names) ---------------------------------
+
+POD_VALUES = ("serviceAccountName", "annotations", "labels", "affinity", "nodeSelector",
+              "tolerations", "priorityClassName", "volumes", "volumeMounts", "envFrom")
+
+
+def ray_group_templates(docs):
+    """(group, pod template) of every Ray head/worker template: the RayCluster's and every
+    RayJob's rayClusterSpec."""
+    specs = [d["spec"] for d in ch.of_kind(docs, "RayCluster")]
+    specs += [j["spec"]["rayClusterSpec"] for j in ch.of_kind(docs, "RayJob") if "rayClusterSpec" in j["spec"]]
+    out = []
+    for spec in specs:
+        out.append(("head", spec["headGroupSpec"]["template"]))
+        out += [("worker", wg["template"]) for wg in spec["workerGroupSpecs"]]
+    return out
+
+
+def test_every_pod_value_is_documented_and_typed():
+    v = values_yaml()
+    schema = json.loads((ch.CHART / "values.schema.json").read_text())
+    for group in ("head", "worker"):
+        assert set(POD_VALUES) <= set(v[group]), group
+        props = schema["properties"][group]
+        assert set(POD_VALUES) <= set(props["properties"]) and set(POD_VALUES) <= set(props["required"])
+        assert props["additionalProperties"] is False
+    placement = ci_values("pod-placement-values.yaml")
+    for group in ("head", "worker"):
+        assert set(POD_VALUES) <= set(placement[group]), f"ci/pod-placement-values.yaml must set every {group} value"
+
+
+@pytest.mark.parametrize("mode", ["shared", "dedicated"])
+def test_pod_values_land_on_head_and_worker_pods(helm, mode):
+    values = ci_values("pod-placement-values.yaml")
+    docs = ch.render(helm, "-f", str(ch.CI_DIR / "pod-placement-values.yaml"), "--set", f"jobs.mode={mode}")
+    errors = [e for d in docs for e in ch.validation_errors(d)]
+    assert not errors, "\n".join(errors)
+    problems = [p for d in docs if d["kind"] in ("RayCluster", "RayJob")
+                for where, t, extra in ch.pod_templates(d) for p in ch.restricted_violations(where, t, extra)]
+    assert not problems, "\n".join(problems)
+    templates = ray_group_templates(docs)
+    assert {g for g, _ in templates} == {"head", "worker"}
+    assert len(templates) == (2 if mode == "shared" else 2 * len(values["subjects"]))
+    for group, template in templates:
+        want, meta, pod = values[group], template["metadata"], template["spec"]
+        (c,) = pod["containers"]
+        assert pod["serviceAccountName"] == want["serviceAccountName"]
+        assert pod["priorityClassName"] == want["priorityClassName"]
+        assert pod["affinity"] == want["affinity"]
+        assert pod["nodeSelector"] == want["nodeSelector"]
+        assert pod["tolerations"] == want["tolerations"]
+        assert meta["annotations"] == want["annotations"]
+        assert want["labels"].items() <= meta["labels"].items()
+        assert meta["labels"]["app.kubernetes.io/component"] == f"ray-{group}"  # chart labels kept
+        for vol in want["volumes"]:
+            assert vol in pod["volumes"]
+        for mount in want["volumeMounts"]:
+            assert mount in c["volumeMounts"]
+        assert c["envFrom"] == want["envFrom"]
+        # the chart's own wiring is still there
+        assert "shared" in {v["name"] for v in pod["volumes"]}
+        assert "shared" in {m["name"] for m in c["volumeMounts"]}
+    # The submitter pod is not a Ray pod: none of it applies there.
+    for job in ch.of_kind(docs, "RayJob"):
+        sub = job["spec"]["submitterPodTemplate"]["spec"]
+        assert "serviceAccountName" not in sub and "affinity" not in sub and "volumes" not in sub
+
+
+def test_chart_labels_win_over_pod_labels(helm):
+    docs = render_default(helm, "--set-json", 'head.labels={"app.kubernetes.io/component":"x","a":"b"}')
+    (rc,) = ch.of_kind(docs, "RayCluster")
+    labels = rc["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "ray-head" and labels["a"] == "b"
+
+
+def test_ray_pods_run_as_the_chart_service_account(rendered):
+    """Ray pods run as the chart's ServiceAccount (the one serviceAccount.annotations give a
+    cloud identity). The head mounts its token, because KubeRay's autoscaler sidecar patches
+    the RayCluster with it; workers never mount one."""
+    for values in ("default-values.yaml", "dedicated-clusters-values.yaml"):
+        docs = rendered[values]
+        sa_names = {sa["metadata"]["name"] for sa in ch.of_kind(docs, "ServiceAccount")}
+        for group, template in ray_group_templates(docs):
+            pod = template["spec"]
+            assert pod["serviceAccountName"] in sa_names == {"dreambooth"}, (values, group)
+            assert pod["automountServiceAccountToken"] is (group == "head"), (values, group)
+    # A name the chart does not create is used as given (it must exist: KubeRay checks).
+    for group, template in ray_group_templates(rendered["pod-placement-values.yaml"]):
+        assert template["spec"]["serviceAccountName"] == f"ray-{group}-sa"
 
 
 # --- RayJobs -------------------------------------------------------------------------
@@ -330,7 +428,7 @@ def test_pvc_storage(rendered):
 def test_s3_credentials_only_from_existing_secret(rendered):
     docs = rendered["s3-storage-values.yaml"]
     assert ch.of_kind(docs, "PersistentVolumeClaim") == []
-    assert [s["metadata"]["name"] for s in ch.of_kind(docs, "Secret")] == ["dreambooth-ray-token"]
+    assert ch.of_kind(docs, "Secret") == []  # the chart renders no Secret at all
     for pod in ch.ray_pods(docs):
         c = pod["containers"][0]
         assert c["envFrom"] == [{"secretRef": {"name": "dreambooth-s3-credentials"}}]
@@ -339,6 +437,37 @@ def test_s3_credentials_only_from_existing_secret(rendered):
     schema_text = (ch.CHART / "values.schema.json").read_text()
     for word in ("accessKey", "secretKey", "password", "secretAccessKey", '"token"'):
         assert word not in schema_text  # no way to inline credentials in values
+
+
+def test_s3_with_workload_identity_needs_no_key_secret(rendered, helm):
+    docs = rendered["s3-workload-identity-values.yaml"]
+    assert ch.of_kind(docs, "Secret") == [] and ch.of_kind(docs, "PersistentVolumeClaim") == []
+    (sa,) = ch.of_kind(docs, "ServiceAccount")
+    assert sa["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/dreambooth-s3"}
+    templates = ray_group_templates(docs)
+    assert templates
+    for group, template in templates:
+        pod = template["spec"]
+        assert pod["serviceAccountName"] == sa["metadata"]["name"]  # the identity-carrying SA
+        c = pod["containers"][0]
+        assert "envFrom" not in c, (group, c.get("envFrom"))  # no secretRef anywhere
+        assert not [e for e in c.get("env", []) if "valueFrom" in e], group
+        assert {"name": "AWS_DEFAULT_REGION", "value": "eu-west-1"} in c["env"]
+        assert "shared" not in {v["name"] for v in pod.get("volumes", [])}
+    text = ch.render_text(helm, "-f", str(ch.CI_DIR / "s3-workload-identity-values.yaml"))
+    assert "secretRef" not in text and "secretKeyRef" not in text
+    # GKE Workload Identity: the same with the GKE annotation.
+    gke = ch.render(helm, "-f", str(ch.CI_DIR / "s3-workload-identity-values.yaml"), "--set-json",
+                    'serviceAccount.annotations={"iam.gke.io/gcp-service-account":"db@p.iam.gserviceaccount.com"}')
+    (sa,) = ch.of_kind(gke, "ServiceAccount")
+    assert sa["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": "db@p.iam.gserviceaccount.com"}
+    # Extra envFrom still renders with workload identity (and the key Secret still works).
+    both = ch.render(helm, "-f", str(ch.CI_DIR / "s3-storage-values.yaml"), "--set-json",
+                     'worker.envFrom=[{"configMapRef":{"name":"extra"}}]')
+    (rc,) = ch.of_kind(both, "RayCluster")
+    assert rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["envFrom"] == [
+        {"secretRef": {"name": "dreambooth-s3-credentials"}}, {"configMapRef": {"name": "extra"}}]
 
 
 # --- security ------------------------------------------------------------------------
@@ -399,17 +528,45 @@ def test_token_auth_on(rendered, values):
     specs = [d["spec"] for d in ch.of_kind(docs, "RayCluster")]
     specs += [j["spec"]["rayClusterSpec"] for j in ch.of_kind(docs, "RayJob") if "rayClusterSpec" in j["spec"]]
     assert specs
-    names = {s["authOptions"]["secretName"] for s in specs}
-    assert all(s["authOptions"]["mode"] == "token" for s in specs) and len(names) == 1
-    secrets = {s["metadata"]["name"]: s for s in ch.of_kind(docs, "Secret")}
+    assert all(s["authOptions"]["mode"] == "token" for s in specs)
     if existing:
-        assert names == {existing} and existing not in secrets
+        assert {s["authOptions"].get("secretName") for s in specs} == {existing}
     else:
-        (name,) = names
-        assert len(secrets[name]["data"]["auth_token"]) >= 32  # chart-generated, random
+        # KubeRay v1.7.0 generates the token Secret (named after the RayCluster) itself.
+        assert all(set(s["authOptions"]) == {"mode"} for s in specs)
+    assert ch.of_kind(docs, "Secret") == []  # the chart never renders a token
     # No value can carry the token itself.
     assert values_yaml()["auth"] == {"existingSecret": ""}
     assert set(ci_values(values).get("auth", {})) <= {"existingSecret"}
+    assert any(ci_values(v).get("auth", {}).get("existingSecret") for v in CI_IDS)  # both ways covered
+    assert any(not ci_values(v).get("auth", {}).get("existingSecret") for v in CI_IDS)
+
+
+def test_kuberay_crd_lets_the_operator_own_the_token():
+    """authOptions.secretName is optional in the v1.7.0 CRD, so leaving it out (and letting the
+    operator generate the token) is a valid RayCluster."""
+    crd = yaml.safe_load((ch.CRD_DIR / ch.CRD_FILES["RayCluster"]).read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    auth = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["authOptions"]
+    assert {"mode", "secretName"} <= set(auth["properties"]) and "required" not in auth
+    assert "token" in auth["properties"]["mode"]["enum"]
+
+
+@pytest.mark.parametrize("values", CI_FILES, ids=CI_IDS)
+def test_renders_are_deterministic(helm, values):
+    """Two renders of the same values are byte-identical (GitOps tools such as Argo CD
+    re-render on every sync; a random token would rotate each time)."""
+    first = ch.render_text(helm, "-f", str(values))
+    second = ch.render_text(helm, "-f", str(values))
+    assert first == second
+
+
+def test_templates_use_no_random_or_live_state():
+    nondeterministic = re.compile(r"\b(rand\w*|uuidv4|now|date|genPrivateKey|genCA|genSelfSignedCert\w*|"
+                                  r"genSignedCert\w*|htpasswd|lookup|bcrypt|derivePassword)\b")
+    for path in sorted((ch.CHART / "templates").iterdir()):
+        for ref in re.findall(r"{{(.*?)}}", path.read_text(), re.S):
+            assert not nondeterministic.search(ref), f"{path.name}: {{{{{ref.strip()}}}}}"
 
 
 # --- plain manifests -----------------------------------------------------------------
@@ -430,25 +587,49 @@ def test_k8s_manifests_match_chart(helm):
 # --- docs, NOTES, image --------------------------------------------------------------
 
 
+RWX_NEEDLES = ("efs.csi.aws.com", "filestore.csi.storage.gke.io", "file.csi.azure.com", "ReadWriteOnce")
+
+
+def notes_of(helm, values, *args):
+    proc = ch.run_helm(helm, "install", ch.RELEASE, str(ch.CHART), "--dry-run=client",
+                       "--namespace", "ml", "-f", str(ch.CI_DIR / values), *args)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split("NOTES:", 1)[1]
+
+
 @pytest.mark.parametrize("values", ["default-values.yaml", "dedicated-clusters-values.yaml"])
 def test_notes_print_next_commands(helm, values):
-    proc = ch.run_helm(helm, "install", ch.RELEASE, str(ch.CHART), "--dry-run=client",
-                       "--namespace", "ml", "-f", str(ch.CI_DIR / values))
-    assert proc.returncode == 0, proc.stderr
-    notes = proc.stdout.split("NOTES:", 1)[1]
+    notes = notes_of(helm, values)
     for needle in ("kubectl -n ml get rayjobs", "port-forward", "dreambooth status",
-                   "auth_token", "RAY_AUTH_TOKEN", "dreambooth-dog", "cp -c ray-head"):
+                   "auth_token", "RAY_AUTH_TOKEN", "dreambooth-dog", "cp -c ray-head",
+                   "kubectl -n ml get pvc dreambooth-shared", "storage.type=s3",
+                   "-c ray-head -- dreambooth doctor --output /mnt/shared/outputs", *RWX_NEEDLES):
         assert needle in notes, needle
+
+
+def test_notes_follow_storage_and_token_mode(helm):
+    shared = notes_of(helm, "default-values.yaml")
+    assert "get secret dreambooth -o" in shared  # the operator's Secret, named after the RayCluster
+    assert "ray.io/cluster=dreambooth,ray.io/node-type=head" in shared
+    exposed = notes_of(helm, "exposed-dashboard-values.yaml")
+    assert "get secret ray-dashboard-token -o" in exposed
+    existing_claim = notes_of(helm, "pvc-storage-values.yaml")
+    assert "get pvc team-dreambooth-rwx" in existing_claim and "filestore" not in existing_claim
+    wi = notes_of(helm, "s3-workload-identity-values.yaml")
+    assert "workload identity" in wi and "ServiceAccount dreambooth" in wi
+    assert "dreambooth doctor --output s3://my-bucket/dreambooth" in wi
+    assert "get pvc" not in wi and "efs.csi.aws.com" not in wi
+    assert "workload identity" not in notes_of(helm, "s3-storage-values.yaml")  # it has a key Secret
 
 
 def test_readme_documents_prerequisites():
     readme = (ch.CHART / "README.md").read_text()
     assert "KubeRay operator v1.7.0" in readme and "--version 1.7.0" in readme
-    assert "lookup" in readme and "auth_token" in readme
+    assert "auth_token" in readme and "existingSecret" in readme
+    # Which StorageClasses give ReadWriteMany on the big three, and the way out.
+    for needle in RWX_NEEDLES + ("storage.type=s3", "Pending", "eks.amazonaws.com/role-arn",
+                                 "iam.gke.io/gcp-service-account", "dreambooth doctor"):
+        assert needle in readme, needle
 
 
-def test_dockerfile_builds_a_non_root_cuda_image():
-    text = (ch.REPO / "helm" / "Dockerfile").read_text()
-    assert "download.pytorch.org/whl/" in text and re.search(r"pip install \.", text)
-    assert f"USER {values_yaml()['securityContext']['runAsUser']}" in text
-    assert "docker build -f helm/Dockerfile" in text  # the comment explains build/push
+# helm/Dockerfile: see tests/test_dockerfile.py.

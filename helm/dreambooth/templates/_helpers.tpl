@@ -68,10 +68,12 @@ Name of the shared RayCluster (also its `ray.io/cluster` label, which RayJobs se
 {{- end }}
 
 {{/*
-Name of the Secret holding the Ray auth token (key `auth_token`).
+Name of the Secret holding the shared RayCluster's auth token (key `auth_token`):
+auth.existingSecret, else the one the KubeRay operator generates, named after the RayCluster.
+(The chart itself never renders a token: renders stay deterministic.)
 */}}
 {{- define "dreambooth.authSecretName" -}}
-{{- default (printf "%s-ray-token" (include "dreambooth.fullname" .)) .Values.auth.existingSecret }}
+{{- default (include "dreambooth.clusterName" .) .Values.auth.existingSecret }}
 {{- end }}
 
 {{/*
@@ -223,6 +225,13 @@ Cross-field checks the schema cannot express; called from every template that ne
 {{- end }}
 {{- if gt (int $v.training.workers) (mul (int $v.worker.maxReplicas) (int $v.worker.resources.gpu)) }}
 {{- fail (printf "training.workers=%d needs %d GPUs (1 per worker) but the worker group has at most worker.maxReplicas x worker.resources.gpu = %d" (int $v.training.workers) (int $v.training.workers) (mul (int $v.worker.maxReplicas) (int $v.worker.resources.gpu))) }}
+{{- end }}
+{{- range $g := list "head" "worker" }}
+{{- range (index $v $g).volumes }}
+{{- if has .name (list "shared" "dshm") }}
+{{- fail (printf "%s.volumes: the name %q is the chart's own (shared storage, /dev/shm); pick another" $g .name) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- $seen := dict }}
 {{- range $v.subjects }}

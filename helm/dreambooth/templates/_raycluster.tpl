@@ -31,12 +31,69 @@ Storage wiring of a Ray container: volumeMounts / envFrom.
 {{- end }}
 {{- end }}
 
-{{- define "dreambooth.storageEnvFrom" -}}
-{{- if eq .Values.storage.type "s3" }}
+{{/*
+envFrom of a Ray container: (list $ $group) with $group = .Values.head or .Values.worker.
+Object-store credentials come only from an existing Secret (never from values); without one
+(storage.s3.existingSecret empty) the pods use workload identity and no Secret is referenced.
+*/}}
+{{- define "dreambooth.envFrom" -}}
+{{- $root := index . 0 }}
+{{- $group := index . 1 }}
+{{- $sources := list }}
+{{- if and (eq $root.Values.storage.type "s3") $root.Values.storage.s3.existingSecret }}
+{{- $sources = append $sources (dict "secretRef" (dict "name" $root.Values.storage.s3.existingSecret)) }}
+{{- end }}
+{{- $sources = concat $sources $group.envFrom }}
+{{- with $sources }}
 envFrom:
-  # Object-store credentials come only from this existing Secret, never from values.
-  - secretRef:
-      name: {{ .Values.storage.s3.existingSecret }}
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Pod template metadata of a Ray group: (list $ $group $component). The group's extra labels
+come first so the chart's selector/component labels win.
+*/}}
+{{- define "dreambooth.rayPodMetadata" -}}
+{{- $root := index . 0 }}
+{{- $group := index . 1 }}
+{{- $component := index . 2 }}
+{{- $labels := merge (dict "app.kubernetes.io/component" $component) (include "dreambooth.selectorLabels" $root | fromYaml) (deepCopy $group.labels) }}
+labels:
+  {{- toYaml $labels | nindent 2 }}
+{{- with $group.annotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Pod-level scheduling/identity fields of a Ray group: (list $ $group).
+*/}}
+{{- define "dreambooth.rayPodScheduling" -}}
+{{- $root := index . 0 }}
+{{- $group := index . 1 }}
+serviceAccountName: {{ default (include "dreambooth.serviceAccountName" $root) $group.serviceAccountName }}
+{{- with $root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- include "dreambooth.podSecurityContext" $root | nindent 2 }}
+{{- with $group.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $group.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $group.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $group.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
 
@@ -55,11 +112,14 @@ RayJob's spec.rayClusterSpec (jobs.mode=dedicated).
 {{- define "dreambooth.rayClusterSpec" -}}
 {{- $image := include "dreambooth.image" . -}}
 rayVersion: {{ .Values.rayVersion | quote }}
-# Ray token authentication: KubeRay injects RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (from
-# this Secret's `auth_token` key) into the head, the workers, the autoscaler and the submitter.
+# Ray token authentication: KubeRay injects RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (key
+# `auth_token` of auth.existingSecret, or of the Secret the operator generates, named after
+# the RayCluster) into the head, the workers, the autoscaler and the submitter.
 authOptions:
   mode: token
-  secretName: {{ include "dreambooth.authSecretName" . }}
+  {{- with .Values.auth.existingSecret }}
+  secretName: {{ . }}
+  {{- end }}
 enableInTreeAutoscaling: true
 autoscalerOptions:
   idleTimeoutSeconds: {{ .Values.autoscaler.idleTimeoutSeconds | int64 }}
@@ -82,24 +142,12 @@ headGroupSpec:
     num-cpus: {{ .Values.head.rayCpus | int64 | quote }}
   template:
     metadata:
-      labels:
-        {{- include "dreambooth.selectorLabels" . | nindent 8 }}
-        app.kubernetes.io/component: ray-head
+      {{- include "dreambooth.rayPodMetadata" (list . .Values.head "ray-head") | trim | nindent 6 }}
     spec:
-      {{- with .Values.imagePullSecrets }}
-      imagePullSecrets:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-      securityContext:
-        {{- include "dreambooth.podSecurityContext" . | nindent 8 }}
-      {{- with .Values.head.nodeSelector }}
-      nodeSelector:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-      {{- with .Values.head.tolerations }}
-      tolerations:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
+      # The autoscaler sidecar patches the RayCluster through the Kubernetes API with this
+      # ServiceAccount's token (the KubeRay operator binds its autoscaler Role to it).
+      automountServiceAccountToken: true
+      {{- include "dreambooth.rayPodScheduling" (list . .Values.head) | trim | nindent 6 }}
       containers:
         - name: ray-head
           image: {{ $image }}
@@ -124,16 +172,28 @@ headGroupSpec:
           env:
             {{- . | trim | nindent 12 }}
           {{- end }}
-          {{- with include "dreambooth.storageEnvFrom" . }}
+          {{- with include "dreambooth.envFrom" (list . .Values.head) }}
           {{- . | trim | nindent 10 }}
           {{- end }}
-          {{- with include "dreambooth.storageMounts" . }}
+          {{- $headMounts := include "dreambooth.storageMounts" . | trim }}
+          {{- if or $headMounts .Values.head.volumeMounts }}
           volumeMounts:
-            {{- . | trim | nindent 12 }}
+            {{- with $headMounts }}
+            {{- . | nindent 12 }}
+            {{- end }}
+            {{- with .Values.head.volumeMounts }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
           {{- end }}
-      {{- with include "dreambooth.storageVolumes" . }}
+      {{- $headVolumes := include "dreambooth.storageVolumes" . | trim }}
+      {{- if or $headVolumes .Values.head.volumes }}
       volumes:
-        {{- . | trim | nindent 8 }}
+        {{- with $headVolumes }}
+        {{- . | nindent 8 }}
+        {{- end }}
+        {{- with .Values.head.volumes }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
       {{- end }}
 workerGroupSpecs:
   - groupName: {{ .Values.worker.groupName }}
@@ -147,26 +207,12 @@ workerGroupSpecs:
       num-gpus: {{ .Values.worker.resources.gpu | int64 | quote }}
     template:
       metadata:
-        labels:
-          {{- include "dreambooth.selectorLabels" . | nindent 10 }}
-          app.kubernetes.io/component: ray-worker
+        {{- include "dreambooth.rayPodMetadata" (list . .Values.worker "ray-worker") | trim | nindent 8 }}
       spec:
-        # Workers never talk to the Kubernetes API.
+        # Workers never talk to the Kubernetes API (cloud workload identity does not need
+        # this token: IRSA / EKS Pod Identity project their own, GKE uses the metadata server).
         automountServiceAccountToken: false
-        {{- with .Values.imagePullSecrets }}
-        imagePullSecrets:
-          {{- toYaml . | nindent 10 }}
-        {{- end }}
-        securityContext:
-          {{- include "dreambooth.podSecurityContext" . | nindent 10 }}
-        {{- with .Values.worker.nodeSelector }}
-        nodeSelector:
-          {{- toYaml . | nindent 10 }}
-        {{- end }}
-        {{- with .Values.worker.tolerations }}
-        tolerations:
-          {{- toYaml . | nindent 10 }}
-        {{- end }}
+        {{- include "dreambooth.rayPodScheduling" (list . .Values.worker) | trim | nindent 8 }}
         containers:
           - name: ray-worker
             image: {{ $image }}
@@ -186,7 +232,7 @@ workerGroupSpecs:
             env:
               {{- . | trim | nindent 14 }}
             {{- end }}
-            {{- with include "dreambooth.storageEnvFrom" . }}
+            {{- with include "dreambooth.envFrom" (list . .Values.worker) }}
             {{- . | trim | nindent 12 }}
             {{- end }}
             volumeMounts:
@@ -195,6 +241,9 @@ workerGroupSpecs:
               {{- with include "dreambooth.storageMounts" . }}
               {{- . | trim | nindent 14 }}
               {{- end }}
+              {{- with .Values.worker.volumeMounts }}
+              {{- toYaml . | nindent 14 }}
+              {{- end }}
         volumes:
           - name: dshm
             emptyDir:
@@ -202,5 +251,8 @@ workerGroupSpecs:
               sizeLimit: {{ .Values.worker.shmSize }}
           {{- with include "dreambooth.storageVolumes" . }}
           {{- . | trim | nindent 10 }}
+          {{- end }}
+          {{- with .Values.worker.volumes }}
+          {{- toYaml . | nindent 10 }}
           {{- end }}
 {{- end }}
