@@ -29,17 +29,20 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Collection, Iterator, Optional
 
 import yaml
 
 from dreambooth import cluster, export, models, pipeline, priors, storage
 from dreambooth.config import ConfigError, RunConfig, build_config, flatten, validate
+from dreambooth.inputs import MAX_MANIFEST_BYTES, InputError, load_yaml_file
 from dreambooth.subjects import SubjectError
 
 log = logging.getLogger(__name__)
 
 SUMMARY = "bulk-summary.json"
+PROGRESS_EVERY = 1000
+"""Log a progress line every this many subjects while checking a manifest."""
 
 
 @dataclass
@@ -57,6 +60,21 @@ class BulkOptions:
 
     max_retries: int = 1
     """Times a subject that failed while running is tried again (bad photos are not retried)."""
+
+    distinct_identifiers: bool = True
+    """Give every subject its own identifier (auto ones are drawn to be distinct, 1-3 rare tokens
+    each). Separate models do not need it: false lets subjects share one (e.g. all ``sks``)."""
+
+    def __post_init__(self) -> None:
+        if not str(self.output).strip():
+            raise ConfigError("--output is empty; pass the root folder or URI under which each subject's model goes")
+        if storage.is_root(self.output):
+            raise ConfigError(f"--output {self.output} is a filesystem, home or bucket root; pass a folder of its own, "
+                              f"e.g. {storage.join(self.output, 'runs')}")
+        if not 0 <= self.max_concurrent <= 10_000:
+            raise ConfigError(f"--max-concurrent must be between 0 (what the cluster fits) and 10000, got {self.max_concurrent}")
+        if not 0 <= self.max_retries <= 100:
+            raise ConfigError(f"--max-retries must be between 0 and 100, got {self.max_retries}")
 
 
 @dataclass
@@ -87,13 +105,13 @@ class BulkReport:
 
 
 def load_manifest(path: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The subjects and the flat defaults of a manifest file."""
+    """The subjects and the flat defaults of a manifest file (size and alias expansion limited)."""
     if not Path(path).is_file():
         raise ConfigError(f"--manifest {path} does not exist; pass a YAML file with a 'subjects' list")
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"manifest {path} is not valid YAML: {exc}") from None
+        data = load_yaml_file(path, "manifest", MAX_MANIFEST_BYTES) or {}
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
     if not isinstance(data, dict) or set(data) - {"subjects", "defaults"}:
         raise ConfigError(f"manifest {path} must be a mapping with 'subjects' (and optional 'defaults')")
     subjects = data.get("subjects")
@@ -122,11 +140,19 @@ def plan(
     seen: dict[str, int] = {}
     given_identifiers: dict[str, str] = {}
     planned = []
+    started = time.monotonic()
     for index, entry in enumerate(subjects):
+        if index and index % PROGRESS_EVERY == 0:
+            log.info("checked %d of %d subjects (%.1f s)", index, len(subjects), time.monotonic() - started)
         where = f"{options.manifest}: subjects[{index}]"
-        if not isinstance(entry, dict) or not entry.get("name"):
+        if not isinstance(entry, dict) or entry.get("name") in (None, ""):
             raise ConfigError(f"{where} needs a 'name' (a lowercase Kubernetes-style name such as 'my-dog')")
-        name = str(entry["name"])
+        if not isinstance(entry["name"], str):
+            raise ConfigError(
+                f"{where}: name {entry['name']!r} was read by YAML as a {type(entry['name']).__name__}, not text "
+                f"(YAML reads 012 as 10 and 0x1f as 31); quote it in the manifest: name: \"{_raw_name(options.manifest, index)}\""
+            )
+        name = entry["name"]
         try:
             validate_k8s_name(name, what=f"subject name {name!r}")
         except ValueError as exc:
@@ -148,20 +174,34 @@ def plan(
             cfg.prior.prior_output = storage.join(options.output, "priors")
         try:
             validate(cfg)
+            pipeline.check_output_location(cfg)
         except ConfigError as exc:
             raise ConfigError(f"subject {name!r}: {exc}") from None
         if check_paths and not storage.exists(cfg.subject.instance_dir):
             raise ConfigError(f"subject {name!r}: instance_dir {cfg.subject.instance_dir} does not exist")
         ident = cfg.subject.identifier
-        if ident != "auto":
+        if ident != "auto" and options.distinct_identifiers:
             if ident in given_identifiers:
                 raise ConfigError(
                     f"subject {name!r}: identifier {ident!r} is also used by {given_identifiers[ident]!r}; "
-                    "each subject needs its own (or use 'auto')"
+                    "each subject needs its own (or use 'auto', or pass --distinct-identifiers false)"
                 )
             given_identifiers[ident] = name
         planned.append((name, cfg))
+    if len(subjects) >= PROGRESS_EVERY:
+        log.info("checked all %d subjects in %.1f s", len(subjects), time.monotonic() - started)
     return planned
+
+
+def _raw_name(manifest: str, index: int) -> str:
+    """The text of ``subjects[index].name`` as written in the file, before YAML read it as a number."""
+    try:
+        root = yaml.compose(Path(manifest).read_text(), Loader=yaml.SafeLoader)
+        subjects = next(v for k, v in root.value if k.value == "subjects")
+        entry = subjects.value[index]
+        return next(v.value for k, v in entry.value if k.value == "name")
+    except Exception:  # only used to quote the user's text back; never fail because of it
+        return "..."
 
 
 # --------------------------------------------------------------------------- running
@@ -182,6 +222,22 @@ def _default_concurrency(configs: list[RunConfig], use_gpu: bool) -> int:
     return max(1, int(total // need))
 
 
+class _Without(Collection[str]):
+    """``taken`` minus one identifier, without copying a set of thousands for every subject."""
+
+    def __init__(self, taken: set[str], own: str):
+        self._taken, self._own = taken, own
+
+    def __contains__(self, item: object) -> bool:
+        return item != self._own and item in self._taken
+
+    def __iter__(self) -> Iterator[str]:
+        return (i for i in self._taken if i != self._own)
+
+    def __len__(self) -> int:
+        return len(self._taken) - (self._own in self._taken)
+
+
 def _personalize(prepared: pipeline.Prepared) -> dict:
     return pipeline.execute(prepared).record or {}
 
@@ -194,20 +250,27 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
     results: dict[str, SubjectResult] = {name: SubjectResult(name, "pending", cfg.output) for name, cfg in planned}
 
     # Identifiers: user-given ones and those of finished subjects are taken before any auto draw.
-    taken = {cfg.subject.identifier for _, cfg in planned if cfg.subject.identifier != "auto"}
+    distinct = options.distinct_identifiers
+    taken = {cfg.subject.identifier for _, cfg in planned if cfg.subject.identifier != "auto"} if distinct else set()
     done_ids = {name: _completed_identifier(cfg) for name, cfg in planned}
-    taken |= {i for i in done_ids.values() if i}
+    if distinct:
+        taken |= {i for i in done_ids.values() if i}
     ready: list[tuple[str, pipeline.Prepared]] = []
-    for name, cfg in planned:
+    drawers: dict = {}
+    for index, (name, cfg) in enumerate(planned):
+        if index and index % PROGRESS_EVERY == 0:
+            log.info("preflight: %d of %d subjects checked", index, len(planned))
         if done_ids[name] is not None and not cfg.overwrite:
             results[name] = SubjectResult(name, "skipped", cfg.output, identifier=done_ids[name])
             continue
+        own = cfg.subject.identifier
         try:
-            prepared = pipeline.preflight(cfg, frozenset(taken - {cfg.subject.identifier}))
+            prepared = pipeline.preflight(cfg, _Without(taken, own), keep_images=False, drawers=drawers)
         except (SubjectError, ConfigError, storage.StorageError, PermissionError) as exc:
             results[name] = SubjectResult(name, "failed", cfg.output, error=f"{type(exc).__name__}: {exc}")
             continue
-        taken.add(cfg.subject.identifier)
+        if distinct:
+            taken.add(cfg.subject.identifier)
         results[name].identifier = cfg.subject.identifier
         ready.append((name, prepared))
 
@@ -219,6 +282,18 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
 
     cluster.connect()
     use_gpu = cluster.resolve_use_gpu(ready[0][1].config.train.use_gpu)
+    startable = []
+    for name, prepared in ready:  # a subject whose worker group can never start fails now, not after a wait
+        try:
+            cluster.check_feasible(prepared.config.train, use_gpu)
+            startable.append((name, prepared))
+        except ConfigError as exc:
+            results[name].status, results[name].error = "failed", f"ConfigError: {exc}"
+    ready = startable
+    if not ready:
+        report.results = [results[name] for name, _ in planned]
+        report.seconds = time.monotonic() - start
+        return report
 
     # Priors: once per distinct spec, with the largest image count any subject of it asks for.
     groups: dict[str, tuple[priors.PriorSpec, list[tuple[str, pipeline.Prepared]]]] = {}
@@ -307,18 +382,18 @@ def subject_jobs(planned: list[tuple[str, RunConfig]]) -> list["SubjectJob"]:
     shares, so that they are unique across the whole manifest before any job starts.
     """
     from dreambooth.config import all_fields
-    from dreambooth.identifier import pick_identifiers
+    from dreambooth.identifier import drawer_for
     from dreambooth.kube import SubjectJob
     from dreambooth.models import load_clip_tokenizer
 
     defaults = RunConfig()
     taken = {cfg.subject.identifier for _, cfg in planned if cfg.subject.identifier != "auto"}
     jobs = []
-    tokenizer = None
+    drawer = None
     for name, cfg in planned:
         if cfg.subject.identifier == "auto":
-            tokenizer = tokenizer or load_clip_tokenizer()
-            cfg.subject.identifier = pick_identifiers(tokenizer, 1, cfg.subject.identifier_seed, exclude=taken)[0]
+            drawer = drawer or drawer_for(load_clip_tokenizer())
+            cfg.subject.identifier = drawer.draw(cfg.subject.identifier_seed, taken)
             taken.add(cfg.subject.identifier)
         args: dict[str, str] = {}
         for info in all_fields().values():

@@ -20,6 +20,7 @@ from dreambooth.config import (
     load_yaml,
     validate_generation,
 )
+from dreambooth.inputs import InputError
 from dreambooth.storage import StorageError
 from dreambooth.subjects import SubjectError
 
@@ -135,6 +136,12 @@ def cmd_identifier(args: argparse.Namespace) -> int:
 
     from dreambooth import identifier, models
 
+    from dreambooth.inputs import shorten
+
+    _in_range(args.count, 1, 100_000, "--count")
+    _in_range(args.seed, 0, 2**31 - 1, "--seed")
+    if args.check is not None and (not args.check.strip() or len(args.check) > 200 or any(ord(c) < 32 for c in args.check)):
+        raise ConfigError(f"--check {shorten(args.check)} must be 1-200 characters of text without line breaks")
     path = models.resolve_model(args.model)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
     if args.check:
@@ -148,9 +155,48 @@ def cmd_identifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_sample_args(args: argparse.Namespace) -> None:
+    """`sample` flags, checked before any model is loaded."""
+    from dreambooth import storage
+    from dreambooth.config import MAX_SEED, validate_resolution
+    from dreambooth.inputs import MAX_PROMPT_CHARS, shorten
+
+    _in_range(args.num_images, 1, 64, "--num-images")
+    _in_range(args.steps, 1, 1000, "--steps")
+    _in_range(args.guidance_scale, 0, 100, "--guidance-scale")
+    _in_range(args.seed, 0, MAX_SEED, "--seed")
+    if args.resolution is not None:
+        validate_resolution(args.resolution)
+    if len(args.prompt) > MAX_SAMPLE_PROMPTS:
+        raise ConfigError(f"--prompt has {len(args.prompt)} prompts; at most {MAX_SAMPLE_PROMPTS} per grid")
+    for prompt in args.prompt:
+        if not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS or any(ord(c) < 32 for c in prompt):
+            raise ConfigError(f"--prompt {shorten(prompt)} must be 1-{MAX_PROMPT_CHARS} characters of text "
+                              "without line breaks")
+    if not args.output.lower().endswith(".png"):
+        raise ConfigError(f"--output {args.output} must name a .png file, e.g. {args.output.rstrip('/')}/grid.png")
+    fs, path = storage.filesystem(args.output)
+    with storage.guard(args.output):
+        is_dir = fs.isdir(path)
+    if is_dir:
+        raise ConfigError(f"--output {args.output} is a folder; name a PNG file inside it, e.g. {storage.join(args.output, 'grid.png')}")
+    storage.check_writable(args.output.rsplit("/", 1)[0] if "/" in args.output else ".")
+
+
+def _in_range(value: float, lo: float, hi: float, flag: str) -> None:
+    import math
+
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise ConfigError(f"{flag} must be between {lo:g} and {hi:g}, got {value}")
+
+
+MAX_SAMPLE_PROMPTS = 256
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from dreambooth.sample import sample_to_file
 
+    _check_sample_args(args)
     out = sample_to_file(
         args.model,
         args.prompt,
@@ -168,6 +214,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from dreambooth.evaluation.runner import EvalOptions, evaluate, format_table
 
+    _in_range(args.images_per_prompt, 1, 64, "--images-per-prompt")
+    _in_range(args.steps, 1, 1000, "--steps")
+    _in_range(args.guidance_scale, 0, 100, "--guidance-scale")
+    _in_range(args.seed, 0, 2**31 - 1, "--seed")
     options = EvalOptions(
         output=args.output, suite=args.suite, shapes_subject=args.shapes_subject,
         images_per_prompt=args.images_per_prompt, seed=args.seed, num_inference_steps=args.steps,
@@ -185,7 +235,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _bulk_options(args: argparse.Namespace):
     from dreambooth.bulk import BulkOptions
 
-    return BulkOptions(args.manifest, args.output, max_concurrent=args.max_concurrent, max_retries=args.max_retries)
+    return BulkOptions(args.manifest, args.output, max_concurrent=args.max_concurrent, max_retries=args.max_retries,
+                       distinct_identifiers=args.distinct_identifiers)
 
 
 def _run_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -221,7 +272,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         objects = [kube.build_rayjob(job, target) for job in jobs]
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    api = None if (args.dry_run and args.offline) else kube.load_api_client(args.kubeconfig, args.context)
+    api = None if (args.dry_run and args.offline) else kube.load_api_client(args.kubeconfig, args.context, args.request_timeout)
     if args.dry_run:
         print(kube.rayjobs_to_yaml(objects))
     results = kube.submit(api, objects, dry_run=args.dry_run)
@@ -236,7 +287,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from dreambooth import kube
 
-    rows = kube.list_status(kube.load_api_client(args.kubeconfig, args.context), args.namespace, args.bulk_run)
+    rows = kube.list_status(kube.load_api_client(args.kubeconfig, args.context, args.request_timeout), args.namespace, args.bulk_run)
     print(kube.format_status_table(rows))
     return 0
 
@@ -253,7 +304,15 @@ def _add_bulk_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="root URI; subject NAME writes to OUTPUT/NAME")
     parser.add_argument("--max-concurrent", type=int, default=0, help="subjects at once (0 = what the cluster fits)")
     parser.add_argument("--max-retries", type=int, default=1, help="retries of a subject that failed while running")
+    parser.add_argument("--distinct-identifiers", type=_bool_flag, nargs="?", const=True, default=True, metavar="true|false",
+                        help="give every subject its own identifier (auto ones: 1-3 rare tokens); false lets them share")
     _add_run_flags(parser, skip=("output",))
+
+
+def _bool_flag(text: str) -> bool:
+    if text.lower() not in ("true", "false", "yes", "no", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "yes", "1")
 
 
 def _add_kube_flags(parser: argparse.ArgumentParser) -> None:
@@ -261,6 +320,8 @@ def _add_kube_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     parser.add_argument("--context", default=None, help="kubeconfig context")
     parser.add_argument("--bulk-run", default=None, help="label value linking this run's RayJobs (default: manifest name)")
+    parser.add_argument("--request-timeout", type=float, default=30.0,
+                        help="seconds each Kubernetes API call may take before it fails (default: 30)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,6 +435,12 @@ def setup_logging(quiet: bool) -> None:
     quiet_libraries()
 
 
+def _kube_config_error() -> type:
+    from dreambooth.kube import KubeConfigError
+
+    return KubeConfigError
+
+
 def _kube_error() -> type:
     from dreambooth.kube import KubeError
 
@@ -392,7 +459,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ConfigError, SubjectError, StorageError, PermissionError) as exc:
+    except (ConfigError, SubjectError, StorageError, PermissionError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except _kube_config_error() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except _kube_error() as exc:

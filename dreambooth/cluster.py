@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from functools import cache
+from typing import Optional
 
 from dreambooth.config import TrainConfig
 
@@ -61,6 +62,59 @@ def resource_shapes(train: TrainConfig, use_gpu: bool) -> ResourceShapes:
         prior_actor={"CPU": 1.0, **gpu},
         export_task={"CPU": 1.0, **gpu},
     )
+
+
+def _autoscaling_limits() -> Optional[dict[str, float]]:
+    """The most of each resource the autoscaler may grow the cluster to, or None on a fixed-size cluster."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # private API: treat any change in it as "no autoscaler information"
+        return None
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{resources.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
+
+
+def check_feasible(train: TrainConfig, use_gpu: bool) -> None:
+    """Refuse training whose worker group this cluster can never hold, instead of waiting forever.
+
+    A fixed-size cluster must fit ``workers`` bundles of ``train_worker`` resources on its nodes (a
+    bundle on one node). An autoscaling cluster is checked against the most it can grow to; when it
+    must grow first, a message says what it waits for.
+    """
+    import ray
+
+    from dreambooth.config import ConfigError
+
+    bundle = resource_shapes(train, use_gpu).train_worker
+    need = {k: v * train.workers for k, v in bundle.items()}
+    asked = f"--workers {train.workers} x ({_describe(bundle)}{'' if use_gpu else ', --use-gpu false'})"
+    limits = _autoscaling_limits()
+    if limits is not None:
+        short = [k for k, v in need.items() if v > limits.get(k, 0)]
+        if short:
+            raise ConfigError(
+                f"{asked} needs {_describe(need)}, but this autoscaling cluster can grow to at most "
+                f"{_describe(limits)}; lower --workers/--cpus-per-worker{', or pass --use-gpu false' if use_gpu else ''}, "
+                "or raise the worker group's maxReplicas"
+            )
+        now = ray.cluster_resources()
+        if any(now.get(k, 0) < v for k, v in need.items()):
+            log.warning("the cluster has %s now; waiting for the autoscaler to add nodes for %s", _describe(now), asked)
+        return
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    fits = sum(min(int(res.get(k, 0) // v) for k, v in bundle.items() if v > 0) for res in nodes)
+    if fits < train.workers:
+        total = ray.cluster_resources()
+        fix = "pass --use-gpu false or run on a cluster with GPU nodes" if use_gpu and not total.get("GPU") else (
+            "lower --workers or --cpus-per-worker, or use a bigger cluster")
+        raise ConfigError(
+            f"{asked} can never start: this Ray cluster has {_describe(total)} on {len(nodes)} node(s), does not "
+            f"autoscale, and fits {fits} such worker(s); {fix}"
+        )
 
 
 @cache

@@ -16,7 +16,9 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import re
+import string
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from dreambooth.inputs import MAX_CONFIG_BYTES, MAX_PROMPT_CHARS, MAX_TEXT_FIELD, InputError, load_yaml_file, shorten
 
 
 class ConfigError(ValueError):
@@ -295,6 +299,10 @@ def all_fields() -> dict[str, FieldInfo]:
 # --------------------------------------------------------------------------- building
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_LIST_ITEMS = 64
+
+
 def _coerce(info: FieldInfo, value: Any, source: str) -> Any:
     """Check/convert one value to its field's type; errors name the field and the source."""
     tp = info.type
@@ -304,37 +312,53 @@ def _coerce(info: FieldInfo, value: Any, source: str) -> Any:
             return None
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
     where = f"'{info.name}' ({source})"
+    shown = shorten(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in {"true", "false", "yes", "no", "1", "0"}:
             return value.lower() in {"true", "yes", "1"}
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
+        raise ConfigError(f"{where} must be true or false, got {shown}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and len(value) > 20):
+            raise ConfigError(f"{where} must be an integer, got {shown}")
         try:
             return int(value)
         except ValueError:
-            raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+            raise ConfigError(f"{where} must be an integer, got {shown}") from None
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if isinstance(value, bool) or (isinstance(value, str) and len(value) > 40):
+            raise ConfigError(f"{where} must be a number, got {shown}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+            raise ConfigError(f"{where} must be a number, got {shown}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{where} must be a finite number, got {shown}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return str(value)
+            raise ConfigError(f"{where} must be a string, got {shown}")
+        return _checked_text(str(value), where)
     if typing.get_origin(tp) is list:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
-        return list(value)
+            raise ConfigError(f"{where} must be a list of strings, got {shown}")
+        if len(value) > MAX_LIST_ITEMS:
+            raise ConfigError(f"{where} has {len(value)} entries; at most {MAX_LIST_ITEMS} are accepted")
+        return [_checked_text(v, where) for v in value]
     raise TypeError(f"unsupported config type {tp} for {info.name}")  # a bug, not user input
+
+
+def _checked_text(text: str, where: str) -> str:
+    if len(text) > MAX_TEXT_FIELD:
+        raise ConfigError(f"{where} is {len(text):,} characters long; at most {MAX_TEXT_FIELD} are accepted")
+    bad = _CONTROL.search(text)
+    if bad:
+        raise ConfigError(f"{where} contains a control character ({bad.group()!r}) in {shorten(text)}; "
+                          "remove line breaks, tabs and other control characters")
+    return text
 
 
 def _unknown_key(key: str, source: str) -> ConfigError:
@@ -385,16 +409,19 @@ def build_config(*layers: tuple[dict[str, Any], str]) -> RunConfig:
     return cfg
 
 
+CONFIG_YAML_NODES = 100_000
+"""Largest config file in YAML nodes after alias expansion (a config has a few dozen keys)."""
+
+
 def load_yaml(path: str) -> dict[str, Any]:
-    """Read a YAML config file into flat ``{field: value}``."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    """Read a YAML config file (``--config``) into flat ``{field: value}``."""
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    return flatten(data, path)
+        data = load_yaml_file(path, "config file", MAX_CONFIG_BYTES, CONFIG_YAML_NODES) if Path(path).is_file() else None
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
+    if data is None and not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    return flatten(data or {}, path)
 
 
 # --------------------------------------------------------------------------- validation
@@ -423,21 +450,81 @@ def validate_class_noun(noun: str) -> str:
     return noun
 
 
+MAX_RESOLUTION = 2048
+"""Largest training/prior image side accepted (SDXL trains at 1024)."""
+
+MAX_SEED = 2**31 - 1
+MAX_IDENTIFIER_WORDS = 3
+"""The paper's [V] is a sequence of 1-3 rare tokens."""
+
+_IDENTIFIER_WORD = re.compile(r"^[\w\-]{1,32}$")
+_TEMPLATE_FIELDS = ("identifier", "class_noun")
+
+
+def _in_range(value: float, lo: float, hi: float, flag: str, why: str = "") -> None:
+    _check(lo <= value <= hi, f"{flag} must be between {lo:g} and {hi:g}{why}, got {value:g}")
+
+
+def validate_resolution(resolution: int, flag: str = "--resolution") -> None:
+    _check(
+        8 <= resolution <= MAX_RESOLUTION and resolution % 8 == 0,
+        f"{flag} must be a multiple of 8 between 8 and {MAX_RESOLUTION}, got {resolution}",
+    )
+
+
+def validate_identifier(identifier: str, flag: str = "--identifier") -> str:
+    """``auto`` or 1-3 words of letters, digits, ``_`` or ``-`` (each rare token is one word)."""
+    ident = " ".join(identifier.split())
+    _check(bool(ident), f"{flag} is empty; pass a rare token such as 'sks', or 'auto'")
+    words = ident.split(" ")
+    _check(
+        len(words) <= MAX_IDENTIFIER_WORDS,
+        f"{flag} {shorten(ident)} has {len(words)} words; use 1-{MAX_IDENTIFIER_WORDS} rare tokens such as 'sks' or 'auto'",
+    )
+    bad = [w for w in words if not _IDENTIFIER_WORD.match(w)]
+    _check(
+        not bad,
+        f"{flag} {shorten(ident)}: {shorten(bad[0]) if bad else ''} is not a word of at most 32 letters, digits, '_' or '-'; "
+        "pick a rare token such as 'sks' (or 'auto')",
+    )
+    return ident
+
+
+def validate_prompt_template(template: str, flag: str = "--sample-prompts") -> None:
+    """Only ``{identifier}`` and ``{class_noun}``, plain: a format spec like ``{identifier:>9999999}`` can
+    expand a few bytes into gigabytes."""
+    _check(
+        len(template) <= MAX_PROMPT_CHARS,
+        f"{flag} entry {shorten(template)} is {len(template)} characters; at most {MAX_PROMPT_CHARS}",
+    )
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"{flag} entry {shorten(template)} is not a valid template ({exc}); "
+                          "use {identifier} and {class_noun}, or write '{{' for a brace") from None
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        _check(
+            name in _TEMPLATE_FIELDS and not spec and not conversion,
+            f"{flag} entry {shorten(template)} may only use {{identifier}} and {{class_noun}} "
+            f"(no format specs or conversions), found {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}",
+        )
+
+
 def validate_generation(cfg: RunConfig) -> None:
     """Checks shared by `prior` and `run`: model, class noun, resolution, generation settings."""
     _check(bool(cfg.model.strip()), "--model is empty; pass a local diffusers folder, a hub id or 'tiny'")
     cfg.subject.class_noun = validate_class_noun(cfg.subject.class_noun)
     t, p = cfg.train, cfg.prior
-    _check(
-        t.resolution >= 8 and t.resolution % 8 == 0,
-        f"--resolution must be a positive multiple of 8, got {t.resolution}",
-    )
-    _check(p.num_class_images >= 0, f"--num-class-images must be >= 0, got {p.num_class_images}")
-    _check(p.prior_actors >= 0, f"--prior-actors must be >= 0 (0 = auto), got {p.prior_actors}")
-    _check(p.prior_batch_size >= 1, f"--prior-batch-size must be >= 1, got {p.prior_batch_size}")
-    _check(p.num_inference_steps >= 1, f"--num-inference-steps must be >= 1, got {p.num_inference_steps}")
-    _check(p.guidance_scale >= 0, f"--guidance-scale must be >= 0, got {p.guidance_scale}")
-    _check(t.use_gpu in ("auto", "true", "false"), f"--use-gpu must be auto, true or false, got {t.use_gpu!r}")
+    validate_resolution(t.resolution)
+    _in_range(p.num_class_images, 0, 100_000, "--num-class-images")
+    _in_range(p.prior_actors, 0, 4096, "--prior-actors", " (0 = auto)")
+    _in_range(p.prior_batch_size, 1, 1024, "--prior-batch-size")
+    _in_range(p.num_inference_steps, 1, 1000, "--num-inference-steps")
+    _in_range(p.guidance_scale, 0, 100, "--guidance-scale")
+    _in_range(p.prior_seed, 0, MAX_SEED, "--prior-seed")
+    _check(t.use_gpu in ("auto", "true", "false"), f"--use-gpu must be auto, true or false, got {shorten(t.use_gpu)}")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -448,45 +535,37 @@ def validate(cfg: RunConfig) -> RunConfig:
         bool(cfg.subject.instance_dir.strip()),
         "--instance-dir is empty; pass the folder with 3-5 photos of your subject",
     )
-    ident = cfg.subject.identifier.strip()
-    _check(bool(ident), "--identifier is empty; pass a rare token such as 'sks', or 'auto'")
-    _check(" " not in ident or ident == "auto", f"--identifier {ident!r} must be one word without spaces")
-    cfg.subject.identifier = ident
+    cfg.subject.identifier = validate_identifier(cfg.subject.identifier)
+    _in_range(cfg.subject.identifier_seed, 0, MAX_SEED, "--identifier-seed")
     t = cfg.train
-    _check(t.max_train_steps >= 1, f"--max-train-steps must be >= 1, got {t.max_train_steps}")
-    _check(t.train_batch_size >= 1, f"--train-batch-size must be >= 1, got {t.train_batch_size}")
-    _check(
-        t.gradient_accumulation_steps >= 1,
-        f"--gradient-accumulation-steps must be >= 1, got {t.gradient_accumulation_steps}",
-    )
-    _check(0 < t.learning_rate < 1, f"--learning-rate must be in (0, 1), got {t.learning_rate}")
-    _check(t.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {t.lr_scheduler!r}")
-    _check(t.lr_warmup_steps >= 0, f"--lr-warmup-steps must be >= 0, got {t.lr_warmup_steps}")
-    _check(t.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {t.max_grad_norm}")
-    _check(t.prior_loss_weight >= 0, f"--prior-loss-weight must be >= 0, got {t.prior_loss_weight}")
-    _check(t.mixed_precision in PRECISIONS, f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {t.mixed_precision!r}")
-    _check(t.workers >= 1, f"--workers must be >= 1, got {t.workers}")
-    _check(t.cpus_per_worker > 0, f"--cpus-per-worker must be > 0, got {t.cpus_per_worker}")
+    _in_range(t.max_train_steps, 1, 10_000_000, "--max-train-steps")
+    _in_range(t.train_batch_size, 1, 1024, "--train-batch-size")
+    _in_range(t.gradient_accumulation_steps, 1, 4096, "--gradient-accumulation-steps")
+    _check(0 < t.learning_rate < 1, f"--learning-rate must be in (0, 1), got {t.learning_rate:g}")
+    _check(t.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {shorten(t.lr_scheduler)}")
+    _in_range(t.lr_warmup_steps, 0, 10_000_000, "--lr-warmup-steps")
+    _in_range(t.max_grad_norm, 0, 1e6, "--max-grad-norm", " (0 disables clipping)")
+    _in_range(t.adam_weight_decay, 0, 1, "--adam-weight-decay")
+    _in_range(t.prior_loss_weight, 0, 1000, "--prior-loss-weight")
+    _check(t.mixed_precision in PRECISIONS, f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {shorten(t.mixed_precision)}")
+    _in_range(t.workers, 1, 4096, "--workers")
+    _check(0 < t.cpus_per_worker <= 1024, f"--cpus-per-worker must be > 0 and at most 1024, got {t.cpus_per_worker:g}")
     _check(t.zero_stage in (0, 1, 2, 3), f"--zero-stage must be 0, 1, 2 or 3, got {t.zero_stage}")
     _check(
         not (t.offload_optimizer and t.zero_stage == 0),
         "--offload-optimizer needs --zero-stage 1, 2 or 3 (ZeRO owns the optimizer state it offloads)",
     )
-    _check(t.checkpointing_steps >= 0, f"--checkpointing-steps must be >= 0, got {t.checkpointing_steps}")
-    _check(t.max_failures >= 0, f"--max-failures must be >= 0, got {t.max_failures}")
-    _check(t.log_every >= 1, f"--log-every must be >= 1, got {t.log_every}")
+    _in_range(t.checkpointing_steps, 0, 10_000_000, "--checkpointing-steps", " (0 = final weights only)")
+    _in_range(t.max_failures, 0, 1000, "--max-failures")
+    _in_range(t.seed, 0, MAX_SEED, "--seed")
+    _in_range(t.log_every, 1, 10_000_000, "--log-every")
     _check(
         t.prior_loss_weight == 0 or cfg.prior.num_class_images >= 1,
         "--num-class-images must be >= 1 when --prior-loss-weight > 0 (prior preservation needs class images)",
     )
-    _check(cfg.export.num_sample_images >= 0, "--num-sample-images must be >= 0")
+    _in_range(cfg.export.num_sample_images, 0, 64, "--num-sample-images")
     for prompt in cfg.export.sample_prompts:
-        try:
-            prompt.format(identifier="x", class_noun="y")
-        except (KeyError, IndexError, ValueError):
-            raise ConfigError(
-                f"--sample-prompts entry {prompt!r} may only use {{identifier}} and {{class_noun}}"
-            ) from None
+        validate_prompt_template(prompt)
     return cfg
 
 

@@ -10,6 +10,9 @@ Output layout (``<output>/``)::
 
 ``run.json`` is the completion marker: an output without it is unfinished, whatever else it holds.
 The folder loads with ``StableDiffusionPipeline.from_pretrained(output)`` and no project code.
+
+A run owns only the entries it writes (``owned_entries``); ``--overwrite`` removes those and
+nothing else, so files a user keeps in the output folder survive a re-run.
 """
 
 from __future__ import annotations
@@ -29,8 +32,49 @@ BEFORE_AFTER = "before_after.png"
 CONFIG = "config.yaml"
 
 
+EVAL_RECORD = "eval.json"
+CHECKPOINTS = "checkpoints"
+PIPELINE_INDEX = "model_index.json"
+RUN_FILES = (RUN_RECORD, EVAL_RECORD, GRID, BEFORE_AFTER, CONFIG, PIPELINE_INDEX, CHECKPOINTS)
+"""Entries every run may write at the top of its output (pipeline components are read from the index)."""
+
+PIPELINE_COMPONENTS = frozenset({
+    "unet", "text_encoder", "text_encoder_2", "vae", "tokenizer", "tokenizer_2", "scheduler",
+    "safety_checker", "feature_extractor", "image_encoder",
+})
+"""Component folders a saved diffusers pipeline may have; only these are ever removed."""
+
+
 def is_complete(output: str) -> bool:
     return storage.exists(storage.join(output, RUN_RECORD))
+
+
+def owned_entries(output: str) -> list[str]:
+    """Names in ``output`` that a run wrote: ``RUN_FILES`` plus the component folders its
+    ``model_index.json`` lists (unet, text_encoder, vae, tokenizer, scheduler, ...)."""
+    names = list(RUN_FILES)
+    index = storage.join(output, PIPELINE_INDEX)
+    if storage.exists(index):
+        try:
+            components = storage.read_json(index)
+        except ValueError:  # a damaged index: its components are still ours to replace
+            components = dict.fromkeys(PIPELINE_COMPONENTS)
+        names += sorted(PIPELINE_COMPONENTS & set(components if isinstance(components, dict) else {}))
+    return names
+
+
+def remove_run_outputs(output: str) -> list[str]:
+    """Delete what an earlier run wrote in ``output`` (the completion marker first), and nothing else.
+
+    Returns the names removed. Anything else in the folder (the user's files) is left as it is.
+    """
+    removed = []
+    for name in owned_entries(output):  # RUN_RECORD first: a half-removed output never looks complete
+        uri = storage.join(output, name)
+        if storage.exists(uri):
+            storage.remove(uri)
+            removed.append(name)
+    return removed
 
 
 def export_pipeline(cfg: RunConfig, model_path: str, weights_uri: str) -> dict:

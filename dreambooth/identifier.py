@@ -13,6 +13,11 @@ every candidate is still a whole word-final token. Candidates must also:
 - decode to 2-3 lowercase ASCII letters (typeable, no spaces, no digits: numbers carry meaning),
 - re-tokenize to exactly that one token (so the text the user types is the token we chose),
 - not be an English word: wordfreq's Zipf frequency below ``MAX_WORD_ZIPF``.
+
+About 300 single tokens pass. Where more distinct identifiers are needed (a bulk run of thousands
+of subjects that asks for distinct ones), the draw goes on to sequences of 2 and then 3 of them,
+space-separated so that each word stays its own token ("sks ohw"): the paper's [V] is a sequence
+of 1-3 rare tokens. That gives ~90 thousand pairs and ~28 million triples.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import random
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Collection, Iterator
 
 from wordfreq import zipf_frequency
 
@@ -67,15 +73,61 @@ def rare_token_candidates(tokenizer) -> list[str]:
     return list(_candidates_cached(getattr(tokenizer, "name_or_path", "") + str(len(tokenizer)), tokenizer))
 
 
-def pick_identifiers(tokenizer, count: int = 1, seed: int = 0, exclude: set[str] | frozenset = frozenset()) -> list[str]:
+MAX_SEQUENCE = 3
+"""Longest identifier drawn, in rare tokens."""
+
+
+class IdentifierDrawer:
+    """Deterministic draws from one vocabulary's candidates: single tokens first, then pairs, then triples.
+
+    For each seed, the order is a seeded permutation of the single tokens, then of all pairs, then
+    seeded random triples. ``draw(seed, taken)`` returns the next identifier of that order not in
+    ``taken``; a cursor per seed makes thousands of draws linear rather than quadratic.
+    """
+
+    def __init__(self, candidates: list[str]):
+        if not candidates:
+            raise ValueError("the tokenizer has no rare-token candidates; pass --identifier explicitly")
+        self._candidates = list(candidates)
+        self._orders: dict[int, Iterator[str]] = {}
+
+    def _order(self, seed: int) -> Iterator[str]:
+        rng = random.Random(seed)
+        singles = self._candidates
+        # sample(pool, len(pool)) starts with the same pick as sample(pool, 1): single draws stay stable.
+        yield from rng.sample(singles, len(singles))
+        pairs = [f"{a} {b}" for a in singles for b in singles if a != b]
+        yield from rng.sample(pairs, len(pairs))
+        while True:
+            yield " ".join(rng.sample(singles, MAX_SEQUENCE)) if len(singles) >= MAX_SEQUENCE else singles[0]
+
+    def draw(self, seed: int = 0, taken: Collection[str] = frozenset()) -> str:
+        order = self._orders.setdefault(seed, self._order(seed))
+        for _ in range(10_000_000):
+            ident = next(order)
+            if ident not in taken:
+                return ident
+        raise ValueError("no identifier left that is not taken; pass --identifier explicitly")
+
+
+def drawer_for(tokenizer) -> IdentifierDrawer:
+    """A new drawer over a tokenizer's (cached) candidates. Keep one per bulk run: its cursors are its state."""
+    return IdentifierDrawer(rare_token_candidates(tokenizer))
+
+
+def pick_identifiers(tokenizer, count: int = 1, seed: int = 0, exclude: Collection[str] = frozenset()) -> list[str]:
     """Draw ``count`` distinct identifiers deterministically (same seed, same vocabulary → same picks).
 
-    ``exclude`` holds identifiers already taken (e.g. by other subjects of a bulk run).
+    ``exclude`` holds identifiers already taken (e.g. by other subjects of a bulk run). Single rare
+    tokens come first; 2- and 3-token sequences follow once they run out.
     """
-    pool = [c for c in rare_token_candidates(tokenizer) if c not in exclude]
-    if count > len(pool):
-        raise ValueError(f"only {len(pool)} rare-token identifiers are left, {count} requested")
-    return random.Random(seed).sample(pool, count)
+    drawer = drawer_for(tokenizer)
+    picked: list[str] = []
+    taken = set(exclude)
+    for _ in range(count):
+        picked.append(drawer.draw(seed, taken))
+        taken.add(picked[-1])
+    return picked
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,14 @@ class KubeError(RuntimeError):
     """The cluster cannot be reached or used; the message says what to check."""
 
 
+class KubeConfigError(KubeError, ValueError):
+    """A kubeconfig or cluster spec the user must fix (bad input: exit code 2)."""
+
+
+REQUEST_TIMEOUT_S = 30.0
+"""Default limit on each Kubernetes API call (connect and read), so a silent server cannot hang us."""
+
+
 @dataclass(frozen=True)
 class SubjectJob:
     """One subject to personalize: its name and the entrypoint flags (without leading dashes)."""
@@ -189,11 +197,20 @@ def default_bulk_run(manifest_path: str) -> str:
 
 def load_cluster_spec(path: str) -> dict[str, Any]:
     """A ``rayClusterSpec`` from a YAML file (either the spec itself or a whole RayCluster)."""
-    import yaml
+    from dreambooth.inputs import InputError, load_yaml_file
 
-    with open(path) as handle:
-        data = yaml.safe_load(handle) or {}
-    return data.get("spec", data) if data.get("kind") == "RayCluster" else data
+    try:
+        data = load_yaml_file(path, "--ray-cluster-spec") or {}
+    except InputError as exc:
+        raise KubeConfigError(str(exc)) from None
+    if not isinstance(data, dict):
+        raise KubeConfigError(f"--ray-cluster-spec {path} must be a mapping (a RayCluster or its spec), "
+                              f"got a {type(data).__name__}")
+    spec = data.get("spec", data) if data.get("kind") == "RayCluster" else data
+    if not isinstance(spec, dict) or not isinstance(spec.get("headGroupSpec"), dict):
+        raise KubeConfigError(f"--ray-cluster-spec {path} has no headGroupSpec; pass a RayCluster manifest or its "
+                              "spec (see KubeRay's ray-cluster.sample.yaml)")
+    return spec
 
 
 def rayjob_name(subject_name: str, bulk_run: str) -> str:
@@ -321,9 +338,17 @@ def _api_error_text(exc: Exception) -> str:
 
 def _unreachable(api_client: Any, exc: Exception) -> KubeError:
     host = getattr(getattr(api_client, "configuration", None), "host", "?")
+    text = str(exc)
+    if "timed out" in text.lower() or "timeout" in type(exc).__name__.lower():
+        limit = getattr(api_client, "request_timeout", REQUEST_TIMEOUT_S)
+        return KubeError(
+            f"the Kubernetes API server at {host} accepted the connection but did not answer within {limit:g} s; "
+            "check that the address in the kubeconfig is the API server (not a proxy or load balancer that "
+            "holds connections), or raise --request-timeout"
+        )
     return KubeError(
-        f"cannot reach the Kubernetes API server at {host} ({exc}); check the kubeconfig context "
-        "(--kubeconfig, KUBECONFIG) and that the cluster is up"
+        f"cannot reach the Kubernetes API server at {host} ({type(exc).__name__}: {' '.join(text.split())[:200]}); "
+        "check the kubeconfig context (--kubeconfig, KUBECONFIG) and that the cluster is up"
     )
 
 
@@ -488,32 +513,73 @@ def format_status_table(rows: Sequence[JobStatus], max_message: int = 60) -> str
 # --------------------------------------------------------------------------- connecting
 
 
-def load_api_client(kubeconfig: Optional[str] = None, context: Optional[str] = None) -> Any:
+class _TimeoutApiClient:
+    """Mixin: every call gets ``request_timeout`` unless the caller gives its own."""
+
+    request_timeout: float = REQUEST_TIMEOUT_S
+
+    def call_api(self, *args, _request_timeout=None, **kwargs):  # noqa: D401 (kubernetes' signature)
+        timeout = _request_timeout or (min(5.0, self.request_timeout), self.request_timeout)
+        return super().call_api(*args, _request_timeout=timeout, **kwargs)
+
+
+def _api_client(configuration: Any, request_timeout: float) -> Any:
+    from kubernetes import client
+    from urllib3.util.retry import Retry
+
+    # urllib3's default retries a timed-out GET three more times: a silent server would take 4x the limit.
+    configuration.retries = Retry(total=2, connect=2, read=0, status=0, backoff_factor=0.2)
+    cls = type("ApiClient", (_TimeoutApiClient, client.ApiClient), {"request_timeout": float(request_timeout)})
+    return cls(configuration)
+
+
+def _check_kubeconfig_file(path: str) -> None:
+    """Read a kubeconfig as a user's YAML (size and alias limits, no Python tags) before the client does."""
+    from dreambooth.inputs import InputError, load_yaml_file
+
+    try:
+        data = load_yaml_file(os.path.expanduser(path), "kubeconfig")
+    except InputError as exc:
+        raise KubeConfigError(f"{exc}; pass a valid kubeconfig (kubectl config view --raw > FILE)") from None
+    if not isinstance(data, dict) or not data.get("clusters"):
+        raise KubeConfigError(f"kubeconfig {path} has no 'clusters'; pass a kubeconfig file "
+                              "(kubectl config view --raw > FILE)")
+
+
+def load_api_client(kubeconfig: Optional[str] = None, context: Optional[str] = None,
+                    request_timeout: float = REQUEST_TIMEOUT_S) -> Any:
     """A ``kubernetes.client.ApiClient``: in-cluster credentials inside a pod, else the kubeconfig.
 
     In a pod (``KUBERNETES_SERVICE_HOST`` set) with neither argument given, the pod's service account
     is used. Otherwise ``kubeconfig`` (default: ``$KUBECONFIG`` or ``~/.kube/config``) and ``context``.
+    Every API call made through the client times out after ``request_timeout`` seconds.
     """
     from kubernetes import client, config
 
+    if not (request_timeout > 0):
+        raise KubeConfigError(f"--request-timeout must be a positive number of seconds, got {request_timeout}")
     configuration = client.Configuration()
     if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
         try:
             config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException as exc:
             raise KubeError(f"running in a pod but cannot use its service account: {exc}") from exc
-        return client.ApiClient(configuration)
+        return _api_client(configuration, request_timeout)
     if kubeconfig is not None and not os.path.isfile(os.path.expanduser(kubeconfig)):
-        raise KubeError(f"kubeconfig {kubeconfig} does not exist; pass the path of a kubeconfig file")
+        raise KubeConfigError(f"kubeconfig {kubeconfig} does not exist; pass the path of a kubeconfig file")
+    source = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+    for path in ([kubeconfig] if kubeconfig else [p for p in (os.environ.get("KUBECONFIG") or "~/.kube/config").split(os.pathsep) if p]):
+        if os.path.isfile(os.path.expanduser(path)):
+            _check_kubeconfig_file(path)
     try:
         config.load_kube_config(
             config_file=kubeconfig, context=context, client_configuration=configuration, persist_config=False
         )
-    except (config.ConfigException, OSError) as exc:
-        source = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
-        raise KubeError(
-            f"no usable Kubernetes configuration in {source} ({exc}); pass --kubeconfig, set KUBECONFIG, "
-            "or run `kubectl config use-context <name>`"
+    except Exception as exc:  # ConfigException, OSError, bad base64 (binascii.Error), YAML errors...
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise KubeConfigError(
+            f"no usable Kubernetes configuration in {source} ({type(exc).__name__}: {reason}); pass --kubeconfig, "
+            "set KUBECONFIG, or run `kubectl config use-context <name>`"
             + (f" (is {context!r} a context in that file?)" if context else "")
-        ) from exc
-    return client.ApiClient(configuration)
+        ) from None
+    return _api_client(configuration, request_timeout)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from functools import lru_cache
+from typing import Collection, Optional
 
 from dreambooth import cluster, export, identifier, models, priors, storage
 from dreambooth.config import ConfigError, RunConfig, validate
@@ -29,25 +30,79 @@ class Prepared:
     identifier_was_auto: bool = False
 
 
-def resolve_identifier(cfg: RunConfig, model_path: str, taken: frozenset[str] = frozenset()) -> tuple[bool, list[str]]:
-    """Fill in ``identifier: auto`` from the model's tokenizer, or check a user-given one."""
+@lru_cache(maxsize=4)
+def _tokenizer(model_path: str, revision: Optional[str]):
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", revision=cfg.revision)
+    return CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", revision=revision)
+
+
+def resolve_identifier(
+    cfg: RunConfig,
+    model_path: str,
+    taken: Collection[str] = frozenset(),
+    drawers: Optional[dict[str, identifier.IdentifierDrawer]] = None,
+) -> tuple[bool, list[str]]:
+    """Fill in ``identifier: auto`` from the model's tokenizer, or check a user-given one.
+
+    ``drawers`` (one per model path) carries the draw's position from subject to subject of a bulk run.
+    """
+    tokenizer = _tokenizer(model_path, cfg.revision)
     if cfg.subject.identifier == "auto":
-        cfg.subject.identifier = identifier.pick_identifiers(tokenizer, 1, cfg.subject.identifier_seed, exclude=taken)[0]
+        drawer = identifier.drawer_for(tokenizer) if drawers is None else drawers.setdefault(
+            model_path, identifier.drawer_for(tokenizer))
+        cfg.subject.identifier = drawer.draw(cfg.subject.identifier_seed, taken)
         return True, []
     if cfg.subject.identifier in taken:
         raise ConfigError(f"--identifier {cfg.subject.identifier!r} is already used by another subject; pick another")
     return False, identifier.check_identifier(tokenizer, cfg.subject.identifier).warnings
 
 
-def preflight(cfg: RunConfig, taken_identifiers: frozenset[str] = frozenset()) -> Prepared:
-    """Validate config, model, photos, identifier and output; raise ConfigError/SubjectError/PermissionError."""
+def check_output_location(cfg: RunConfig) -> None:
+    """Refuse an output that would put the user's own files in the way of a run or of --overwrite.
+
+    The output may not be a filesystem root, a home folder or a bucket root, may not hold (or be)
+    the subject's photos or the prior cache, and may not lie inside the photo folder.
+    """
+    out = cfg.output
+    if storage.is_root(out):
+        raise ConfigError(f"--output {out} is a filesystem, home or bucket root; pass a folder of its own, "
+                          f"e.g. {storage.join(out, 'runs', 'my-subject')}")
+    instance = cfg.subject.instance_dir
+    if storage.contains(out, instance):
+        raise ConfigError(f"--output {out} contains the subject's photos (--instance-dir {instance}); "
+                          "write the model to a folder of its own, e.g. a sibling of the photo folder")
+    if storage.contains(instance, out):
+        raise ConfigError(f"--output {out} lies inside the photo folder --instance-dir {instance}; "
+                          "write the model somewhere else")
+    if cfg.train.prior_loss_weight > 0:
+        prior_root = cfg.prior_root
+        if storage.contains(out, prior_root) or storage.contains(prior_root, out):
+            raise ConfigError(f"--output {out} and the prior cache {prior_root} overlap; the cache is shared by "
+                              "every subject of a class: give --prior-output a folder outside the output")
+        if storage.contains(prior_root, instance):
+            raise ConfigError(f"the prior cache {prior_root} contains the subject's photos ({instance}); "
+                              "set --prior-output to a folder of its own")
+
+
+def preflight(
+    cfg: RunConfig,
+    taken_identifiers: Collection[str] = frozenset(),
+    keep_images: bool = True,
+    drawers: Optional[dict[str, identifier.IdentifierDrawer]] = None,
+) -> Prepared:
+    """Validate config, model, photos, identifier and output; raise ConfigError/SubjectError/PermissionError.
+
+    ``keep_images=False`` checks the photos but does not keep them (bulk runs of thousands of
+    subjects load each subject's photos again when it starts).
+    """
     validate(cfg)
+    check_output_location(cfg)
     model_path = models.resolve_model(cfg.model, cfg.revision)
     images = load_subject_images(cfg.subject.instance_dir, cfg.train.resolution)
-    was_auto, warnings = resolve_identifier(cfg, model_path, taken_identifiers)
+    was_auto, warnings = resolve_identifier(cfg, model_path, taken_identifiers, drawers)
+    if not keep_images:
+        images = []
     if not export.is_complete(cfg.output) or cfg.overwrite:
         storage.check_writable(cfg.output)
         if cfg.train.prior_loss_weight > 0:
@@ -68,16 +123,20 @@ def execute(prepared: Prepared) -> RunOutcome:
     from dreambooth.training.trainer import train
 
     cfg = prepared.config
-    if export.is_complete(cfg.output):
-        if not cfg.overwrite:
-            return RunOutcome(cfg.output, skipped=True, record=storage.read_json(storage.join(cfg.output, export.RUN_RECORD)))
-        storage.remove(cfg.output)
+    complete = export.is_complete(cfg.output)
+    if complete and not cfg.overwrite:
+        return RunOutcome(cfg.output, skipped=True, record=storage.read_json(storage.join(cfg.output, export.RUN_RECORD)))
+    images = prepared.images or load_subject_images(cfg.subject.instance_dir, cfg.train.resolution)
 
     timings: dict[str, float] = {}
     start = time.monotonic()
     cluster.connect()
     timings["connect_s"] = time.monotonic() - start
     use_gpu = cluster.resolve_use_gpu(cfg.train.use_gpu)
+    cluster.check_feasible(cfg.train, use_gpu)
+    if complete:  # --overwrite, once the run is known to be able to start
+        removed = export.remove_run_outputs(cfg.output)
+        log.info("--overwrite: removed the earlier run's %s from %s (nothing else)", ", ".join(removed), cfg.output)
 
     prior_set = None
     if cfg.train.prior_loss_weight > 0:
@@ -98,7 +157,7 @@ def execute(prepared: Prepared) -> RunOutcome:
     if storage.exists(storage.join(weights, "progress.json")):
         log.info("final weights already trained at %s; exporting them", weights)
     else:
-        result = train(cfg, prepared.model_path, prepared.images, prior_set, use_gpu=use_gpu)
+        result = train(cfg, prepared.model_path, images, prior_set, use_gpu=use_gpu)
         metrics, timings["train_s"] = result.metrics, result.seconds
 
     import ray
@@ -112,7 +171,7 @@ def execute(prepared: Prepared) -> RunOutcome:
     timings["export_s"] = exported["seconds"]
     executed, attempts = steps_run(cfg.output)
     if not cfg.export.keep_checkpoints:
-        storage.remove(storage.join(cfg.output, "checkpoints"))
+        storage.remove(storage.join(cfg.output, export.CHECKPOINTS))
     timings["total_s"] = time.monotonic() - start
     record = {
         "identifier": cfg.subject.identifier,
@@ -123,7 +182,7 @@ def execute(prepared: Prepared) -> RunOutcome:
         "class_prompt": cfg.subject.class_prompt,
         "sample_prompts": cfg.sample_prompts(),
         "model": cfg.model,
-        "instance_images": [img.name for img in prepared.images],
+        "instance_images": [img.name for img in images],
         "priors": {
             "cache": prior_set.uri if prior_set else None,
             "images": len(prior_set.seeds) if prior_set else 0,

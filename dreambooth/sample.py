@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import io
+import logging
 import tempfile
+import time
 from typing import Optional
 
 import torch
 from PIL import Image
 
 from dreambooth import models, storage
+
+log = logging.getLogger(__name__)
 
 
 def render_grid(
@@ -27,7 +31,10 @@ def render_grid(
 
     resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     images = []
-    for prompt in prompts:
+    started = time.monotonic()
+    for index, prompt in enumerate(prompts):
+        if len(prompts) > 1 and index:
+            log.info("sampled %d of %d prompts (%.0f s)", index, len(prompts), time.monotonic() - started)
         generators = [torch.Generator(pipe.device).manual_seed(seed + j) for j in range(num_images)]
         with torch.no_grad():
             images += pipe(

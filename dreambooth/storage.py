@@ -1,19 +1,25 @@
 """Storage on any fsspec URI (local paths, s3://, gs://, memory://, ...).
 
-Owns the two rules every stage relies on:
+Owns the rules every stage relies on:
 - atomic writes: a file appears under its final name only when it is whole (write to a hidden
   temporary name beside it, then move; object stores make single-object puts atomic anyway);
 - completion markers: a stage's output is complete when its marker file (a manifest, a run record)
-  exists, and the marker is always written last.
+  exists, and the marker is always written last;
+- no surprises from a backend: an unreachable host, missing credentials or a refused connection
+  becomes a ``StorageError`` naming the URI (``guard``), and checking that a place is writable
+  leaves nothing behind, not even an empty parent folder;
+- where two locations overlap (``contains``), so that no stage writes into or deletes a user's files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import posixpath
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -21,6 +27,23 @@ from fsspec.core import url_to_fs
 
 class StorageError(ValueError):
     """A URI that cannot be used: unknown protocol or missing fsspec backend; says what to install."""
+
+
+@contextlib.contextmanager
+def guard(uri: str, action: str = "read") -> Iterator[None]:
+    """Turn a backend's failure (no route, refused, timeout, bad credentials) into a StorageError."""
+    try:
+        yield
+    except (StorageError, PermissionError):
+        raise
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise
+    except Exception as exc:  # each fsspec backend raises its own types (socket, botocore, aiohttp...)
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise StorageError(
+            f"cannot {action} {uri}: {type(exc).__name__}: {reason}; check the address, that the service is up, "
+            "and the credentials"
+        ) from None
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -34,6 +57,9 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         protocol = str(uri).split("://", 1)[0]
         raise StorageError(f"{uri}: unknown storage protocol {protocol!r} ({exc}); use a local path or a URI "
                            "such as s3://bucket/path") from None
+    except Exception as exc:  # backends that connect on construction (ftp, sftp, ...)
+        with guard(uri, "connect to"):
+            raise exc
     return fs, path
 
 
@@ -47,7 +73,8 @@ def is_local(uri: str) -> bool:
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    with guard(uri):
+        return fs.exists(path)
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
@@ -97,21 +124,62 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
     return local_dir
 
 
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable(uri: str) -> None:
-    """Fail now, not after training, if ``uri`` cannot be written. Leaves nothing behind."""
+    """Fail now, not after training, if ``uri`` cannot be written. Leaves nothing behind.
+
+    Local paths are checked without creating anything: the nearest existing ancestor must be a
+    writable folder. Object stores get a probe object under ``uri``, deleted at once.
+    """
+    if is_local(uri):
+        path = Path(local_path(uri))
+        existing = _nearest_existing(path)
+        if not existing.is_dir():
+            raise PermissionError(f"cannot write to {uri}: {existing} is a file, not a folder; pick another location")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write to {uri}: {existing} is not writable; pick a writable location")
+        return
     fs, path = filesystem(uri)
-    created = not fs.exists(path)
     probe = f"{path.rstrip('/')}/.write-probe-{uuid.uuid4().hex}"
     try:
-        fs.makedirs(path, exist_ok=True)
         with fs.open(probe, "wb") as handle:
             handle.write(b"ok")
         fs.rm(probe)
-    except Exception as exc:  # PermissionError, read-only FS, missing bucket, bad credentials...
-        raise PermissionError(f"cannot write to {uri} ({type(exc).__name__}: {exc}); pick a writable location") from None
-    finally:
-        if created and is_local(uri):
-            try:
-                os.rmdir(path)  # only removes it if still empty
-            except OSError:
-                pass
+    except Exception as exc:  # PermissionError, missing bucket, bad credentials...
+        reason = " ".join(str(exc).split())[:200]
+        raise PermissionError(f"cannot write to {uri} ({type(exc).__name__}: {reason}); pick a writable location") from None
+
+
+def local_path(uri: str) -> str:
+    """The absolute, symlink-resolved path of a local URI (``file://`` or a plain path)."""
+    text = str(uri)[len("file://"):] if str(uri).startswith("file://") else str(uri)
+    return str(Path(os.path.expanduser(text)).resolve())
+
+
+def _comparable(uri: str) -> tuple[str, str]:
+    """(protocol, normalized path) of a URI, so that two spellings of one place compare equal."""
+    if is_local(uri):
+        return "file", local_path(uri)
+    protocol, rest = str(uri).split("://", 1)
+    return protocol, "/" + posixpath.normpath(rest.strip("/"))
+
+
+def contains(outer: str, inner: str) -> bool:
+    """Whether ``inner`` is ``outer`` or lies inside it (same protocol, path prefix by components)."""
+    (p1, a), (p2, b) = _comparable(outer), _comparable(inner)
+    if p1 != p2:
+        return False
+    return b == a or b.startswith(a.rstrip("/") + "/")
+
+
+def is_root(uri: str) -> bool:
+    """A filesystem root, a home folder, or an object-store bucket root: never a run's output."""
+    protocol, path = _comparable(uri)
+    if protocol == "file":
+        return path in ("/", str(Path.home().resolve())) or Path(path).parent == Path(path)
+    return path.strip("/").count("/") == 0

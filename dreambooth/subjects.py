@@ -12,16 +12,24 @@ training worker inside the train-loop config.
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from dreambooth import storage
 from dreambooth.config import MAX_INSTANCE_IMAGES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic", ".heif")
+HEIF_SUFFIXES = (".heic", ".heif")
 
+MAX_IMAGE_BYTES = 64 << 20
+"""Largest photo file read (64 MiB; a 50-megapixel JPEG is ~25 MiB)."""
+
+MAX_IMAGE_PIXELS = 100_000_000
+"""Largest photo accepted, in pixels (10000 x 10000), checked from the header before decoding."""
 
 class SubjectError(ValueError):
     """A subject's photos cannot be used; the message says which file and what to do."""
@@ -52,26 +60,96 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode(name: str, data: bytes) -> Image.Image:
+def _register_optional_plugins() -> bool:
+    """HEIC/HEIF need the pillow-heif plugin; use it when it is installed. Returns whether it is."""
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            probe.verify()  # catches many corrupt files cheaply
-        image = Image.open(io.BytesIO(data))
-        image.load()  # catches truncated files: verify() does not decode pixels
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise SubjectError(f"{name} is corrupt or truncated ({exc}); re-export or remove it") from None
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def _reason(exc: Exception) -> str:
+    """PIL's message without the ``<_io.BytesIO object at 0x...>`` it names the file by."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "its data is not in any image format Pillow can read"
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc)).strip(" :") or type(exc).__name__
+
+
+def _decode(name: str, data: bytes) -> Image.Image:
+    suffix = name[name.rfind("."):].lower() if "." in name else ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
+            with Image.open(io.BytesIO(data)) as probe:
+                width, height = probe.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise SubjectError(
+                        f"{name} is {width}x{height} = {width * height / 1e6:.0f} megapixels, more than the "
+                        f"{MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit; downscale it (the model trains at a few hundred pixels)"
+                    )
+                probe.verify()  # catches many corrupt files cheaply
+            image = Image.open(io.BytesIO(data))
+            image.load()  # catches truncated files: verify() does not decode pixels
+    except SubjectError:
+        raise
+    except Image.DecompressionBombError:
+        raise SubjectError(f"{name} declares more pixels than the {MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit "
+                           "(a decompression bomb, or a huge photo); downscale or remove it") from None
+    except UnidentifiedImageError as exc:
+        if suffix in HEIF_SUFFIXES and not _register_optional_plugins():
+            raise SubjectError(f"{name} is HEIC/HEIF, which needs the pillow-heif plugin: `pip install pillow-heif`, "
+                               "or convert it to JPEG or PNG") from None
+        if suffix == ".avif" and not features.check("avif"):
+            raise SubjectError(f"{name} is AVIF, which this Pillow cannot read (built without AVIF); "
+                               "upgrade Pillow or convert it to JPEG or PNG") from None
+        raise SubjectError(f"{name} is corrupt or truncated ({_reason(exc)}); re-export or remove it") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise SubjectError(f"{name} is corrupt or truncated ({_reason(exc)}); re-export or remove it") from None
     return image
+
+
+def _listing(fs, root: str) -> tuple[list[dict], list[str]]:
+    """(visible files with their sizes, visible subfolders) of one folder."""
+    entries = [e for e in fs.ls(root, detail=True) if not e["name"].rstrip("/").rsplit("/", 1)[-1].startswith(".")]
+    files = sorted((e for e in entries if e.get("type") == "file"), key=lambda e: e["name"])
+    folders = sorted(e["name"].rstrip("/") for e in entries if e.get("type") == "directory")
+    return files, folders
+
+
+def _photos_in_subfolders(fs, folders: list[str], instance_dir: str) -> str:
+    """A hint naming subfolders that hold photos, for a folder without any at its top level."""
+    found = []
+    for folder in folders[:20]:
+        files, _ = _listing(fs, folder)
+        count = sum(e["name"].lower().endswith(IMAGE_SUFFIXES) for e in files)
+        if count:
+            found.append(f"{folder.rsplit('/', 1)[-1]}/ ({count})")
+    if not found:
+        return ""
+    first = storage.join(instance_dir, found[0].split("/", 1)[0])
+    return (f"; its photos are in subfolder(s) {', '.join(found)}: move them up into {instance_dir} "
+            f"or point --instance-dir at the subfolder, e.g. {first}")
 
 
 def load_subject_images(instance_dir: str, resolution: int) -> list[SubjectImage]:
     """Read and check every photo in ``instance_dir`` (local path or fsspec URI)."""
     fs, root = storage.filesystem(instance_dir)
-    if not fs.exists(root) or not fs.isdir(root):
+    with storage.guard(instance_dir, "read"):
+        is_folder = fs.exists(root) and fs.isdir(root)
+        entries, folders = _listing(fs, root) if is_folder else ([], [])
+        hint = _photos_in_subfolders(fs, folders, instance_dir) if is_folder and folders and not entries else ""
+    if not is_folder:
         raise SubjectError(f"--instance-dir {instance_dir} does not exist or is not a folder")
-    files = sorted(p for p in fs.ls(root, detail=False) if not p.rsplit("/", 1)[-1].startswith("."))
-    files = [p for p in files if fs.isfile(p)]
-    if not files:
+    if not entries and not folders:
         raise SubjectError(f"--instance-dir {instance_dir} is empty; put 3-5 photos of your subject in it")
+    if not entries:
+        hint = hint or (f" (only subfolders: {', '.join(f.rsplit('/', 1)[-1] + '/' for f in folders[:5])}); "
+                        "put 3-5 photos of your subject in it")
+        raise SubjectError(f"--instance-dir {instance_dir} has no photos at its top level{hint}")
+    files = [e["name"] for e in entries]
+    sizes = {e["name"]: e.get("size") for e in entries}
     not_images = [p.rsplit("/", 1)[-1] for p in files if not p.lower().endswith(IMAGE_SUFFIXES)]
     if not_images:
         raise SubjectError(
@@ -86,7 +164,17 @@ def load_subject_images(instance_dir: str, resolution: int) -> list[SubjectImage
     images = []
     for path in files:
         name = path.rsplit("/", 1)[-1]
-        image = to_rgb(_decode(f"{instance_dir.rstrip('/')}/{name}", fs.cat_file(path)))
+        shown = f"{instance_dir.rstrip('/')}/{name}"
+        size = sizes.get(path)
+        if size is None or size > MAX_IMAGE_BYTES:
+            with storage.guard(shown):
+                size = fs.size(path) if size is None else size
+        if size > MAX_IMAGE_BYTES:
+            raise SubjectError(f"{shown} is {size:,} bytes, more than the {MAX_IMAGE_BYTES >> 20} MiB a photo may be; "
+                               "re-export it smaller or remove it")
+        with storage.guard(shown):
+            data = fs.cat_file(path)
+        image = to_rgb(_decode(shown, data))
         if min(image.size) < resolution:
             raise SubjectError(
                 f"{name} is {image.size[0]}x{image.size[1]}, smaller than --resolution {resolution} on its short "

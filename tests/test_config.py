@@ -76,11 +76,11 @@ def test_wrong_types_name_the_field(key, value, message):
         ({"resolution": 500}, "multiple of 8"),
         ({"zero_stage": 4}, "--zero-stage must be 0, 1, 2 or 3"),
         ({"mixed_precision": "fp8"}, "--mixed-precision must be one of"),
-        ({"workers": 0}, "--workers must be >= 1"),
+        ({"workers": 0}, "--workers must be between 1 and 4096"),
         ({"offload_optimizer": True, "zero_stage": 0}, "--offload-optimizer needs"),
         ({"num_class_images": 0}, "--num-class-images must be >= 1"),
         ({"lr_scheduler": "exp"}, "--lr-scheduler must be one of"),
-        ({"identifier": "two words"}, "one word"),
+        ({"identifier": "one two three four"}, "has 4 words"),
         ({"sample_prompts": ["a {subject}"]}, "may only use"),
     ],
 )

@@ -33,8 +33,29 @@ def test_draw_is_deterministic_distinct_and_respects_exclusions(clip_tokenizer):
     assert first != ident.pick_identifiers(clip_tokenizer, 5, seed=8)
     excluded = ident.pick_identifiers(clip_tokenizer, 5, seed=7, exclude=set(first))
     assert not set(excluded) & set(first)
-    with pytest.raises(ValueError, match="left"):
-        ident.pick_identifiers(clip_tokenizer, 10**6)
+
+
+def test_thousands_of_distinct_identifiers_go_on_to_sequences_of_rare_tokens(clip_tokenizer):
+    """~300 single rare tokens pass the rules; a bulk run of 1,000 subjects still gets distinct ones."""
+    singles = ident.rare_token_candidates(clip_tokenizer)
+    picked = ident.pick_identifiers(clip_tokenizer, len(singles) + 700, seed=3)
+    assert len(set(picked)) == len(picked)
+    assert set(picked[: len(singles)]) == set(singles)  # every single token before any pair
+    pairs = picked[len(singles):]
+    assert all(len(p.split(" ")) == 2 for p in pairs)
+    for pair in pairs[:50]:  # each word stays its own rare token
+        ids = clip_tokenizer(pair, add_special_tokens=False).input_ids
+        assert ids == [clip_tokenizer(w, add_special_tokens=False).input_ids[0] for w in pair.split(" ")]
+        assert len(ids) == 2
+
+
+def test_drawer_is_fast_and_agrees_with_single_picks(clip_tokenizer):
+    drawer = ident.drawer_for(clip_tokenizer)
+    assert drawer.draw(11) == ident.pick_identifiers(clip_tokenizer, 1, seed=11)[0]
+    taken: set[str] = set()
+    for _ in range(10_000):
+        taken.add(drawer.draw(0, taken))
+    assert len(taken) == 10_000
 
 
 @pytest.mark.parametrize(

@@ -23,9 +23,9 @@ from pathlib import PurePosixPath
 
 from dreambooth import storage
 from dreambooth.config import ConfigError
-from dreambooth.export import RUN_RECORD
+from dreambooth.export import EVAL_RECORD, RUN_RECORD
+from dreambooth.inputs import shorten
 
-EVAL_RECORD = "eval.json"
 SUITES = ("auto", "shapes", "dreambench")
 
 
@@ -77,16 +77,28 @@ class RunInfo:
     instance_dir: str
 
 
+MAX_RUN_RECORD_BYTES = 16 << 20
+
+
 def read_run(output: str) -> RunInfo:
     uri = storage.join(output, RUN_RECORD)
     if not storage.exists(uri):
         raise ConfigError(f"{output} has no {RUN_RECORD}: it is not a finished `dreambooth run` output "
                           "(run or resume it first)")
-    record = storage.read_json(uri)
-    config, subject = record["config"], record["config"]["subject"]
-    return RunInfo(output=output, model=config["model"], revision=config.get("revision"),
-                   identifier=record.get("identifier", subject["identifier"]),
-                   class_noun=subject["class_noun"], instance_dir=subject["instance_dir"])
+    fs, path = storage.filesystem(uri)
+    size = fs.size(path)
+    if size > MAX_RUN_RECORD_BYTES:
+        raise ConfigError(f"{uri} is {size:,} bytes, more than a run record can be ({MAX_RUN_RECORD_BYTES:,}); "
+                          "is it the run's own run.json?")
+    try:
+        record = storage.read_json(uri)
+        config, subject = record["config"], record["config"]["subject"]
+        return RunInfo(output=output, model=str(config["model"]), revision=config.get("revision"),
+                       identifier=str(record.get("identifier", subject["identifier"])),
+                       class_noun=str(subject["class_noun"]), instance_dir=str(subject["instance_dir"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        what = "is empty" if size == 0 else f"is not a run record ({type(exc).__name__}: {shorten(str(exc))})"
+        raise ConfigError(f"{uri} {what}; re-run `dreambooth run` with --overwrite to write it again") from None
 
 
 def resolve_suite(options: EvalOptions, run: RunInfo) -> str:
