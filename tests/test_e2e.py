@@ -133,3 +133,34 @@ def test_stopped_run_resumes_from_its_last_checkpoint(ray_cluster, dog_dir, runs
     record = storage.read_json(str(out / RUN_RECORD))
     assert record["metrics"]["step"] == 12
     assert record["metrics"]["resumed_from"] >= 2 and record["metrics"]["resumed_from"] % 2 == 0
+
+
+def test_overwrite_removes_only_what_the_run_wrote(ray_cluster, dog_dir, runs, capsys):
+    """A user keeps notes and spare photos in the output folder: two runs, the second with --overwrite,
+    leave every one of them byte for byte, while the run's own files are written anew."""
+    from dreambooth.cli import main
+
+    out = runs / "kept"
+    user_files = {
+        out / "notes.txt": b"which photos I used\n",
+        out / "spare-photos" / "01.jpg": (dog_dir / "01.jpg").read_bytes(),
+        out / "unet-notes" / "readme.md": b"not a pipeline folder\n",
+    }
+    for path, data in user_files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    argv = ["run", "--model", "tiny", "--instance-dir", str(dog_dir), "--class-noun", "dog", "--output", str(out),
+            "--resolution", "32", "--num-class-images", "4", "--prior-batch-size", "2", "--num-inference-steps", "2",
+            "--max-train-steps", "2", "--workers", "1", "--checkpointing-steps", "0", "--num-sample-images", "1",
+            "--before-after", "false", "--identifier", "sks"]
+    assert main(argv) == 0
+    first = (out / RUN_RECORD).read_text()
+    assert main(argv) == 0 and "already complete" in capsys.readouterr().out  # no --overwrite: nothing happens
+    (out / "eval.json").write_text("{}")  # as `dreambooth eval` would have left it
+    assert main([*argv, "--overwrite"]) == 0
+
+    for path, data in user_files.items():
+        assert path.read_bytes() == data, f"{path} was changed or deleted"
+    assert (out / RUN_RECORD).read_text() != first  # a new record (new timings)
+    assert not (out / "eval.json").exists()  # the old run's scores described the old weights
+    assert (out / "unet").is_dir() and (out / "samples.png").is_file()

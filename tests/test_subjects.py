@@ -109,3 +109,21 @@ def test_fsspec_uri_is_read(dog_dir):
     for path in sorted(dog_dir.iterdir())[:3]:
         fs.pipe(f"/subjects/dog/{path.name}", path.read_bytes())
     assert len(load_subject_images("memory://subjects/dog", 32)) == 3
+
+
+def test_avif_photos_are_accepted_when_pillow_reads_them(tmp_path):
+    from PIL import features
+
+    assert features.check("avif"), "this Pillow has no AVIF support; the subject rules name the format instead"
+    for i in range(3):
+        Image.new("RGB", (64, 48), (40 * i, 100, 200)).save(tmp_path / f"{i}.avif")
+    images = load_subject_images(str(tmp_path), 32)
+    assert [img.name for img in images] == ["0.avif", "1.avif", "2.avif"] and images[0].size == (64, 48)
+
+
+def test_photos_in_subfolders_are_named(dog_dir):
+    (dog_dir / "set-a").mkdir()
+    for photo in list(dog_dir.glob("*.jpg")):
+        photo.rename(dog_dir / "set-a" / photo.name)
+    with pytest.raises(SubjectError, match=r"subfolder\(s\) set-a/ \(5\).*--instance-dir at the subfolder"):
+        load_subject_images(str(dog_dir), 32)
