@@ -30,6 +30,7 @@ NAMESPACE = "default"
 # kind -> schema file in tests/fixtures/k8s-schemas
 CORE_SCHEMAS = {
     ("v1", "ServiceAccount"): "serviceaccount-v1.json",
+    ("v1", "ConfigMap"): "configmap-v1.json",
     ("v1", "Secret"): "secret-v1.json",
     ("v1", "PersistentVolumeClaim"): "persistentvolumeclaim-v1.json",
     ("v1", "Service"): "service-v1.json",

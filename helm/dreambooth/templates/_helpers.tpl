@@ -162,23 +162,14 @@ flags), except --use-gpu which takes a value (auto|true|false); everything else 
 {{- end }}
 
 {{/*
-The RayJob entrypoint of a subject: (list $ $subject).
-  python -m ray_jobs.personalize --model M --instance-dir DIR --class-noun NOUN --output OUT ...
-Every value is shell-quoted. subject.extraArgs {flag: value} override chart-level flags.
+The chart-level run settings (training.*, storage.outputRoot), as a JSON list of
+[flag, value] pairs: the per-subject entrypoint turns them into flags, the bulk manifest
+into its `defaults`.
 */}}
-{{- define "dreambooth.entrypoint" -}}
-{{- $root := index . 0 }}
-{{- $s := index . 1 }}
-{{- $t := $root.Values.training }}
-{{- $outputRoot := trimSuffix "/" $root.Values.storage.outputRoot }}
-{{- $flags := list
-      (list "model" $t.model)
-      (list "instance-dir" $s.instanceDir)
-      (list "class-noun" $s.classNoun) }}
-{{- if $s.identifier }}
-{{- $flags = append $flags (list "identifier" $s.identifier) }}
-{{- end }}
-{{- $flags = append $flags (list "output" (default (printf "%s/%s" $outputRoot $s.name) $s.output)) }}
+{{- define "dreambooth.runSettings" -}}
+{{- $t := .Values.training }}
+{{- $outputRoot := trimSuffix "/" .Values.storage.outputRoot }}
+{{- $flags := list (list "model" $t.model) }}
 {{- $flags = append $flags (list "prior-output" (default (printf "%s/priors" $outputRoot) $t.priorOutput)) }}
 {{- $flags = append $flags (list "num-class-images" $t.numClassImages) }}
 {{- $flags = append $flags (list "resolution" $t.resolution) }}
@@ -193,6 +184,28 @@ Every value is shell-quoted. subject.extraArgs {flag: value} override chart-leve
 {{- $flags = append $flags (list $flag $v) }}
 {{- end }}
 {{- end }}
+{{- toJson $flags }}
+{{- end }}
+
+{{/*
+The RayJob entrypoint of a subject (layout=perSubject): (list $ $subject).
+  python -m ray_jobs.personalize --model M --instance-dir DIR --class-noun NOUN --output OUT ...
+Every value is shell-quoted. subject.extraArgs {flag: value} override chart-level flags.
+*/}}
+{{- define "dreambooth.entrypoint" -}}
+{{- $root := index . 0 }}
+{{- $s := index . 1 }}
+{{- $outputRoot := trimSuffix "/" $root.Values.storage.outputRoot }}
+{{- $settings := include "dreambooth.runSettings" $root | fromJsonArray }}
+{{- $flags := list
+      (index $settings 0)
+      (list "instance-dir" $s.instanceDir)
+      (list "class-noun" $s.classNoun) }}
+{{- if $s.identifier }}
+{{- $flags = append $flags (list "identifier" $s.identifier) }}
+{{- end }}
+{{- $flags = append $flags (list "output" (default (printf "%s/%s" $outputRoot $s.name) $s.output)) }}
+{{- $flags = concat $flags (rest $settings) }}
 {{- $extra := default (dict) $s.extraArgs }}
 {{- $parts := list "python" "-m" "ray_jobs.personalize" }}
 {{- range $flags }}
@@ -207,6 +220,37 @@ Every value is shell-quoted. subject.extraArgs {flag: value} override chart-leve
 {{- end }}
 
 {{/*
+The `dreambooth bulk` manifest (layout=bulk): {defaults: {...}, subjects: [...]}.
+defaults = the chart-level run settings as config keys (use_gpu as text); each subject = name, instance_dir,
+class_noun, identifier (if given) and its extraArgs as keys (dashes become underscores;
+the reader accepts both). No output: the bulk driver writes <outputRoot>/<name>.
+*/}}
+{{- define "dreambooth.manifest" -}}
+{{- $defaults := dict }}
+{{- range (include "dreambooth.runSettings" . | fromJsonArray) }}
+{{- $_ := set $defaults (replace "-" "_" (index . 0)) (index . 1) }}
+{{- end -}}
+# `dreambooth bulk` manifest rendered by the dreambooth chart from values.training and
+# values.subjects; change those (helm upgrade), not this ConfigMap.
+defaults:
+  {{- toYaml $defaults | nindent 2 }}
+subjects:
+{{- range $s := .Values.subjects }}
+{{- $entry := dict "instance_dir" $s.instanceDir "class_noun" $s.classNoun }}
+{{- if $s.identifier }}
+{{- $_ := set $entry "identifier" $s.identifier }}
+{{- end }}
+{{- range $k, $v := default (dict) $s.extraArgs }}
+{{- $key := replace "-" "_" $k }}
+{{- /* use_gpu is a text field (auto/true/false): a YAML boolean would not do */}}
+{{- $_ := set $entry $key (ternary (lower (toString $v)) $v (eq $key "use_gpu")) }}
+{{- end }}
+  - name: {{ $s.name }}
+    {{- toYaml $entry | nindent 4 }}
+{{- end }}
+{{- end }}
+
+{{/*
 Cross-field checks the schema cannot express; called from every template that needs them.
 */}}
 {{- define "dreambooth.validate" -}}
@@ -217,8 +261,32 @@ Cross-field checks the schema cannot express; called from every template that ne
 {{- if and (eq $v.jobs.mode "dedicated") (or $v.dashboard.ingress.enabled (ne $v.dashboard.service.type "ClusterIP")) }}
 {{- fail "dashboard.ingress.enabled / dashboard.service.type need jobs.mode=shared: dedicated clusters are created per RayJob and have no stable Service" }}
 {{- end }}
-{{- if and (eq $v.jobs.mode "shared") (gt (int $v.jobs.backoffLimit) 0) }}
-{{- fail "jobs.backoffLimit must be 0 with jobs.mode=shared (KubeRay v1.7.0: BackoffLimit is incompatible with ClusterSelector mode)" }}
+{{- if hasKey $v.jobs "backoffLimit" }}
+{{- fail "jobs.backoffLimit was removed: set jobs.maxRetries instead (perSubject layout: the RayJob's backoffLimit; bulk layout: the driver's --max-retries)" }}
+{{- end }}
+{{- $j := $v.jobs }}
+{{- $where := printf "jobs.layout=%s with jobs.mode=%s" $j.layout $j.mode }}
+{{- if eq $j.layout "bulk" }}
+{{- if ne $j.submissionMode "K8sJobMode" }}
+{{- fail (printf "jobs.layout=bulk needs jobs.submissionMode=K8sJobMode (got %s): the submitter pod mounts the manifest ConfigMap and uploads it as the job's working_dir; set jobs.submissionMode=K8sJobMode or jobs.layout=perSubject" $j.submissionMode) }}
+{{- end }}
+{{- range $v.subjects }}
+{{- if .output }}
+{{- fail (printf "subject %s: output is not allowed with jobs.layout=bulk (the bulk driver writes <storage.outputRoot>/%s); remove it or set jobs.layout=perSubject" .name .name) }}
+{{- end }}
+{{- end }}
+{{- else if eq $j.mode "shared" }}
+{{- if lt (int $j.maxConcurrent) 1 }}
+{{- fail (printf "%s needs jobs.maxConcurrent >= 1 (got %d): it is how many per-subject drivers the shared head runs at once; set e.g. jobs.maxConcurrent=2" $where (int $j.maxConcurrent)) }}
+{{- end }}
+{{- if gt (int $j.maxRetries) 0 }}
+{{- fail (printf "%s needs jobs.maxRetries=0 (got %d): KubeRay v1.7.0 rejects backoffLimit with clusterSelector; set jobs.maxRetries=0, or use jobs.layout=bulk (retries inside the driver) or jobs.mode=dedicated" $where (int $j.maxRetries)) }}
+{{- end }}
+{{- end }}
+{{- if $v.kueue.queueName }}
+{{- if or (ne $j.layout "perSubject") (ne $j.mode "dedicated") }}
+{{- fail (printf "kueue.queueName needs jobs.layout=perSubject and jobs.mode=dedicated (got %s): Kueue admits RayJobs that bring their own fixed-size cluster" $where) }}
+{{- end }}
 {{- end }}
 {{- if gt (int $v.worker.minReplicas) (int $v.worker.maxReplicas) }}
 {{- fail "worker.minReplicas must not exceed worker.maxReplicas" }}
@@ -245,4 +313,102 @@ Cross-field checks the schema cannot express; called from every template that ne
 {{- fail (printf "subject %s: extraArgs.workers exceeds worker.maxReplicas x worker.resources.gpu" .name) }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+layout=bulk names: the RayJob, the manifest ConfigMap (rendered by the chart) and the summary
+ConfigMap (written by the in-cluster driver as subjects finish; never rendered here).
+*/}}
+{{- define "dreambooth.bulkJobName" -}}
+{{- printf "%s-bulk" (include "dreambooth.fullname" .) }}
+{{- end }}
+
+{{- define "dreambooth.manifestName" -}}
+{{- printf "%s-manifest" (include "dreambooth.fullname" .) }}
+{{- end }}
+
+{{- define "dreambooth.bulkSummaryName" -}}
+{{- printf "%s-bulk-summary" (include "dreambooth.fullname" .) }}
+{{- end }}
+
+{{- define "dreambooth.manifestMountPath" -}}
+/dreambooth/manifest
+{{- end }}
+
+{{/*
+Where a RayJob runs: (dict "root" $ "fixedReplicas" N). jobs.mode=shared: the release's
+RayCluster (clusterSelector); dedicated: a cluster of its own (rayClusterSpec), fixed-size
+and always shut down when fixedReplicas > 0 (Kueue).
+*/}}
+{{- define "dreambooth.rayJobCluster" -}}
+{{- $root := .root }}
+{{- $fixed := int (default 0 .fixedReplicas) }}
+{{- $jobs := $root.Values.jobs }}
+{{- if eq $jobs.mode "shared" }}
+# Run on the release's long-lived RayCluster. shutdownAfterJobFinishes and
+# ttlSecondsAfterFinished only apply to clusters a RayJob creates, so they are not set.
+clusterSelector:
+  ray.io/cluster: {{ include "dreambooth.clusterName" $root }}
+{{- else }}
+# A dedicated cluster for this job, created by KubeRay and named after the RayJob.
+{{- $shutdown := or $jobs.shutdownAfterJobFinishes (gt $fixed 0) }}
+shutdownAfterJobFinishes: {{ $shutdown }}
+{{- if $shutdown }}
+ttlSecondsAfterFinished: {{ $jobs.ttlSecondsAfterFinished | int64 }}
+{{- end }}
+rayClusterSpec:
+  {{- include "dreambooth.rayClusterSpec" (dict "root" $root "fixedReplicas" $fixed) | trim | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The K8sJobMode submitter pod: (dict "root" $ "manifest" bool). First container = submitter;
+KubeRay fills in the `ray job submit` command, the dashboard address and the auth token.
+With manifest: the bulk manifest ConfigMap mounted read-only at the job's working_dir.
+*/}}
+{{- define "dreambooth.submitterPodTemplate" -}}
+{{- $root := .root }}
+{{- $jobs := $root.Values.jobs }}
+submitterPodTemplate:
+  metadata:
+    labels:
+      {{- include "dreambooth.selectorLabels" $root | nindent 6 }}
+      app.kubernetes.io/component: ray-job-submitter
+  spec:
+    restartPolicy: Never
+    automountServiceAccountToken: false
+    {{- with $root.Values.imagePullSecrets }}
+    imagePullSecrets:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    securityContext:
+      {{- include "dreambooth.podSecurityContext" $root | nindent 6 }}
+    containers:
+      - name: ray-job-submitter
+        image: {{ include "dreambooth.image" $root }}
+        imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+        resources:
+          requests:
+            cpu: {{ $jobs.submitter.resources.cpu | quote }}
+            memory: {{ $jobs.submitter.resources.memory | quote }}
+          limits:
+            cpu: {{ $jobs.submitter.resources.cpu | quote }}
+            memory: {{ $jobs.submitter.resources.memory | quote }}
+        securityContext:
+          {{- include "dreambooth.containerSecurityContext" $root | nindent 10 }}
+        {{- if .manifest }}
+        volumeMounts:
+          - name: manifest
+            mountPath: {{ include "dreambooth.manifestMountPath" $root }}
+            readOnly: true
+        {{- end }}
+    {{- if .manifest }}
+    volumes:
+      - name: manifest
+        configMap:
+          name: {{ include "dreambooth.manifestName" $root }}
+          items:
+            - key: manifest.yaml
+              path: manifest.yaml
+    {{- end }}
 {{- end }}

@@ -107,9 +107,18 @@ tolerations:
 
 {{/*
 The RayCluster spec, shared by the standalone RayCluster (jobs.mode=shared) and by each
-RayJob's spec.rayClusterSpec (jobs.mode=dedicated).
+RayJob's spec.rayClusterSpec (jobs.mode=dedicated). Called with a dict:
+  root:          the chart's top-level context ($)
+  driverSlots:   > 0: the head advertises that many "dreambooth-driver" custom resources
+                 (layout=perSubject, shared: each RayJob's entrypointResources takes one)
+  fixedReplicas: > 0: a fixed-size worker group of that many pods and no in-tree
+                 autoscaling (Kueue reserves the whole cluster up front)
 */}}
 {{- define "dreambooth.rayClusterSpec" -}}
+{{- $opts := . }}
+{{- $driverSlots := int (default 0 $opts.driverSlots) }}
+{{- $fixed := int (default 0 $opts.fixedReplicas) }}
+{{- with $opts.root }}
 {{- $image := include "dreambooth.image" . -}}
 rayVersion: {{ .Values.rayVersion | quote }}
 # Ray token authentication: KubeRay injects RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (key
@@ -120,6 +129,10 @@ authOptions:
   {{- with .Values.auth.existingSecret }}
   secretName: {{ . }}
   {{- end }}
+{{- if gt $fixed 0 }}
+# Fixed size (Kueue admits and reserves the whole cluster): no autoscaler sidecar.
+enableInTreeAutoscaling: false
+{{- else }}
 enableInTreeAutoscaling: true
 autoscalerOptions:
   idleTimeoutSeconds: {{ .Values.autoscaler.idleTimeoutSeconds | int64 }}
@@ -135,11 +148,19 @@ autoscalerOptions:
       memory: {{ .Values.autoscaler.resources.memory | quote }}
   securityContext:
     {{- include "dreambooth.containerSecurityContext" . | nindent 4 }}
+{{- end }}
 headGroupSpec:
   # The dashboard/job API stays inside the cluster; see dashboard.* to expose it.
   serviceType: ClusterIP
   rayStartParams:
     num-cpus: {{ .Values.head.rayCpus | int64 | quote }}
+    {{- if gt $driverSlots 0 }}
+    # Driver slots: each per-subject RayJob asks for one (entrypointResources), so at most
+    # jobs.maxConcurrent drivers run on this head; the others wait in PENDING. Single-quoted
+    # JSON, the form the KubeRay v1.7.0 operator parses (and writes) itself; the shell that
+    # runs `ray start` removes the quotes.
+    resources: {{ printf "'{\"dreambooth-driver\": %d}'" $driverSlots | quote }}
+    {{- end }}
   template:
     metadata:
       {{- include "dreambooth.rayPodMetadata" (list . .Values.head "ray-head") | trim | nindent 6 }}
@@ -168,9 +189,16 @@ headGroupSpec:
               memory: {{ .Values.head.resources.memory | quote }}
           securityContext:
             {{- include "dreambooth.containerSecurityContext" . | nindent 12 }}
-          {{- with include "dreambooth.rayEnv" . }}
+          {{- $headEnv := include "dreambooth.rayEnv" . | trim }}
+          {{- if and (gt $driverSlots 0) (not (hasKey .Values.env "RAY_JOB_START_TIMEOUT_SECONDS")) }}
+          {{- /* Ray fails a job whose driver has not started within RAY_JOB_START_TIMEOUT_SECONDS
+                 (900 s by default): queued per-subject drivers wait for a free slot far longer,
+                 so the head allows 7 days (env.RAY_JOB_START_TIMEOUT_SECONDS overrides it). */}}
+          {{- $headEnv = printf "%s\n- name: RAY_JOB_START_TIMEOUT_SECONDS\n  value: %s" $headEnv (quote "604800") | trim }}
+          {{- end }}
+          {{- with $headEnv }}
           env:
-            {{- . | trim | nindent 12 }}
+            {{- . | nindent 12 }}
           {{- end }}
           {{- with include "dreambooth.envFrom" (list . .Values.head) }}
           {{- . | trim | nindent 10 }}
@@ -197,10 +225,17 @@ headGroupSpec:
       {{- end }}
 workerGroupSpecs:
   - groupName: {{ .Values.worker.groupName }}
+    {{- if gt $fixed 0 }}
+    # Fixed size: the GPU pods this job's training workers need (1 GPU per worker).
+    replicas: {{ $fixed }}
+    minReplicas: {{ $fixed }}
+    maxReplicas: {{ $fixed }}
+    {{- else }}
     # Autoscaled from minReplicas (0: no GPU pods while idle) up to maxReplicas.
     replicas: {{ .Values.worker.minReplicas | int64 }}
     minReplicas: {{ .Values.worker.minReplicas | int64 }}
     maxReplicas: {{ .Values.worker.maxReplicas | int64 }}
+    {{- end }}
     # What each pod advertises to Ray; every training worker / prior actor asks for 1 GPU.
     rayStartParams:
       num-cpus: {{ .Values.worker.resources.cpu | int64 | quote }}
@@ -255,4 +290,5 @@ workerGroupSpecs:
           {{- with .Values.worker.volumes }}
           {{- toYaml . | nindent 10 }}
           {{- end }}
+{{- end }}
 {{- end }}
