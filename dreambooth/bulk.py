@@ -290,6 +290,8 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
         except ConfigError as exc:
             results[name].status, results[name].error = "failed", f"ConfigError: {exc}"
     ready = startable
+    if ready:
+        cluster.require_cuda(use_gpu)  # one answer for the whole cluster: refuse before any prior is made
     if not ready:
         report.results = [results[name] for name, _ in planned]
         report.seconds = time.monotonic() - start

@@ -232,6 +232,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from dreambooth.doctor import main_report
+
+    return main_report(output=args.output, ray_address=args.ray_address, expect_gpu=args.expect_gpu,
+                       timeout_s=args.timeout)
+
+
 def _bulk_options(args: argparse.Namespace):
     from dreambooth.bulk import BulkOptions
 
@@ -417,6 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="dreambench: CLIP model id or folder")
     evaluate.add_argument("--report", default=None, help="where to write the JSON report (default: <output>/eval.json)")
     evaluate.set_defaults(func=cmd_eval)
+
+    doctor = _parser(
+        sub, "doctor", "Check this machine or pod before spending GPU time: CUDA, NCCL, DeepSpeed ops, Ray, storage.",
+        "kubectl -n ml exec db-dreambooth-head-xxxxx -c ray-head -- dreambooth doctor --output /mnt/shared/outputs --expect-gpu",
+    )
+    doctor.add_argument("--output", default=None, help="folder/URI to probe for read/write access (nothing is left behind)")
+    doctor.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local one if running)")
+    doctor.add_argument("--expect-gpu", action="store_true", help="a missing GPU, driver or CUDA build is a failure, not a warning")
+    doctor.add_argument("--timeout", type=float, default=10.0, help="seconds each network check may take")
+    doctor.set_defaults(func=cmd_doctor)
     return parser
 
 

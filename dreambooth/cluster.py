@@ -28,12 +28,14 @@ def connect() -> None:
     """Join ``RAY_ADDRESS`` when set, reuse an initialized Ray, else start a local cluster."""
     import ray
 
+    global _started_here
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
         ray.init(num_cpus=max(LOCAL_MIN_LOGICAL_CPUS, os.cpu_count() or 1))
+        _started_here = True
     ray.data.DataContext.get_current().enable_progress_bars = True
 
 
@@ -64,14 +66,39 @@ def resource_shapes(train: TrainConfig, use_gpu: bool) -> ResourceShapes:
     )
 
 
-def _autoscaling_limits() -> Optional[dict[str, float]]:
-    """The most of each resource the autoscaler may grow the cluster to, or None on a fixed-size cluster."""
-    try:
-        from ray._private.state import state
+_started_here = False
+"""Whether ``connect`` started the cluster itself (a local, fixed-size one)."""
 
-        return state.get_max_resources_from_cluster_config()
-    except Exception:  # private API: treat any change in it as "no autoscaler information"
-        return None
+
+def _autoscaling(wait_s: float = 6.0) -> tuple[bool, Optional[dict[str, float]]]:
+    """(whether the cluster autoscales, the most of each resource it may grow to when known).
+
+    Autoscaler v2 publishes its node groups (hence a maximum); v1's monitor reports its status to
+    the internal KV every few seconds, with an ``autoscaler_report`` only when an autoscaler runs.
+    """
+    import json
+    import time
+
+    if _started_here:
+        return False, None
+    try:  # private APIs: any change in them reads as "no autoscaler information"
+        from ray._private import ray_constants
+        from ray._private.state import state
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        limits = state.get_max_resources_from_cluster_config()
+        if limits:
+            return True, limits
+        deadline = time.monotonic() + wait_s
+        while True:
+            raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+            if raw:
+                return "autoscaler_report" in json.loads(raw), None
+            if time.monotonic() > deadline:
+                return False, None
+            time.sleep(0.5)
+    except Exception:
+        return False, None
 
 
 def _describe(resources: dict[str, float]) -> str:
@@ -92,9 +119,9 @@ def check_feasible(train: TrainConfig, use_gpu: bool) -> None:
     bundle = resource_shapes(train, use_gpu).train_worker
     need = {k: v * train.workers for k, v in bundle.items()}
     asked = f"--workers {train.workers} x ({_describe(bundle)}{'' if use_gpu else ', --use-gpu false'})"
-    limits = _autoscaling_limits()
-    if limits is not None:
-        short = [k for k, v in need.items() if v > limits.get(k, 0)]
+    autoscales, limits = _autoscaling()
+    if autoscales:
+        short = [k for k, v in need.items() if limits is not None and v > limits.get(k, 0)]
         if short:
             raise ConfigError(
                 f"{asked} needs {_describe(need)}, but this autoscaling cluster can grow to at most "
@@ -103,7 +130,8 @@ def check_feasible(train: TrainConfig, use_gpu: bool) -> None:
             )
         now = ray.cluster_resources()
         if any(now.get(k, 0) < v for k, v in need.items()):
-            log.warning("the cluster has %s now; waiting for the autoscaler to add nodes for %s", _describe(now), asked)
+            log.warning("the cluster has %s now; waiting for the autoscaler to add nodes for %s (Ray Train retries "
+                        "the start until its failure budget, --max-failures, is spent)", _describe(now), asked)
         return
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     fits = sum(min(int(res.get(k, 0) // v) for k, v in bundle.items() if v > 0) for res in nodes)
@@ -117,6 +145,28 @@ def check_feasible(train: TrainConfig, use_gpu: bool) -> None:
         )
 
 
+ALLOW_FAKE_GPUS_ENV = "DREAMBOOTH_ALLOW_FAKE_GPUS"
+"""Set to 1 only where GPU *resources* are fake (Ray's autoscaling test clusters): GPU work then runs
+on those nodes' CPUs instead of failing."""
+
+
+def require_cuda(use_gpu: bool) -> None:
+    """With GPUs asked for, CUDA must really work where GPU work lands: never train on CPU by surprise."""
+    from dreambooth.config import ConfigError
+
+    if not use_gpu or gpu_nodes_have_cuda():
+        return
+    if os.environ.get(ALLOW_FAKE_GPUS_ENV) == "1":
+        log.warning("%s=1: GPU resources without CUDA; GPU work runs on the nodes' CPUs", ALLOW_FAKE_GPUS_ENV)
+        return
+    raise ConfigError(
+        "GPUs were asked for (--use-gpu true, or auto on a cluster with GPU resources) but CUDA is not available "
+        "where GPU work runs (torch.cuda.is_available() is False there): check the NVIDIA driver and device plugin "
+        "and that the image has a CUDA build of torch (run `dreambooth doctor --expect-gpu` on a GPU node), "
+        "or pass --use-gpu false to train on CPUs"
+    )
+
+
 @cache
 def gpu_nodes_have_cuda() -> bool:
     """Run a one-GPU probe task: does CUDA work where GPU-requesting work lands?"""
@@ -128,10 +178,7 @@ def gpu_nodes_have_cuda() -> bool:
 
         return torch.cuda.is_available()
 
-    has_cuda = ray.get(probe.remote())
-    if not has_cuda:
-        log.warning("GPU resources are requested but CUDA is not available on GPU nodes: work runs on their CPUs")
-    return has_cuda
+    return ray.get(probe.remote())
 
 
 def local_device() -> str:

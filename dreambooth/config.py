@@ -190,9 +190,10 @@ class ExportConfig:
 class RunConfig:
     """Everything one personalization run needs, validated once."""
 
-    model: str = "tiny"
-    """Base model: a local diffusers folder, a hub id, or a built-in name (``tiny``: random weights;
-    ``shapes``: pretrained on the shapes world, see ``dreambooth.shapes``)."""
+    model: str = ""
+    """Base model (required): a local diffusers folder, a hub id such as
+    ``stable-diffusion-v1-5/stable-diffusion-v1-5``, or a built-in name, used only when named
+    (``shapes``: pretrained on the shapes world; ``tiny``: random weights, for pipeline tests)."""
 
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) of ``model``; ignored for local folders."""
@@ -201,7 +202,7 @@ class RunConfig:
     """Where the personalized pipeline, grid and run record go (local path or fsspec URI)."""
 
     overwrite: bool = False
-    """Redo a run whose output is already complete (it is deleted first)."""
+    """Redo a run whose output is already complete: what that run wrote is removed first (other files stay)."""
 
     subject: SubjectConfig = field(default_factory=SubjectConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
@@ -514,7 +515,11 @@ def validate_prompt_template(template: str, flag: str = "--sample-prompts") -> N
 
 def validate_generation(cfg: RunConfig) -> None:
     """Checks shared by `prior` and `run`: model, class noun, resolution, generation settings."""
-    _check(bool(cfg.model.strip()), "--model is empty; pass a local diffusers folder, a hub id or 'tiny'")
+    _check(
+        bool(cfg.model.strip()),
+        "--model is required: pass a local diffusers folder, a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
+        "or a built-in name ('shapes', or 'tiny' for random weights)",
+    )
     cfg.subject.class_noun = validate_class_noun(cfg.subject.class_noun)
     t, p = cfg.train, cfg.prior
     validate_resolution(t.resolution)

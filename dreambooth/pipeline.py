@@ -134,6 +134,7 @@ def execute(prepared: Prepared) -> RunOutcome:
     timings["connect_s"] = time.monotonic() - start
     use_gpu = cluster.resolve_use_gpu(cfg.train.use_gpu)
     cluster.check_feasible(cfg.train, use_gpu)
+    cluster.require_cuda(use_gpu)
     if complete:  # --overwrite, once the run is known to be able to start
         removed = export.remove_run_outputs(cfg.output)
         log.info("--overwrite: removed the earlier run's %s from %s (nothing else)", ", ".join(removed), cfg.output)

@@ -57,12 +57,15 @@ def ray_cluster(model_cache):
     """One local Ray cluster for the whole session (4 logical CPUs on a 2-core machine: see cluster.py)."""
     import ray
 
+    from dreambooth import cluster
     from dreambooth.cluster import LOCAL_MIN_LOGICAL_CPUS
     from dreambooth.training.engine import prebuild_deepspeed_ops
 
     prebuild_deepspeed_ops()  # the one JIT build of the session, before any worker needs it
     ray.init(num_cpus=LOCAL_MIN_LOGICAL_CPUS, include_dashboard=False, log_to_driver=True)
+    cluster._started_here = True  # a local, fixed-size cluster, as `connect` would have started
     yield ray
+    cluster._started_here = False
     ray.shutdown()
 
 

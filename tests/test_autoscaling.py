@@ -110,6 +110,7 @@ def test_bulk_scales_gpu_workers_up_from_zero_and_back(exclusive_ray, tmp_path, 
 
     # AutoscalingCluster shells out to `ray`: make it the one of this interpreter.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("DREAMBOOTH_ALLOW_FAKE_GPUS", "1")  # its GPU nodes are fake: no CUDA behind them
     cluster = LocalAutoscalingCluster(
         head_resources={"CPU": 0},
         worker_node_types={

@@ -64,7 +64,7 @@ def sub(name, dog, **kw):
 
 def submit_args(tmp, dog, *extra):
     path = manifest(tmp, dog, [sub("a", dog)])[2]
-    return ["submit", "--manifest", path, "--output", "s3://b/runs", "--cluster", "db", "--dry-run", "--offline", *extra]
+    return ["submit", "--manifest", path, "--output", "s3://b/runs", "--cluster", "db", "--model", "tiny", "--dry-run", "--offline", *extra]
 
 
 def truncate(path: Path) -> Path:
@@ -174,6 +174,8 @@ CASES = [
     Case("offload-without-zero", "config", lambda t, d: run_args(t, d, "--zero-stage", "0", "--offload-optimizer"), "--offload-optimizer needs --zero-stage"),
     Case("empty-class-noun", "config", lambda t, d: run_args(t, d, "--class-noun", " "), "--class-noun is empty"),
     Case("odd-class-noun", "config", lambda t, d: run_args(t, d, "--class-noun", "dog!!"), "not a plain noun"),
+    Case("model-not-given", "config", lambda t, d: [a for a in run_args(t, d) if a not in ("--model", "tiny")], "--model is required"),
+    Case("bulk-model-not-given", "config", lambda t, d: manifest(t, d, [sub("a", d)])[:-2], "subject 'a': --model is required"),
     Case("unknown-model", "config", lambda t, d: run_args(t, d, "--model", "no-such-model"), "is not a built-in name"),
     Case("model-folder-not-diffusers", "config", lambda t, d: run_args(t, d, "--model", str(t)), "no model_index.json"),
     # identifiers
@@ -490,3 +492,18 @@ def test_sample_with_many_prompts_shows_progress(tmp_path, caplog, tiny_model_pa
     progress = [r.getMessage() for r in caplog.records if "prompts" in r.getMessage()]
     assert "sampled 3 of 4 prompts" in " ".join(progress), progress
     assert (tmp_path / "grid.png").is_file()
+
+
+def test_gpus_without_cuda_are_refused_before_any_work(monkeypatch):
+    """GPU resources whose nodes have no CUDA (a CPU-only image, a missing driver) fail fast; only
+    clusters with fake GPU resources (tests) may opt out."""
+    from dreambooth import cluster
+    from dreambooth.config import ConfigError
+
+    monkeypatch.setattr(cluster, "gpu_nodes_have_cuda", lambda: False)
+    monkeypatch.delenv(cluster.ALLOW_FAKE_GPUS_ENV, raising=False)
+    with pytest.raises(ConfigError, match=r"CUDA is not available where GPU work runs.*--use-gpu false"):
+        cluster.require_cuda(True)
+    cluster.require_cuda(False)  # CPU training asks nothing of CUDA
+    monkeypatch.setenv(cluster.ALLOW_FAKE_GPUS_ENV, "1")
+    cluster.require_cuda(True)

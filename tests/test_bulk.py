@@ -37,7 +37,7 @@ def test_manifest_is_checked_before_anything_runs(tmp_path, dog_dir, subjects, m
     subjects = json.loads(json.dumps(subjects).replace("{dog}", str(dog_dir)))
     options = bulk.BulkOptions(_manifest(tmp_path, subjects), str(tmp_path / "runs"))
     with pytest.raises(ConfigError, match=message):
-        bulk.plan(options)
+        bulk.plan(options, {"model": "tiny"})
     assert not (tmp_path / "runs").exists()
 
 
@@ -45,7 +45,7 @@ def test_layers_defaults_flags_and_subject_keys(tmp_path, dog_dir):
     subjects = [{"name": "a", "instance_dir": str(dog_dir), "class_noun": "dog", "learning_rate": 3e-6},
                 {"name": "b", "instance_dir": str(dog_dir), "class_noun": "cat"}]
     path = _manifest(tmp_path, subjects, defaults={"max_train_steps": 7, "learning_rate": 1e-6, "workers": 3})
-    planned = dict(bulk.plan(bulk.BulkOptions(path, "s3://bucket/runs"), {"workers": 2}))
+    planned = dict(bulk.plan(bulk.BulkOptions(path, "s3://bucket/runs"), {"workers": 2, "model": "tiny"}))
     assert planned["a"].train.learning_rate == 3e-6 and planned["b"].train.learning_rate == 1e-6
     assert planned["a"].train.max_train_steps == 7 and planned["b"].train.workers == 2  # flags beat defaults
     assert planned["a"].output == "s3://bucket/runs/a" and planned["a"].prior_root == "s3://bucket/runs/priors"

@@ -9,7 +9,7 @@ from dreambooth.config import SECTIONS, ConfigError, RunConfig, all_fields, buil
 
 
 def _valid(**overrides) -> RunConfig:
-    values = {"instance_dir": "x", "class_noun": "dog", "output": "out", **overrides}
+    values = {"model": "tiny", "instance_dir": "x", "class_noun": "dog", "output": "out", **overrides}
     return build_config((values, "test"))
 
 
