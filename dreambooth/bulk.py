@@ -65,6 +65,13 @@ class BulkOptions:
     """Give every subject its own identifier (auto ones are drawn to be distinct, 1-3 rare tokens
     each). Separate models do not need it: false lets subjects share one (e.g. all ``sks``)."""
 
+    summary_configmap: Optional[str] = None
+    """Also publish the summary, as it changes, to this ConfigMap (in-cluster bulk driver; read by
+    ``dreambooth status``)."""
+
+    summary_namespace: Optional[str] = None
+    """Namespace of ``summary_configmap``; default: the pod's own namespace."""
+
     def __post_init__(self) -> None:
         if not str(self.output).strip():
             raise ConfigError("--output is empty; pass the root folder or URI under which each subject's model goes")
@@ -80,7 +87,7 @@ class BulkOptions:
 @dataclass
 class SubjectResult:
     name: str
-    status: str  # succeeded | skipped | failed
+    status: str  # pending | running | retrying | succeeded | skipped | failed
     output: str
     identifier: Optional[str] = None
     attempts: int = 0
@@ -126,8 +133,12 @@ def plan(
     flags: Optional[dict[str, Any]] = None,
     config_file: Optional[str] = None,
     check_paths: bool = True,
+    base: Optional[dict[str, Any]] = None,
 ) -> list[tuple[str, RunConfig]]:
     """Check the whole manifest and build one validated RunConfig per subject. Raises ConfigError.
+
+    ``base`` holds defaults below every user layer (e.g. `submit`'s ``use_gpu: true``: on Kubernetes
+    GPUs are on unless asked otherwise).
 
     ``check_paths=False`` skips the instance-folder check, for `submit`: the folders are read on
     the cluster and may not be visible from where the RayJobs are created.
@@ -136,7 +147,8 @@ def plan(
     from dreambooth.kube import validate_k8s_name
 
     subjects, defaults = load_manifest(options.manifest)
-    file_layers = [(load_yaml(config_file), config_file)] if config_file else []
+    file_layers = [(base, "defaults of this command")] if base else []
+    file_layers += [(load_yaml(config_file), config_file)] if config_file else []
     seen: dict[str, int] = {}
     given_identifiers: dict[str, str] = {}
     planned = []
@@ -248,6 +260,15 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
 
     start = time.monotonic()
     results: dict[str, SubjectResult] = {name: SubjectResult(name, "pending", cfg.output) for name, cfg in planned}
+    report = BulkReport([])
+    writer = SummaryWriter(options)
+
+    def publish() -> BulkReport:
+        """Every subject's state, now: to the returned report and the summary file (and ConfigMap)."""
+        report.results = [results[name] for name, _ in planned]
+        report.seconds = time.monotonic() - start
+        writer.write(report)
+        return report
 
     # Identifiers: user-given ones and those of finished subjects are taken before any auto draw.
     distinct = options.distinct_identifiers
@@ -274,10 +295,8 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
         results[name].identifier = cfg.subject.identifier
         ready.append((name, prepared))
 
-    report = BulkReport(list(results.values()))
+    publish()
     if not ready:
-        report.results = [results[name] for name, _ in planned]
-        report.seconds = time.monotonic() - start
         return report
 
     cluster.connect()
@@ -293,9 +312,7 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
     if ready:
         cluster.require_cuda(use_gpu)  # one answer for the whole cluster: refuse before any prior is made
     if not ready:
-        report.results = [results[name] for name, _ in planned]
-        report.seconds = time.monotonic() - start
-        return report
+        return publish()
 
     # Priors: once per distinct spec, with the largest image count any subject of it asks for.
     groups: dict[str, tuple[priors.PriorSpec, list[tuple[str, pipeline.Prepared]]]] = {}
@@ -317,6 +334,7 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
             for name, _ in members:
                 results[name].status, results[name].error = "failed", f"prior generation failed: {exc}"
                 failed_priors.add(name)
+    publish()
 
     queue = [(name, prepared) for name, prepared in ready if name not in failed_priors]
     cap = options.max_concurrent or _default_concurrency([p.config for _, p in queue] or [ready[0][1].config], use_gpu)
@@ -327,43 +345,98 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
         while queue and len(running) < cap:
             name, prepared = queue.pop(0)
             results[name].attempts += 1
+            results[name].status = "running"
             results[name].started_unix = results[name].started_unix or time.time()
             running[task.remote(prepared)] = (name, prepared, time.monotonic())
-        (ref,), _ = ray.wait(list(running), num_returns=1)
-        name, prepared, began = running.pop(ref)
+        publish()
+        done, _ = ray.wait(list(running), num_returns=1, timeout=SummaryWriter.LARGE_RUN_INTERVAL_S)
+        if not done:
+            if writer.dirty:
+                publish()
+            continue
+        name, prepared, began = running.pop(done[0])
         result = results[name]
         result.seconds += time.monotonic() - began
         result.finished_unix = time.time()
         try:
-            ray.get(ref)
+            ray.get(done[0])
             result.status, result.error = "succeeded", None
             log.info("subject %s succeeded (%d attempt(s))", name, result.attempts)
         except Exception as exc:
             result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
             if result.attempts <= options.max_retries:
                 log.warning("subject %s failed (attempt %d), retrying: %s", name, result.attempts, result.error)
+                result.status = "retrying"
                 queue.append((name, prepared))
             else:
                 result.status = "failed"
                 log.error("subject %s failed after %d attempt(s): %s", name, result.attempts, result.error)
-    report.results = [results[name] for name, _ in planned]
-    report.seconds = time.monotonic() - start
-    return report
+    return publish()
+
+
+def summary_payload(options: BulkOptions, report: BulkReport, finished: bool) -> dict:
+    """The summary's JSON: ``finished`` is false while subjects are still pending or running."""
+    return {
+        "manifest": options.manifest,
+        "finished": finished,
+        "ok": report.ok,
+        "seconds": report.seconds,
+        "counts": {s: n for s in ("pending", "running", "retrying", "succeeded", "skipped", "failed")
+                   if (n := sum(r.status == s for r in report.results))},
+        "prior_caches": report.prior_caches,
+        "subjects": [asdict(r) for r in report.results],
+    }
+
+
+class SummaryWriter:
+    """Writes ``<output>/bulk-summary.json`` (and its ConfigMap mirror) whenever a subject changes state.
+
+    A failing mirror (no RBAC, no API server) is logged once and skipped: the file stays authoritative.
+    """
+
+    LARGE_RUN = 200
+    """Above this many subjects, writes are at most one per ``LARGE_RUN_INTERVAL_S`` (a summary of
+    thousands of subjects is megabytes: one write per state change would be quadratic)."""
+
+    LARGE_RUN_INTERVAL_S = 5.0
+
+    def __init__(self, options: BulkOptions):
+        self.options = options
+        self.uri = storage.join(options.output, SUMMARY)
+        self._api = None
+        self._mirror = bool(options.summary_configmap)
+        self._last = float("-inf")
+        self.dirty = False
+
+    def write(self, report: BulkReport, finished: bool = False) -> str:
+        interval = self.LARGE_RUN_INTERVAL_S if len(report.results) > self.LARGE_RUN else 0.0
+        if not finished and time.monotonic() - self._last < interval:
+            self.dirty = True
+            return self.uri
+        payload = summary_payload(self.options, report, finished)
+        storage.write_json_atomic(self.uri, payload)
+        if self._mirror:
+            self._publish(payload)
+        self._last, self.dirty = time.monotonic(), False
+        return self.uri
+
+    def _publish(self, payload: dict) -> None:
+        from dreambooth import kube
+
+        try:
+            if self._api is None:
+                self._api = kube.load_api_client()
+            namespace = self.options.summary_namespace or kube.pod_namespace()
+            kube.publish_summary(self._api, namespace, self.options.summary_configmap, payload)
+        except Exception as exc:  # never let reporting stop training
+            log.warning("cannot publish the bulk summary to ConfigMap %s (%s); %s still has it",
+                        self.options.summary_configmap, exc, self.uri)
+            self._mirror = False
 
 
 def write_summary(options: BulkOptions, report: BulkReport) -> str:
-    uri = storage.join(options.output, SUMMARY)
-    storage.write_json_atomic(
-        uri,
-        {
-            "manifest": options.manifest,
-            "ok": report.ok,
-            "seconds": report.seconds,
-            "prior_caches": report.prior_caches,
-            "subjects": [asdict(r) for r in report.results],
-        },
-    )
-    return uri
+    """The final summary (``finished: true``)."""
+    return SummaryWriter(options).write(report, finished=True)
 
 
 def format_table(report: BulkReport) -> str:
@@ -377,36 +450,61 @@ def format_table(report: BulkReport) -> str:
     return "\n".join(lines)
 
 
-def subject_jobs(planned: list[tuple[str, RunConfig]]) -> list["SubjectJob"]:
-    """One RayJob description per subject: the `run` flags that differ from the defaults.
-
-    Auto identifiers are drawn here, from the CLIP vocabulary every Stable Diffusion 1.x/2.x model
-    shares, so that they are unique across the whole manifest before any job starts.
-    """
-    from dreambooth.config import all_fields
+def resolve_identifiers(planned: list[tuple[str, RunConfig]], distinct: bool = True) -> None:
+    """Draw every ``auto`` identifier now, from the CLIP vocabulary every Stable Diffusion 1.x/2.x model
+    shares, unique across the manifest when ``distinct`` (before any job starts, on any cluster)."""
     from dreambooth.identifier import drawer_for
-    from dreambooth.kube import SubjectJob
     from dreambooth.models import load_clip_tokenizer
 
-    defaults = RunConfig()
-    taken = {cfg.subject.identifier for _, cfg in planned if cfg.subject.identifier != "auto"}
-    jobs = []
+    taken = {cfg.subject.identifier for _, cfg in planned if cfg.subject.identifier != "auto"} if distinct else set()
     drawer = None
-    for name, cfg in planned:
+    for _, cfg in planned:
         if cfg.subject.identifier == "auto":
             drawer = drawer or drawer_for(load_clip_tokenizer())
             cfg.subject.identifier = drawer.draw(cfg.subject.identifier_seed, taken)
-            taken.add(cfg.subject.identifier)
-        args: dict[str, str] = {}
-        for info in all_fields().values():
-            holder, base = (cfg, defaults) if info.section is None else (getattr(cfg, info.section), getattr(defaults, info.section))
-            value = getattr(holder, info.name)
-            if value == getattr(base, info.name) and info.name not in ("model", "class_noun", "instance_dir", "output"):
-                continue
-            if isinstance(value, list):
-                raise ConfigError(f"subject {name!r}: {info.name} cannot be passed to a RayJob; leave it at its default")
-            if value is None:
-                continue
-            args[info.name.replace("_", "-")] = str(value).lower() if isinstance(value, bool) else str(value)
+            if distinct:
+                taken.add(cfg.subject.identifier)
+
+
+def flat_config(cfg: RunConfig) -> dict[str, Any]:
+    """Every field of a resolved config by name (None left out): what a job needs to mean the same
+    thing whatever version of the image runs it."""
+    from dreambooth.config import all_fields
+
+    values = {}
+    for info in all_fields().values():
+        holder = cfg if info.section is None else getattr(cfg, info.section)
+        value = getattr(holder, info.name)
+        if value is not None:
+            values[info.name] = value
+    return values
+
+
+def subject_jobs(planned: list[tuple[str, RunConfig]], distinct: bool = True) -> list["SubjectJob"]:
+    """One RayJob description per subject: every `run` flag of its whole resolved config.
+
+    Sample prompts travel with the identifier and class noun filled in: the braces of a template
+    would not survive the shells on the way to the Ray head.
+    """
+    from dreambooth.kube import SubjectJob
+
+    resolve_identifiers(planned, distinct)
+    jobs = []
+    for name, cfg in planned:
+        args: dict[str, Any] = {}
+        for key, value in flat_config(cfg).items():
+            if key == "sample_prompts":
+                value = cfg.sample_prompts()
+            args[key.replace("_", "-")] = [str(v) for v in value] if isinstance(value, list) else (
+                str(value).lower() if isinstance(value, bool) else str(value))
         jobs.append(SubjectJob(name=name, args=args))
     return jobs
+
+
+def manifest_for_cluster(planned: list[tuple[str, RunConfig]], distinct: bool = True) -> dict[str, Any]:
+    """The manifest the in-cluster bulk driver runs: each subject's whole resolved config, identifiers drawn."""
+    from dreambooth.kube_layouts import manifest_document
+
+    resolve_identifiers(planned, distinct)
+    return manifest_document([(name, {k: v for k, v in flat_config(cfg).items() if k != "output"})
+                              for name, cfg in planned])

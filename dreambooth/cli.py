@@ -242,8 +242,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def _bulk_options(args: argparse.Namespace):
     from dreambooth.bulk import BulkOptions
 
-    return BulkOptions(args.manifest, args.output, max_concurrent=args.max_concurrent, max_retries=args.max_retries,
-                       distinct_identifiers=args.distinct_identifiers)
+    return BulkOptions(args.manifest, args.output, max_concurrent=args.max_concurrent or 0,
+                       max_retries=1 if args.max_retries is None else args.max_retries,
+                       distinct_identifiers=args.distinct_identifiers,
+                       summary_configmap=getattr(args, "summary_configmap", None),
+                       summary_namespace=getattr(args, "summary_namespace", None))
 
 
 def _run_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -266,20 +269,35 @@ def cmd_bulk(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from dreambooth import bulk, kube
+    from dreambooth import bulk, kube, kube_layouts
 
     options = _bulk_options(args)
-    planned = bulk.plan(options, _run_flags(args), args.config, check_paths=False)
+    planned = bulk.plan(options, _run_flags(args), args.config, check_paths=False, base={"use_gpu": "true"})
     bulk_run = args.bulk_run or kube.default_bulk_run(args.manifest)
-    jobs = bulk.subject_jobs(planned)
     spec = kube.load_cluster_spec(args.ray_cluster_spec) if args.ray_cluster_spec else None
+    per_subject = args.layout == "per-subject"
+    shared = spec is None
+    _check_submit_limits(args, per_subject, shared)
+    api = None if (args.dry_run and args.offline) else kube.load_api_client(args.kubeconfig, args.context, args.request_timeout)
+    image = args.image or (kube_layouts.head_image(spec) if spec else None) or (
+        kube.cluster_head_image(api, args.namespace, args.cluster) if api is not None and args.cluster else None)
+    if not image:
+        raise ConfigError("--image is needed for the RayJobs' submitter pod (the cluster's image, with the `ray` CLI); "
+                          "without --offline it is read from the RayCluster named by --cluster")
     try:
-        target = kube.RayJobTarget(namespace=args.namespace, bulk_run=bulk_run, cluster_name=args.cluster,
-                                   ray_cluster_spec=spec)
-        objects = [kube.build_rayjob(job, target) for job in jobs]
+        target = kube.RayJobTarget(
+            namespace=args.namespace, bulk_run=bulk_run, cluster_name=args.cluster, ray_cluster_spec=spec,
+            submitter_image=image, queue_name=args.queue_name,
+            driver_slots=per_subject and shared and bool(args.max_concurrent),
+            backoff_limit=(args.max_retries or 0) if per_subject and not shared else 0,
+        )
+        if per_subject:
+            objects = [kube.build_rayjob(job, target) for job in bulk.subject_jobs(planned, options.distinct_identifiers)]
+        else:
+            objects = kube.build_bulk_objects(bulk.manifest_for_cluster(planned, options.distinct_identifiers), target,
+                                              args.output, options.max_concurrent, options.max_retries)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    api = None if (args.dry_run and args.offline) else kube.load_api_client(args.kubeconfig, args.context, args.request_timeout)
     if args.dry_run:
         print(kube.rayjobs_to_yaml(objects))
     results = kube.submit(api, objects, dry_run=args.dry_run)
@@ -287,8 +305,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not all(r.ok for r in results):
         return 1
     if not args.dry_run:
-        print(f"next:\n  dreambooth status --namespace {args.namespace} --bulk-run {bulk_run}")
+        print(f"next:\n  dreambooth status --namespace {args.namespace} --bulk-run {bulk_run}\n"
+              f"  kubectl -n {args.namespace} get rayjobs -l dreambooth.io/bulk-run={bulk_run} -w")
     return 0
+
+
+def _check_submit_limits(args: argparse.Namespace, per_subject: bool, shared: bool) -> None:
+    """--max-concurrent/--max-retries are used where the layout can honour them and refused elsewhere."""
+    if not per_subject:
+        if args.queue_name:
+            raise ConfigError("--queue-name (Kueue) needs --layout per-subject with --ray-cluster-spec: Kueue admits "
+                              "one RayJob per subject, each with its own cluster")
+        return  # the in-cluster bulk driver takes both, as `dreambooth bulk` does locally
+    if shared and args.max_retries:
+        raise ConfigError(f"--max-retries {args.max_retries}: KubeRay refuses retries of RayJobs on a shared cluster; "
+                          "pass --max-retries 0, use --layout bulk (the driver retries subjects), or give each job "
+                          "its own cluster (--ray-cluster-spec)")
+    if not shared and args.max_concurrent:
+        raise ConfigError(f"--max-concurrent {args.max_concurrent}: with one cluster per RayJob the cluster's capacity "
+                          "(or Kueue's ClusterQueue quota, --queue-name) bounds how many run at once; drop the flag")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -309,8 +344,8 @@ def _add_run_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) 
 def _add_bulk_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", required=True, help="YAML with a 'subjects' list (and optional 'defaults')")
     parser.add_argument("--output", required=True, help="root URI; subject NAME writes to OUTPUT/NAME")
-    parser.add_argument("--max-concurrent", type=int, default=0, help="subjects at once (0 = what the cluster fits)")
-    parser.add_argument("--max-retries", type=int, default=1, help="retries of a subject that failed while running")
+    parser.add_argument("--max-concurrent", type=int, default=None, help="subjects at once (default 0 = what the cluster fits)")
+    parser.add_argument("--max-retries", type=int, default=None, help="retries of a subject that failed while running (default 1)")
     parser.add_argument("--distinct-identifiers", type=_bool_flag, nargs="?", const=True, default=True, metavar="true|false",
                         help="give every subject its own identifier (auto ones: 1-3 rare tokens); false lets them share")
     _add_run_flags(parser, skip=("output",))
@@ -352,16 +387,25 @@ def build_parser() -> argparse.ArgumentParser:
         "dreambooth bulk --manifest subjects.yaml --output s3://bucket/runs --max-train-steps 400",
     )
     _add_bulk_flags(bulk)
+    bulk.add_argument("--summary-configmap", default=None,
+                      help="also publish the summary, as subjects finish, to this ConfigMap (in a pod: its namespace)")
+    bulk.add_argument("--summary-namespace", default=None, help="namespace of --summary-configmap (default: the pod's)")
     bulk.set_defaults(func=cmd_bulk)
 
     submit = _parser(
-        sub, "submit", "Create or update one KubeRay RayJob per subject of a manifest (idempotent).",
-        "dreambooth submit --manifest subjects.yaml --namespace ml --cluster db-dreambooth --output /mnt/shared/runs",
+        sub, "submit", "Run a manifest on KubeRay: one bulk-driver RayJob (default) or one RayJob per subject (idempotent).",
+        "dreambooth submit --manifest subjects.yaml --model stable-diffusion-v1-5/stable-diffusion-v1-5 "
+        "--namespace ml --cluster db-dreambooth --output /mnt/shared/outputs --max-concurrent 4",
     )
     _add_bulk_flags(submit)
     _add_kube_flags(submit)
     submit.add_argument("--cluster", default=None, help="existing RayCluster to run on (e.g. the chart's)")
     submit.add_argument("--ray-cluster-spec", default=None, help="YAML rayClusterSpec: one dedicated cluster per job")
+    submit.add_argument("--layout", choices=("bulk", "per-subject"), default="bulk",
+                        help="bulk (default): one RayJob runs `dreambooth bulk` on the whole manifest; "
+                             "per-subject: one RayJob per subject (Kubernetes-level accounting, Kueue)")
+    submit.add_argument("--image", default=None, help="image of the submitter pod (default: the RayCluster's head image)")
+    submit.add_argument("--queue-name", default=None, help="per-subject + --ray-cluster-spec: Kueue LocalQueue; jobs wait suspended for admission")
     submit.add_argument("--dry-run", action="store_true", help="print the RayJobs; the server only validates them")
     submit.add_argument("--offline", action="store_true", help="with --dry-run: print without contacting Kubernetes")
     submit.set_defaults(func=cmd_submit)

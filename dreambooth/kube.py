@@ -97,6 +97,9 @@ class RayJobTarget:
     active_deadline_seconds: Optional[int] = None
     entrypoint_module: str = DEFAULT_ENTRYPOINT_MODULE
     runtime_env: Optional[Mapping[str, Any]] = field(default=None, hash=False)
+    submitter_image: Optional[str] = None  # image of the K8sJobMode submitter pod (needs the `ray` CLI)
+    queue_name: Optional[str] = None  # dedicated clusters only: Kueue LocalQueue that admits each job
+    driver_slots: bool = False  # shared cluster only: each driver takes one `dreambooth-driver` head resource
 
     def __post_init__(self) -> None:
         validate_k8s_name(self.namespace, what="namespace")
@@ -108,6 +111,9 @@ class RayJobTarget:
             )
         if self.cluster_name is not None:
             validate_k8s_name(self.cluster_name, what="RayCluster name")
+            if self.queue_name:
+                raise ValueError("--queue-name (Kueue) applies to dedicated clusters (--ray-cluster-spec): Kueue "
+                                 "admits whole RayJobs with their own cluster, not drivers on a shared one")
             if self.backoff_limit:
                 raise ValueError(
                     f"backoff_limit={self.backoff_limit}: KubeRay refuses retries on a shared cluster "
@@ -121,6 +127,10 @@ class RayJobTarget:
                     )
         elif "headGroupSpec" not in self.ray_cluster_spec:
             raise ValueError("ray_cluster_spec has no headGroupSpec; it must be a RayCluster spec")
+        elif self.driver_slots:
+            raise ValueError("driver slots gate drivers on a shared cluster; a dedicated cluster runs one driver")
+        if self.queue_name is not None:
+            validate_k8s_name(self.queue_name, what="Kueue queue name")
         for name in ("backoff_limit", "ttl_seconds_after_finished"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
@@ -141,6 +151,7 @@ class SubmitResult:
     action: str
     message: str = ""
     dry_run: bool = False
+    kind: str = KIND
 
     @property
     def ok(self) -> bool:
@@ -188,6 +199,27 @@ def validate_k8s_name(name: str, what: str = "name", max_len: int = MAX_LABEL) -
         raise ValueError(f"invalid {what} {name!r}: it {'; it '.join(problems)}. Rename it, e.g. {hint!r}")
 
 
+def cluster_head_image(api_client: Any, namespace: str, cluster: str) -> str:
+    """The head image of a live RayCluster (the submitter pod of its RayJobs uses the same one)."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    from dreambooth.kube_layouts import head_image
+
+    try:
+        found = client.CustomObjectsApi(api_client).get_namespaced_custom_object(GROUP, VERSION, namespace, "rayclusters", cluster)
+    except ApiException as exc:
+        raise KubeConfigError(f"cannot read RayCluster {namespace}/{cluster} ({_api_error_text(exc)}); check --cluster, "
+                              "or pass --image (the cluster's image) for the submitter pod") from None
+    except HTTPError as exc:
+        raise _unreachable(api_client, exc) from exc
+    image = head_image(found.get("spec") or {})
+    if not image:
+        raise KubeConfigError(f"RayCluster {namespace}/{cluster} has no head image; pass --image")
+    return image
+
+
 def default_bulk_run(manifest_path: str) -> str:
     """A bulk-run label from a manifest's file name: ``subjects.yaml`` → ``subjects``."""
     from pathlib import Path
@@ -233,32 +265,35 @@ def rayjob_name(subject_name: str, bulk_run: str) -> str:
 # --------------------------------------------------------------------------- building
 
 
-def build_entrypoint(module: str, args: Mapping[str, str], subject: str = "") -> str:
-    """``python -m <module> --flag value ...`` with flags sorted and values shell-quoted."""
-    words = ["python", "-m", module]
+def build_entrypoint(module: str, args: Mapping[str, Any], subject: str = "", command: Optional[Sequence[str]] = None) -> str:
+    """``python -m <module> --flag value ...`` with flags sorted and values shell-quoted.
+
+    A list value becomes several words after its flag (``--sample-prompts "a" "b"``). ``command``
+    replaces ``python -m <module>`` (e.g. ``["dreambooth", "bulk"]``).
+    """
+    words = list(command) if command else ["python", "-m", module]
     for flag in sorted(args):
-        value = args[flag]
+        values = args[flag] if isinstance(args[flag], list) else [args[flag]]
         where = f"subject {subject!r}: " if subject else ""
-        if not _FLAG.match(flag):
-            raise ValueError(
-                f"{where}flag {flag!r} is not a flag name; write it without leading dashes in "
-                "lowercase, e.g. 'instance-dir'"
-            )
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, str):
-            raise ValueError(
-                f"{where}--{flag} must be a string or a number, got {type(value).__name__} {value!r}; "
-                "write the value the flag takes on the command line, e.g. 'true'"
-            )
-        if not _SAFE_VALUE.match(value):
-            bad = " ".join(sorted({repr(c) for c in value if not _SAFE_VALUE.match(c)}))
-            raise ValueError(
-                f"{where}--{flag} {value!r} has characters a shell on the Ray head would interpret: "
-                f"{bad}; use only letters, digits, spaces and _@%+=:,./-"
-            )
-        words += [f"--{flag}", value]
+        words += [f"--{flag}", *(_entrypoint_word(flag, v, where) for v in values)]
     return " ".join(shlex.quote(w) for w in words)
+
+
+def _entrypoint_word(flag: str, value: Any, where: str) -> str:
+    """One checked value of ``--flag``: a string both shells on the way to the head leave as it is."""
+    if not _FLAG.match(flag):
+        raise ValueError(f"{where}flag {flag!r} is not a flag name; write it without leading dashes in "
+                         "lowercase, e.g. 'instance-dir'")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}--{flag} must be a string or a number, got {type(value).__name__} {value!r}; "
+                         "write the value the flag takes on the command line, e.g. 'true'")
+    if not _SAFE_VALUE.match(value):
+        bad = " ".join(sorted({repr(c) for c in value if not _SAFE_VALUE.match(c)}))
+        raise ValueError(f"{where}--{flag} {value!r} has characters a shell on the Ray head would interpret: "
+                         f"{bad}; use only letters, digits, spaces and _@%+=:,./-")
+    return value
 
 
 def _dedicated_cluster(target: RayJobTarget) -> dict[str, Any]:
@@ -273,47 +308,84 @@ def _dedicated_cluster(target: RayJobTarget) -> dict[str, Any]:
             if not containers:
                 raise ValueError("ray_cluster_spec: a group template has no containers to set the image on")
             containers[0]["image"] = target.image  # KubeRay: the Ray container is the first one
+    if target.queue_name:
+        spec["enableInTreeAutoscaling"] = False  # Kueue admits fixed-size clusters
     return spec
 
 
-def build_rayjob(job: SubjectJob, target: RayJobTarget) -> dict[str, Any]:
-    """The RayJob custom object (a plain dict) that runs ``job`` on ``target``."""
-    validate_k8s_name(job.name, what="subject name")
-    spec: dict[str, Any] = {
-        "entrypoint": build_entrypoint(target.entrypoint_module, job.args, subject=job.name),
-        "submissionMode": "K8sJobMode",
-        "backoffLimit": target.backoff_limit,
-    }
-    if target.runtime_env:
-        spec["runtimeEnvYAML"] = yaml.safe_dump(dict(target.runtime_env), sort_keys=True)
+def _rayjob(name: str, labels: Mapping[str, str], entrypoint: str, target: RayJobTarget,
+            annotations: Optional[Mapping[str, str]] = None, manifest_configmap: Optional[str] = None,
+            runtime_env: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """The parts every RayJob of the CLI shares: where it runs, the submitter pod, Kueue and driver gates."""
+    from dreambooth import kube_layouts
+
+    spec: dict[str, Any] = {"entrypoint": entrypoint, "submissionMode": "K8sJobMode", "backoffLimit": target.backoff_limit}
+    env = {**dict(target.runtime_env or {}), **dict(runtime_env or {})}
+    if env:
+        spec["runtimeEnvYAML"] = yaml.safe_dump(env, sort_keys=True)
     if target.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = target.active_deadline_seconds
     if target.cluster_name is not None:
         spec["clusterSelector"] = {CLUSTER_SELECTOR_KEY: target.cluster_name}
+        if target.driver_slots:
+            spec["entrypointResources"] = json.dumps({kube_layouts.DRIVER_RESOURCE: 1})
     else:
         spec["rayClusterSpec"] = _dedicated_cluster(target)
         spec["shutdownAfterJobFinishes"] = True
         spec["ttlSecondsAfterFinished"] = target.ttl_seconds_after_finished
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "metadata": {
-            "name": rayjob_name(job.name, target.bulk_run),
-            "namespace": target.namespace,
-            "labels": {
-                LABEL_NAME: APP_NAME,
-                LABEL_MANAGED_BY: FIELD_MANAGER,
-                LABEL_BULK_RUN: target.bulk_run,
-                LABEL_SUBJECT: job.name,
-            },
-        },
-        "spec": spec,
-    }
+    if target.submitter_image:
+        spec["submitterPodTemplate"] = kube_layouts.submitter_pod_template(target.submitter_image, manifest_configmap)
+    elif manifest_configmap:
+        raise ValueError("the bulk layout needs a submitter pod to carry the manifest: pass --image")
+    labels = {LABEL_NAME: APP_NAME, LABEL_MANAGED_BY: FIELD_MANAGER, LABEL_BULK_RUN: target.bulk_run, **labels}
+    if target.queue_name:
+        labels[kube_layouts.LABEL_KUEUE_QUEUE] = target.queue_name
+        spec["suspend"] = True  # Kueue unsuspends the job when its quota admits it
+    metadata: dict[str, Any] = {"name": name, "namespace": target.namespace, "labels": labels}
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec}
+
+
+def build_rayjob(job: SubjectJob, target: RayJobTarget) -> dict[str, Any]:
+    """The RayJob custom object (a plain dict) that runs one subject's ``job`` on ``target``."""
+    from dreambooth.kube_layouts import LABEL_MODE
+
+    validate_k8s_name(job.name, what="subject name")
+    entrypoint = build_entrypoint(target.entrypoint_module, job.args, subject=job.name)
+    return _rayjob(rayjob_name(job.name, target.bulk_run), {LABEL_SUBJECT: job.name, LABEL_MODE: "per-subject"},
+                   entrypoint, target)
+
+
+def build_bulk_objects(manifest: Mapping[str, Any], target: RayJobTarget, output: str, max_concurrent: int,
+                       max_retries: int) -> list[dict[str, Any]]:
+    """The bulk layout: the manifest ConfigMap and the one RayJob whose driver runs ``dreambooth bulk``."""
+    from dreambooth import kube_layouts as layouts
+
+    job_name = rayjob_name("bulk", target.bulk_run)
+    configmap = f"{target.bulk_run}-manifest"[:MAX_LABEL].rstrip("-")
+    summary = f"{job_name}-summary"[:MAX_LABEL].rstrip("-")
+    labels = {LABEL_NAME: APP_NAME, LABEL_MANAGED_BY: FIELD_MANAGER, LABEL_BULK_RUN: target.bulk_run,
+              layouts.LABEL_MODE: "bulk"}
+    args = layouts.bulk_entrypoint_args(output, max_concurrent, max_retries, summary)
+    entrypoint = build_entrypoint("", args, command=["dreambooth", "bulk"])
+    rayjob = _rayjob(job_name, {layouts.LABEL_MODE: "bulk"}, entrypoint, target,
+                     annotations={layouts.ANNOTATION_SUMMARY: summary, layouts.ANNOTATION_OUTPUT: output},
+                     manifest_configmap=configmap, runtime_env={"working_dir": layouts.MANIFEST_MOUNT})
+    return [layouts.manifest_configmap(configmap, target.namespace, labels, manifest), rayjob]
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (runtimeEnvYAML, a manifest) as ``|`` blocks, readable as they are."""
+
+
+_BlockDumper.add_representer(
+    str, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
 
 
 def rayjobs_to_yaml(rayjobs: Sequence[Mapping[str, Any]]) -> str:
     """A multi-document YAML of the objects (what ``kubectl apply -f`` would take)."""
-    return yaml.safe_dump_all([dict(o) for o in rayjobs], sort_keys=False)
+    return yaml.dump_all([dict(o) for o in rayjobs], Dumper=_BlockDumper, sort_keys=False)
 
 
 # --------------------------------------------------------------------------- submitting
@@ -354,64 +426,82 @@ def _unreachable(api_client: Any, exc: Exception) -> KubeError:
 
 def _content(obj: Optional[Mapping[str, Any]]) -> Any:
     meta = (obj or {}).get("metadata") or {}
-    return (obj or {}).get("spec"), meta.get("labels") or {}, meta.get("annotations") or {}
+    return (obj or {}).get("spec"), (obj or {}).get("data"), meta.get("labels") or {}, meta.get("annotations") or {}
 
 
-def _apply_one(api: Any, obj: Mapping[str, Any], dry_run: bool) -> tuple[str, str]:
+class _Objects:
+    """Get and server-side apply for the two kinds the CLI submits: RayJobs and ConfigMaps."""
+
+    def __init__(self, api_client: Any):
+        from kubernetes import client
+
+        self.api_client = api_client
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+
+    def get(self, obj: Mapping[str, Any]) -> Optional[dict]:
+        from kubernetes.client.exceptions import ApiException
+
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        try:
+            if obj["kind"] == "ConfigMap":
+                return self.api_client.sanitize_for_serialization(self.core.read_namespaced_config_map(name, ns))
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            return None
+
+    def apply(self, obj: Mapping[str, Any], dry_run: bool) -> Any:
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        options = dict(field_manager=FIELD_MANAGER, force=True, field_validation="Strict", _content_type=APPLY_PATCH,
+                       **({"dry_run": "All"} if dry_run else {}))
+        if obj["kind"] == "ConfigMap":
+            return self.api_client.sanitize_for_serialization(self.core.patch_namespaced_config_map(name, ns, dict(obj), **options))
+        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, dict(obj), **options)
+
+
+def _apply_one(api: _Objects, obj: Mapping[str, Any], dry_run: bool) -> tuple[str, str]:
     """Server-side apply one object: (action, note)."""
-    from kubernetes.client.exceptions import ApiException
-
-    meta = obj["metadata"]
-    ns, name = meta["namespace"], meta["name"]
-    try:
-        live = api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
-        live = None
-    extra = {"dry_run": "All"} if dry_run else {}
-    applied = api.patch_namespaced_custom_object(
-        GROUP, VERSION, ns, PLURAL, name, dict(obj),
-        field_manager=FIELD_MANAGER, force=True, field_validation="Strict",
-        _content_type=APPLY_PATCH, **extra,
-    )  # fmt: skip
+    live = api.get(obj)
+    applied = api.apply(obj, dry_run)
     if live is None:
         return "created", ""
     if applied is None:  # the client drops bodies of statuses it does not expect (201)
-        applied = api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        applied = api.get(obj)
     if _content(applied) == _content(live):
         return "unchanged", ""
     state = (live.get("status") or {}).get("jobDeploymentStatus")
     if not state:
         return "configured", ""
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
     return "configured", (
         f"KubeRay does not restart a RayJob whose spec changes and this one is already {state}; to run it "
         f"with the new flags: kubectl delete rayjob -n {ns} {name}, then submit again"
     )
 
 
-def submit(api_client: Any, rayjobs: Sequence[Mapping[str, Any]], dry_run: bool = False) -> list[SubmitResult]:
-    """Apply each RayJob; one result per object, in order. Failures are results, not exceptions.
+def submit(api_client: Any, objects: Sequence[Mapping[str, Any]], dry_run: bool = False) -> list[SubmitResult]:
+    """Apply each object (RayJobs, ConfigMaps); one result per object, in order. Failures are results.
 
     ``dry_run=True`` asks the server to validate and compute every change without persisting anything
     (``dryRun=All``); with ``api_client=None`` it contacts nothing and reports every object ``rendered``.
-    Raises ``ValueError`` when two objects share a name (nothing is sent), ``KubeError`` when the API
-    server cannot be reached at all.
+    Raises ``ValueError`` when two objects share a kind and name (nothing is sent), ``KubeError`` when
+    the API server cannot be reached at all.
     """
-    from kubernetes import client
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
-    keys = [(o["metadata"]["namespace"], o["metadata"]["name"]) for o in rayjobs]
-    twice = sorted({f"{ns}/{name}" for ns, name in keys if keys.count((ns, name)) > 1})
+    keys = [(o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in objects]
+    twice = sorted({f"{ns}/{name}" for kind, ns, name in keys if keys.count((kind, ns, name)) > 1})
     if twice:
         raise ValueError(f"RayJobs {', '.join(twice)} appear more than once; each subject needs a unique name")
     results: list[SubmitResult] = []
-    api = client.CustomObjectsApi(api_client) if api_client is not None else None
-    for obj in rayjobs:
+    api = _Objects(api_client) if api_client is not None else None
+    for obj in objects:
         meta = obj["metadata"]
         subject = (meta.get("labels") or {}).get(LABEL_SUBJECT, meta["name"])
-        where = dict(subject=subject, name=meta["name"], namespace=meta["namespace"], dry_run=dry_run)
+        where = dict(subject=subject, name=meta["name"], namespace=meta["namespace"], dry_run=dry_run, kind=obj["kind"])
         if api is None:
             if not dry_run:
                 raise ValueError("submit needs an api_client unless dry_run=True")
@@ -426,7 +516,9 @@ def submit(api_client: Any, rayjobs: Sequence[Mapping[str, Any]], dry_run: bool 
                 if exc.status == 409 and attempt == 1:
                     continue  # someone changed it between our read and write: read again, once
                 reason = _api_error_text(exc)
-                message = f"subject {subject!r} (RayJob {meta['namespace']}/{meta['name']}) was rejected: {reason}"
+                what = f"RayJob {meta['namespace']}/{meta['name']}" if obj["kind"] == KIND else \
+                    f"{obj['kind']} {meta['namespace']}/{meta['name']}"
+                message = f"subject {subject!r} ({what}) was rejected: {reason}"
                 results.append(SubmitResult(action="failed", message=message, **where))
                 break
             except HTTPError as exc:
@@ -442,7 +534,8 @@ def format_submit_results(results: Sequence[SubmitResult]) -> str:
         if r.action == "failed":
             lines.append(r.message)
         else:
-            lines.append(f"rayjob.ray.io/{r.name} {r.action}{suffix}" + (f"\n  note: {r.message}" if r.message else ""))
+            resource = "rayjob.ray.io" if r.kind == KIND else r.kind.lower()
+            lines.append(f"{resource}/{r.name} {r.action}{suffix}" + (f"\n  note: {r.message}" if r.message else ""))
     return "\n".join(lines)
 
 
@@ -450,40 +543,59 @@ def format_submit_results(results: Sequence[SubmitResult]) -> str:
 
 
 def list_status(api_client: Any, namespace: str, bulk_run: Optional[str] = None) -> list[JobStatus]:
-    """Status of the dreambooth RayJobs in ``namespace``, from this CLI or the Helm chart (one bulk run when given)."""
+    """Status of the dreambooth RayJobs in ``namespace`` (one bulk run when given), from this CLI or the
+    Helm chart whatever its release name or ``nameOverride``: they all carry ``dreambooth.io/bulk-run``.
+
+    A bulk-layout RayJob is expanded into one row per subject from the summary its driver publishes.
+    """
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
-    selector = f"{LABEL_NAME}=dreambooth"
-    if bulk_run is not None:
-        selector += f",{LABEL_BULK_RUN}={bulk_run}"
+    from dreambooth import kube_layouts as layouts
+
+    selector = LABEL_BULK_RUN if bulk_run is None else f"{LABEL_BULK_RUN}={bulk_run}"
     try:
         found = client.CustomObjectsApi(api_client).list_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, label_selector=selector
         )
+        rows = []
+        for item in found.get("items", []):
+            meta, status = item.get("metadata", {}), item.get("status") or {}
+            labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+            job = JobStatus(
+                name=meta.get("name", ""), subject=labels.get(LABEL_SUBJECT, ""), bulk_run=labels.get(LABEL_BULK_RUN, ""),
+                job_status=status.get("jobStatus", ""), deployment_status=status.get("jobDeploymentStatus", ""),
+                message=status.get("message", ""), start_time=status.get("startTime", ""),
+                end_time=status.get("endTime", ""), ray_cluster=status.get("rayClusterName", ""),
+            )
+            summary_name = annotations.get(layouts.ANNOTATION_SUMMARY)
+            if labels.get(layouts.LABEL_MODE) != "bulk" or not summary_name:
+                rows.append(job)
+                continue
+            summary = layouts.read_summary(api_client, namespace, summary_name)
+            if not summary:
+                rows.append(JobStatus(**{**job.__dict__, "subject": "(all)", "message": job.message or
+                                         f"no summary yet (ConfigMap {summary_name})"}))
+                continue
+            for subject in summary.get("subjects", []):
+                rows.append(JobStatus(
+                    name=job.name, subject=str(subject.get("name", "")), bulk_run=job.bulk_run,
+                    job_status=str(subject.get("status", "")).upper(), deployment_status=job.deployment_status,
+                    message=str(subject.get("error") or ""), start_time=_iso(subject.get("started_unix")),
+                    end_time=_iso(subject.get("finished_unix")), ray_cluster=job.ray_cluster,
+                ))
     except ApiException as exc:
         raise KubeError(f"cannot list RayJobs in namespace {namespace!r}: {_api_error_text(exc)}") from exc
     except HTTPError as exc:
         raise _unreachable(api_client, exc) from exc
-    rows = []
-    for item in found.get("items", []):
-        meta, status = item.get("metadata", {}), item.get("status") or {}
-        labels = meta.get("labels") or {}
-        rows.append(
-            JobStatus(
-                name=meta.get("name", ""),
-                subject=labels.get(LABEL_SUBJECT, ""),
-                bulk_run=labels.get(LABEL_BULK_RUN, ""),
-                job_status=status.get("jobStatus", ""),
-                deployment_status=status.get("jobDeploymentStatus", ""),
-                message=status.get("message", ""),
-                start_time=status.get("startTime", ""),
-                end_time=status.get("endTime", ""),
-                ray_cluster=status.get("rayClusterName", ""),
-            )
-        )
     return sorted(rows, key=lambda r: (r.bulk_run, r.subject, r.name))
+
+
+def _iso(unix: Any) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(float(unix), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if unix else ""
 
 
 def format_status_table(rows: Sequence[JobStatus], max_message: int = 60) -> str:
@@ -506,7 +618,9 @@ def format_status_table(rows: Sequence[JobStatus], max_message: int = 60) -> str
     for r in rows:
         key = r.job_status or r.deployment_status or "NEW"
         counts[key] = counts.get(key, 0) + 1
-    lines.append(f"{len(rows)} RayJobs: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    jobs = len({r.name for r in rows})
+    head = f"{len(rows)} subjects in {jobs} RayJob{'s' if jobs != 1 else ''}: " if jobs != len(rows) else f"{len(rows)} RayJobs: "
+    lines.append(head + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     return "\n".join(lines)
 
 

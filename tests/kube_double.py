@@ -1,4 +1,5 @@
-"""A test double of the Kubernetes API server at the HTTP level, for namespaced custom resources.
+"""A test double of the Kubernetes API server at the HTTP level, for namespaced custom resources (and
+ConfigMaps, validated against the strict Kubernetes schema).
 
 The real ``kubernetes`` client talks to it on 127.0.0.1 (``configuration()``); objects live in memory.
 Answers like the API server: create (201; 409 AlreadyExists), get (404 NotFound with a Status), list
@@ -30,7 +31,10 @@ import yaml
 
 CRD_DIR = Path(__file__).parent / "fixtures" / "kuberay-crds"
 APPLY, MERGE = "application/apply-patch+yaml", "application/merge-patch+json"
-_PATH = re.compile(r"/apis/([^/]+)/([^/]+)/namespaces/([^/]+)/([^/]+)(?:/([^/]+))?")
+_PATH = re.compile(r"/(?:apis/([^/]+)|api)/([^/]+)/namespaces/([^/]+)/([^/]+)(?:/([^/]+))?")
+SCHEMA_DIR = Path(__file__).parent / "fixtures" / "k8s-schemas"
+CORE_KINDS = {"configmaps": ("ConfigMap", "configmap-v1.json")}
+"""Core (``/api/v1``) kinds the double also serves, validated against the strict Kubernetes schemas."""
 _SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _SYSTEM = ("uid", "creationTimestamp", "generation", "resourceVersion")
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number"}
@@ -56,7 +60,15 @@ class _Kind:
         self.kind, self.plural = crd["spec"]["names"]["kind"], crd["spec"]["names"]["plural"]
         self.schema = version["schema"]["openAPIV3Schema"]
         self.validator = jsonschema.Draft7Validator(self.schema)
-        self.resource = f"{self.plural}.{self.group}"
+        self.resource = f"{self.plural}.{self.group}" if self.group else self.plural
+        self.api_version = f"{self.group}/{self.version}" if self.group else self.version
+
+    @classmethod
+    def core(cls, plural: str) -> _Kind:
+        kind, schema_file = CORE_KINDS[plural]
+        schema = json.loads((SCHEMA_DIR / schema_file).read_text())
+        crd = {"spec": {"group": "", "names": {"kind": kind, "plural": plural}}}
+        return cls(crd, {"name": "v1", "schema": {"openAPIV3Schema": schema}})
 
     def details(self, name: str, **extra: Any) -> dict:
         return {"name": name, "group": self.group, "kind": self.plural, **extra}
@@ -168,6 +180,9 @@ class KubeApiDouble:
             crd = yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
             kinds = [_Kind(crd, version) for version in crd["spec"]["versions"]]
             self.kinds.update({(kind.group, kind.version, kind.plural): kind for kind in kinds})
+        for plural in CORE_KINDS:
+            kind = _Kind.core(plural)
+            self.kinds[("", kind.version, plural)] = kind
         self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace, name) -> object
         self.requests: list[tuple[str, str, str]] = []  # (method, path?query, content type)
         self._rv, self._lock = itertools.count(1000), threading.Lock()
@@ -213,7 +228,7 @@ class KubeApiDouble:
         self.requests.append((method, url, content_type))
         content_type = content_type.split(";")[0].strip()
         match = _PATH.fullmatch(parts.path)
-        kind = match and self.kinds.get(match.group(1, 2, 4))
+        kind = match and self.kinds.get((match.group(1) or "", match.group(2), match.group(4)))
         try:
             if not kind:
                 raise _Failure(404, "NotFound", "the server could not find the requested resource", {})
@@ -230,7 +245,7 @@ class KubeApiDouble:
             items = [copy.deepcopy(o) for (plural, ns, _), o in sorted(self.objects.items())
                      if plural == kind.plural and ns == namespace
                      and _matches(o["metadata"].get("labels") or {}, query.get("labelSelector", ""))]  # fmt: skip
-            return 200, {"apiVersion": f"{kind.group}/{kind.version}", "kind": f"{kind.kind}List",
+            return 200, {"apiVersion": kind.api_version, "kind": f"{kind.kind}List",
                          "metadata": {"resourceVersion": str(next(self._rv))}, "items": items}, {}  # fmt: skip
         if name is None and method == "POST":
             name = (body.get("metadata") or {}).get("name", "")
@@ -285,8 +300,8 @@ class KubeApiDouble:
         new = copy.deepcopy(new)
         meta = new.setdefault("metadata", {})
         meta.pop("managedFields", None)
-        if new.get("apiVersion") != f"{kind.group}/{kind.version}" or new.get("kind") != kind.kind:
-            raise _Failure(400, "BadRequest", f"expected apiVersion {kind.group}/{kind.version} and kind "
+        if new.get("apiVersion") != kind.api_version or new.get("kind") != kind.kind:
+            raise _Failure(400, "BadRequest", f"expected apiVersion {kind.api_version} and kind "
                            f"{kind.kind}, got {new.get('apiVersion')} {new.get('kind')}")  # fmt: skip
         if meta.setdefault("namespace", namespace) != namespace or meta.setdefault("name", name) != name:
             raise _Failure(400, "BadRequest", "the namespace or name of the provided object does not match "

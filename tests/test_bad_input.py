@@ -64,7 +64,8 @@ def sub(name, dog, **kw):
 
 def submit_args(tmp, dog, *extra):
     path = manifest(tmp, dog, [sub("a", dog)])[2]
-    return ["submit", "--manifest", path, "--output", "s3://b/runs", "--cluster", "db", "--model", "tiny", "--dry-run", "--offline", *extra]
+    return ["submit", "--manifest", path, "--output", "s3://b/runs", "--cluster", "db", "--model", "tiny", "--image", "db:1",
+            "--dry-run", "--offline", *extra]
 
 
 def truncate(path: Path) -> Path:
@@ -467,10 +468,10 @@ def test_more_subjects_than_single_rare_tokens_get_distinct_identifiers(tmp_path
     subjects = [sub(f"s{i}", "s3://b/photos") for i in range(400)]
     path = write(tmp_path / "many.yaml", yaml.safe_dump({"subjects": subjects}))
     code = main(["submit", "--manifest", str(path), "--namespace", "ml", "--cluster", "db", "--output", "s3://b/runs",
-                 "--model", "tiny", "--dry-run", "--offline"])
+                 "--model", "tiny", "--layout", "per-subject", "--max-retries", "0", "--image", "db:1", "--dry-run", "--offline"])
     out = capsys.readouterr().out
     assert code == 0
-    docs = [d for d in yaml.safe_load_all(out.split("\n\n")[0]) if d]
+    docs = [d for d in yaml.safe_load_all(out[: out.index("\nrayjob.ray.io/")]) if d]
     assert len(docs) == 400
     import shlex
 

@@ -95,6 +95,7 @@ def test_build_rayjob_on_shared_cluster():
             "app.kubernetes.io/managed-by": "dreambooth-cli",
             "dreambooth.io/bulk-run": "b1",
             "dreambooth.io/subject": "dog",
+            "dreambooth.io/mode": "per-subject",
         },
     }
     assert obj["spec"] == {
@@ -360,7 +361,7 @@ def test_list_status_reads_what_kuberay_reports(double, api):
     assert rows[1].start_time == "2025-01-01T10:00:00Z" and rows[1].end_time == "2025-01-01T10:20:00Z"
     assert len(kube.list_status(api, NS)) == 3
     selectors = [parse_qs(urlsplit(url).query).get("labelSelector") for method, url, _ in double.requests]
-    assert ["app.kubernetes.io/name=dreambooth,dreambooth.io/bulk-run=b1"] in selectors
+    assert ["dreambooth.io/bulk-run=b1"] in selectors  # not the app name: nameOverride changes that
 
     table = kube.format_status_table(rows).splitlines()
     assert table[0].split() == ["SUBJECT", "RAYJOB", "JOB", "STATUS", "DEPLOYMENT", "START", "END", "MESSAGE"]
