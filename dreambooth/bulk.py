@@ -421,13 +421,13 @@ class SummaryWriter:
         return self.uri
 
     def _publish(self, payload: dict) -> None:
-        from dreambooth import kube
+        from dreambooth import kube, kube_layouts
 
         try:
             if self._api is None:
                 self._api = kube.load_api_client()
-            namespace = self.options.summary_namespace or kube.pod_namespace()
-            kube.publish_summary(self._api, namespace, self.options.summary_configmap, payload)
+            namespace = self.options.summary_namespace or kube_layouts.pod_namespace()
+            kube_layouts.publish_summary(self._api, namespace, self.options.summary_configmap, payload)
         except Exception as exc:  # never let reporting stop training
             log.warning("cannot publish the bulk summary to ConfigMap %s (%s); %s still has it",
                         self.options.summary_configmap, exc, self.uri)

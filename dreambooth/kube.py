@@ -686,8 +686,9 @@ def load_api_client(kubeconfig: Optional[str] = None, context: Optional[str] = N
         if os.path.isfile(os.path.expanduser(path)):
             _check_kubeconfig_file(path)
     try:
-        config.load_kube_config(
-            config_file=kubeconfig, context=context, client_configuration=configuration, persist_config=False
+        config.load_kube_config(  # KUBECONFIG read now: the client reads it once, at import
+            config_file=kubeconfig or os.environ.get("KUBECONFIG") or None, context=context,
+            client_configuration=configuration, persist_config=False,
         )
     except Exception as exc:  # ConfigException, OSError, bad base64 (binascii.Error), YAML errors...
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__

@@ -119,3 +119,87 @@ def test_failed_subjects_are_retried_up_to_the_limit_without_stopping_others(ray
     assert (status["fails-once"].status, status["fails-once"].attempts) == ("succeeded", 2)
     assert (status["fine"].status, status["fine"].attempts) == ("succeeded", 1)
     assert not report.ok
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_in_cluster_bulk_driver_publishes_each_subject_state_while_it_runs(ray_cluster, tmp_path, dog_dir, monkeypatch, capsys):
+    """What `dreambooth submit` (bulk layout) makes the cluster run, run here: the manifest from its
+    ConfigMap in the working directory, the RayJob's own entrypoint, the summary ConfigMap on an API
+    double; then `dreambooth status` reads every subject's state from it."""
+    import shlex
+    import threading
+    import time
+
+    from dreambooth import kube_layouts
+    from kube_double import KubeApiDouble
+
+    bad_dir = tmp_path / "bad-dog"
+    shutil.copytree(dog_dir, bad_dir)
+    (bad_dir / "00.jpg").write_bytes(b"\xff\xd8 broken")
+    subjects = [{"name": "dog-a", "instance_dir": str(dog_dir), "class_noun": "dog"},
+                {"name": "dog-bad", "instance_dir": str(bad_dir), "class_noun": "dog"},
+                {"name": "dog-c", "instance_dir": str(dog_dir), "class_noun": "dog"}]
+    manifest = _manifest(tmp_path, subjects, defaults={
+        "resolution": 32, "num_class_images": 2, "prior_batch_size": 2, "num_inference_steps": 2, "max_train_steps": 2,
+        "checkpointing_steps": 0, "workers": 1, "num_sample_images": 0, "use_gpu": "false"})
+    out = tmp_path / "runs"
+
+    double = KubeApiDouble().start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "d",
+        "clusters": [{"name": "d", "cluster": {"server": double.configuration().host}}],
+        "users": [{"name": "u", "user": {"token": "t"}}], "contexts": [{"name": "d", "context": {"cluster": "d", "user": "u"}}]}))
+    try:
+        assert main(["submit", "--manifest", manifest, "--namespace", "ml", "--kubeconfig", str(kubeconfig), "--cluster", "db",
+                     "--image", "db:1", "--output", str(out), "--model", "tiny", "--max-concurrent", "1", "--max-retries", "0"]) == 0
+        job = double.get("subjects-bulk", "ml")
+        workdir = tmp_path / "working_dir"  # what `ray job submit --runtime-env-json {working_dir: ...}` uploads
+        workdir.mkdir()
+        (workdir / "manifest.yaml").write_text(double.get("subjects-manifest", "ml", plural="configmaps")["data"]["manifest.yaml"])
+        namespace_file = tmp_path / "namespace"
+        namespace_file.write_text("ml")
+        monkeypatch.setattr(kube_layouts, "SERVICE_ACCOUNT_NAMESPACE", str(namespace_file))  # as in the head pod
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        monkeypatch.chdir(workdir)
+
+        seen: dict[str, list[str]] = {}
+        done = threading.Event()
+
+        def watch():
+            while True:
+                last = done.is_set()  # one more read after the driver ends: its final write
+                cm = double.get(job["metadata"]["annotations"]["dreambooth.io/summary-configmap"], "ml", plural="configmaps")
+                for s in (json.loads(cm["data"]["bulk-summary.json"])["subjects"] if cm else []):
+                    states = seen.setdefault(s["name"], [])
+                    if not states or states[-1] != s["status"]:
+                        states.append(s["status"])
+                if last:
+                    return
+                time.sleep(0.1)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        words = shlex.split(job["spec"]["entrypoint"])
+        assert words[:2] == ["dreambooth", "bulk"]
+        try:
+            code = main(words[1:])
+        finally:
+            done.set()
+            watcher.join()
+        assert code == 1  # one subject failed
+        assert seen["dog-bad"][-1] == "failed"
+        assert seen["dog-a"][-2:] == ["running", "succeeded"] and seen["dog-c"][-2:] == ["running", "succeeded"]
+        assert "pending" in seen["dog-c"] or "pending" in seen["dog-a"]  # --max-concurrent 1: one waited
+        summary = storage.read_json(str(out / bulk.SUMMARY))
+        assert summary["finished"] is True and summary["counts"] == {"succeeded": 2, "failed": 1}
+        capsys.readouterr()
+
+        assert main(["status", "--namespace", "ml", "--kubeconfig", str(kubeconfig)]) == 0
+        table = capsys.readouterr().out
+        rows = {line.split()[0]: line for line in table.splitlines()[1:-1]}
+        assert "SUCCEEDED" in rows["dog-a"] and "SUCCEEDED" in rows["dog-c"] and "FAILED" in rows["dog-bad"]
+        assert "SubjectError" in rows["dog-bad"]  # the message column is cut to 60 characters
+    finally:
+        double.stop()
