@@ -304,6 +304,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(kube.format_submit_results(results))
     if not all(r.ok for r in results):
         return 1
+    if target.driver_slots:
+        print(f"note: each driver waits for one '{kube_layouts.DRIVER_RESOURCE}' resource of the head of {args.cluster}; "
+              "the chart advertises jobs.maxConcurrent of them with jobs.layout perSubject (else the jobs never start)")
     if not args.dry_run:
         print(f"next:\n  dreambooth status --namespace {args.namespace} --bulk-run {bulk_run}\n"
               f"  kubectl -n {args.namespace} get rayjobs -l dreambooth.io/bulk-run={bulk_run} -w")

@@ -399,11 +399,10 @@ def test_entrypoints_are_accepted_by_the_job_cli(rendered, values):
     parser = cli.build_parser()
     for job in ch.of_kind(rendered[values], "RayJob"):
         if layout_of(values) == "bulk":
-            # `dreambooth bulk`: every flag known to the CLI (--summary-configmap may still be
-            # unknown to an older CLI: the in-cluster summary is the driver's side).
-            ns, unknown = parser.parse_known_args(argv(job)[1:])
+            # `dreambooth bulk`: every flag known to the CLI, the summary ConfigMap named as annotated.
+            ns = parser.parse_args(argv(job)[1:])
             assert ns.command == "bulk" and ns.manifest == "manifest.yaml"
-            assert unknown in ([], ["--summary-configmap", "dreambooth-bulk-summary"]), unknown
+            assert ns.summary_configmap == job["metadata"]["annotations"]["dreambooth.io/summary-configmap"]
             continue
         ns = parser.parse_args(["run", *argv(job)[3:]])  # ray_jobs.personalize == `dreambooth run`
         cfg = cli.config_from_args(ns, list(all_fields()))
