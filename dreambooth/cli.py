@@ -330,10 +330,11 @@ def _check_submit_limits(args: argparse.Namespace, per_subject: bool, shared: bo
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dreambooth import kube
+    from dreambooth import kube, kube_status
 
-    rows = kube.list_status(kube.load_api_client(args.kubeconfig, args.context, args.request_timeout), args.namespace, args.bulk_run)
-    print(kube.format_status_table(rows))
+    api = kube.load_api_client(args.kubeconfig, args.context, args.request_timeout)
+    rows = kube_status.list_status(api, args.namespace, args.bulk_run)
+    print(kube_status.format_status_table(rows))
     return 0
 
 

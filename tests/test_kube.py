@@ -19,7 +19,7 @@ from kube_double import KubeApiDouble
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from dreambooth import kube
+from dreambooth import kube, kube_status
 
 NS = "ml"
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -332,7 +332,7 @@ def test_missing_crd_hints_at_kuberay(double, api, monkeypatch):
 def test_list_status_without_the_crd_is_a_clear_error(double, api, monkeypatch):
     monkeypatch.setattr(double, "kinds", {})
     with pytest.raises(kube.KubeError, match="cannot list RayJobs in namespace 'ml'.*KubeRay operator"):
-        kube.list_status(api, NS)
+        kube_status.list_status(api, NS)
 
 
 def test_unreachable_server_raises_kube_error():
@@ -353,17 +353,17 @@ def test_list_status_reads_what_kuberay_reports(double, api):
                                  "message": "Job finished successfully."}, NS)  # fmt: skip
     double.set_status("b1-cat", {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed",
                                  "message": "Job entrypoint command failed with exit code 1"}, NS)  # fmt: skip
-    rows = kube.list_status(api, NS, bulk_run="b1")
+    rows = kube_status.list_status(api, NS, bulk_run="b1")
     assert [(r.subject, r.job_status, r.deployment_status) for r in rows] == [
         ("cat", "FAILED", "Failed"),
         ("dog", "SUCCEEDED", "Complete"),
     ]
     assert rows[1].start_time == "2025-01-01T10:00:00Z" and rows[1].end_time == "2025-01-01T10:20:00Z"
-    assert len(kube.list_status(api, NS)) == 3
+    assert len(kube_status.list_status(api, NS)) == 3
     selectors = [parse_qs(urlsplit(url).query).get("labelSelector") for method, url, _ in double.requests]
     assert ["dreambooth.io/bulk-run=b1"] in selectors  # not the app name: nameOverride changes that
 
-    table = kube.format_status_table(rows).splitlines()
+    table = kube_status.format_status_table(rows).splitlines()
     assert table[0].split() == ["SUBJECT", "RAYJOB", "JOB", "STATUS", "DEPLOYMENT", "START", "END", "MESSAGE"]
     assert table[1].split()[:4] == ["cat", "b1-cat", "FAILED", "Failed"]
     assert "Job entrypoint command failed with exit code 1" in table[1]
@@ -371,7 +371,7 @@ def test_list_status_reads_what_kuberay_reports(double, api):
         "dog", "b1-dog", "SUCCEEDED", "Complete", "2025-01-01T10:00:00Z", "2025-01-01T10:20:00Z"
     ]  # fmt: skip
     assert table[-1] == "2 RayJobs: 1 FAILED, 1 SUCCEEDED"
-    assert kube.format_status_table([]) == "No RayJobs found."
+    assert kube_status.format_status_table([]) == "No RayJobs found."
 
 
 # --------------------------------------------------------------------------- connecting
@@ -389,7 +389,7 @@ def test_load_api_client_from_kubeconfig(double, tmp_path, monkeypatch):
     }))  # fmt: skip
     with kube.load_api_client(str(kubeconfig), context="test") as api_client:
         kube.submit(api_client, rayjobs(shared(), "dog"))
-        assert [r.subject for r in kube.list_status(api_client, NS)] == ["dog"]
+        assert [r.subject for r in kube_status.list_status(api_client, NS)] == ["dog"]
     with pytest.raises(kube.KubeError, match="is 'nope' a context in that file"):
         kube.load_api_client(str(kubeconfig), context="nope")
 
