@@ -221,7 +221,10 @@ def _raw_name(manifest: str, index: int) -> str:
 
 def _completed_identifier(cfg: RunConfig) -> Optional[str]:
     if export.is_complete(cfg.output):
-        return storage.read_json(storage.join(cfg.output, export.RUN_RECORD)).get("identifier")
+        try:
+            return export.read_run_record(cfg.output).get("identifier")
+        except ConfigError:
+            return None  # a damaged record: the subject is not done, and trains again
     return None
 
 

@@ -49,6 +49,20 @@ def is_complete(output: str) -> bool:
     return storage.exists(storage.join(output, RUN_RECORD))
 
 
+def read_run_record(output: str) -> dict:
+    """The run record of a complete output; a damaged one is an error that says how to redo the run."""
+    from dreambooth.config import ConfigError
+
+    uri = storage.join(output, RUN_RECORD)
+    try:
+        record = storage.read_json(uri)
+    except ValueError as exc:
+        raise ConfigError(f"{uri} is damaged ({exc}); pass --overwrite to train this subject again") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{uri} is not a run record; pass --overwrite to train this subject again")
+    return record
+
+
 def owned_entries(output: str) -> list[str]:
     """Names in ``output`` that a run wrote: ``RUN_FILES`` plus the component folders its
     ``model_index.json`` lists (unet, text_encoder, vae, tokenizer, scheduler, ...)."""

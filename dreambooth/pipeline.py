@@ -125,7 +125,7 @@ def execute(prepared: Prepared) -> RunOutcome:
     cfg = prepared.config
     complete = export.is_complete(cfg.output)
     if complete and not cfg.overwrite:
-        return RunOutcome(cfg.output, skipped=True, record=storage.read_json(storage.join(cfg.output, export.RUN_RECORD)))
+        return RunOutcome(cfg.output, skipped=True, record=export.read_run_record(cfg.output))
     images = prepared.images or load_subject_images(cfg.subject.instance_dir, cfg.train.resolution)
 
     timings: dict[str, float] = {}

@@ -282,6 +282,7 @@ CASES = [
     Case("eval-empty-run-record", "tracebacks", lambda t, d: ["eval", "--output", str(write(t / "run" / "run.json", "").parent)], "run.json is empty"),
     Case("eval-garbage-run-record", "tracebacks", lambda t, d: ["eval", "--output", str(write(t / "run" / "run.json", "{not json").parent)], "is not a run record"),
     Case("eval-wrong-shape-run-record", "tracebacks", lambda t, d: ["eval", "--output", str(write(t / "run" / "run.json", "[1, 2]").parent)], "is not a run record"),
+    Case("damaged-run-record-on-rerun", "tracebacks", lambda t, d: write(t / "out" / "dog" / "run.json", "{half a rec") and run_args(t, d), "is damaged"),
     Case("eval-no-run-record", "tracebacks", lambda t, d: ["eval", "--output", str(mkdir(t / "run"))], "has no run.json"),
     # leftovers and unclear messages
     Case("no-parent-folders-left", "leftovers", lambda t, d: run_args(t, d)[:-4] + ["--output", str(t / "a" / "b" / "c" / "dog"), "--prior-output", str(write(t / "f", "x") / "priors"), "--resolution", "32"], "cannot write to"),
