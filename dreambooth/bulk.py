@@ -95,6 +95,7 @@ class SubjectResult:
     started_unix: Optional[float] = None  # first launch
     finished_unix: Optional[float] = None  # last attempt's end
     error: Optional[str] = None
+    output_bytes: Optional[int] = None  # the exported pipeline's size
 
 
 @dataclass
@@ -362,8 +363,9 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
         result.seconds += time.monotonic() - began
         result.finished_unix = time.time()
         try:
-            ray.get(done[0])
+            record = ray.get(done[0])
             result.status, result.error = "succeeded", None
+            result.output_bytes = (record.get("output_bytes") or {}).get("total")
             log.info("subject %s succeeded (%d attempt(s))", name, result.attempts)
         except Exception as exc:
             result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"

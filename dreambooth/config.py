@@ -185,6 +185,10 @@ class ExportConfig:
     """Also write ``before_after.png``: each sample prompt by the base model (left half) and the
     personalized model (right half), same seeds."""
 
+    save_dtype: str = "fp16"
+    """Precision of the exported UNet and text encoder weights: fp16 (half the bytes of fp32), bf16
+    or fp32. Training precision is unchanged; the VAE is kept as the base model has it."""
+
 
 @dataclass
 class RunConfig:
@@ -431,6 +435,7 @@ _CLASS_NOUN = re.compile(r"^[a-z][a-z0-9 '\-]{0,39}$")
 MAX_INSTANCE_IMAGES = 50
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
+SAVE_DTYPES = ("fp16", "bf16", "fp32")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -569,6 +574,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         "--num-class-images must be >= 1 when --prior-loss-weight > 0 (prior preservation needs class images)",
     )
     _in_range(cfg.export.num_sample_images, 0, 64, "--num-sample-images")
+    _check(cfg.export.save_dtype in SAVE_DTYPES, f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, "
+           f"got {shorten(cfg.export.save_dtype)}")
     for prompt in cfg.export.sample_prompts:
         validate_prompt_template(prompt)
     return cfg

@@ -45,6 +45,22 @@ PIPELINE_COMPONENTS = frozenset({
 """Component folders a saved diffusers pipeline may have; only these are ever removed."""
 
 
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def folder_bytes(folder: Path) -> dict[str, int]:
+    """Bytes of a saved pipeline: ``total`` and per component folder."""
+    sizes = {"total": 0}
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            size = path.stat().st_size
+            sizes["total"] += size
+            top = path.relative_to(folder).parts[0]
+            if path.parent != Path(folder):
+                sizes[top] = sizes.get(top, 0) + size
+    return sizes
+
+
 def is_complete(output: str) -> bool:
     return storage.exists(storage.join(output, RUN_RECORD))
 
@@ -125,7 +141,11 @@ def export_pipeline(cfg: RunConfig, model_path: str, weights_uri: str) -> dict:
         pipe.text_encoder = CLIPTextModel.from_pretrained(weights, subfolder="text_encoder", dtype=torch.float32)
         pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder)
         staged = Path(tmp) / "pipeline"
+        save_dtype = SAVE_DTYPES[cfg.export.save_dtype]
+        pipe.unet.to(save_dtype), pipe.text_encoder.to(save_dtype)
         pipe.save_pretrained(str(staged), safe_serialization=True)
+        pipe.unet.to(torch.float32), pipe.text_encoder.to(torch.float32)  # the grid shows the saved weights
+        output_bytes = folder_bytes(staged)
         storage.upload_dir(staged, cfg.output)
 
         pipe = pipe.to(device)
@@ -136,7 +156,8 @@ def export_pipeline(cfg: RunConfig, model_path: str, weights_uri: str) -> dict:
     if before is not None:
         storage.write_bytes_atomic(storage.join(cfg.output, BEFORE_AFTER), png_bytes(side_by_side(before, grid)))
     storage.write_bytes_atomic(storage.join(cfg.output, CONFIG), cfg.to_yaml().encode())
-    return {"grid": grid_uri if grid is not None else None, "seconds": time.monotonic() - start}
+    return {"grid": grid_uri if grid is not None else None, "seconds": time.monotonic() - start,
+            "output_bytes": output_bytes}
 
 
 def write_run_record(output: str, record: dict) -> str:

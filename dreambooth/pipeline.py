@@ -195,6 +195,7 @@ def execute(prepared: Prepared) -> RunOutcome:
         "steps_redone": max(0, executed - cfg.train.max_train_steps),
         "training_attempts": attempts,
         "grid": exported["grid"],
+        "output_bytes": exported["output_bytes"],  # total and per component, as saved (--save-dtype)
         "timings": timings,
         "use_gpu": use_gpu,
         "config": cfg.to_dict(),

@@ -194,6 +194,8 @@ def test_in_cluster_bulk_driver_publishes_each_subject_state_while_it_runs(ray_c
         assert "pending" in seen["dog-c"] or "pending" in seen["dog-a"]  # --max-concurrent 1: one waited
         summary = storage.read_json(str(out / bulk.SUMMARY))
         assert summary["finished"] is True and summary["counts"] == {"succeeded": 2, "failed": 1}
+        sizes = {s["name"]: s["output_bytes"] for s in summary["subjects"]}
+        assert sizes["dog-a"] > 1_000_000 and sizes["dog-bad"] is None
         capsys.readouterr()
 
         assert main(["status", "--namespace", "ml", "--kubeconfig", str(kubeconfig)]) == 0

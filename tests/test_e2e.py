@@ -51,7 +51,7 @@ def _weights(folder, component):
 
 def _assert_changed(base, tuned):
     assert base.keys() == tuned.keys()
-    changed = [k for k in base if not torch.equal(base[k], tuned[k])]
+    changed = [k for k in base if not torch.equal(base[k].to(tuned[k].dtype), tuned[k])]  # exports are fp16 by default
     assert len(changed) > len(base) // 2, f"only {len(changed)} of {len(base)} tensors changed"
 
 
@@ -164,3 +164,7 @@ def test_overwrite_removes_only_what_the_run_wrote(ray_cluster, dog_dir, runs, c
     assert (out / RUN_RECORD).read_text() != first  # a new record (new timings)
     assert not (out / "eval.json").exists()  # the old run's scores described the old weights
     assert (out / "unet").is_dir() and (out / "samples.png").is_file()
+    record = storage.read_json(str(out / RUN_RECORD))
+    assert record["config"]["export"]["save_dtype"] == "fp16"
+    assert {t.dtype for t in _weights(out, "unet").values()} == {torch.float16}  # the default export precision
+    assert record["output_bytes"]["unet"] == sum(p.stat().st_size for p in (out / "unet").iterdir())
