@@ -61,6 +61,18 @@ def folder_bytes(folder: Path) -> dict[str, int]:
     return sizes
 
 
+def _load_text_encoder_as_float32(config_json: Path) -> None:
+    """A plain ``from_pretrained(output)`` gets diffusers models in float32 but a transformers model in
+    its saved dtype, and a pipeline of mixed dtypes fails (``Half and Float``). The config's ``dtype``
+    says which dtype a load without ``dtype=`` uses: float32, as for the UNet; ``dtype=torch.float16``
+    still loads every component in half precision."""
+    import json
+
+    config = json.loads(config_json.read_text())
+    config["dtype"] = "float32"
+    config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def is_complete(output: str) -> bool:
     return storage.exists(storage.join(output, RUN_RECORD))
 
@@ -144,6 +156,7 @@ def export_pipeline(cfg: RunConfig, model_path: str, weights_uri: str) -> dict:
         save_dtype = SAVE_DTYPES[cfg.export.save_dtype]
         pipe.unet.to(save_dtype), pipe.text_encoder.to(save_dtype)
         pipe.save_pretrained(str(staged), safe_serialization=True)
+        _load_text_encoder_as_float32(staged / "text_encoder" / "config.json")
         pipe.unet.to(torch.float32), pipe.text_encoder.to(torch.float32)  # the grid shows the saved weights
         output_bytes = folder_bytes(staged)
         storage.upload_dir(staged, cfg.output)

@@ -31,9 +31,12 @@ def test_save_dtype_sets_the_exported_weights_and_reloads(tmp_path, tiny_model_p
     on_disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "config.yaml")
     assert result["output_bytes"]["total"] == on_disk
     assert result["output_bytes"]["unet"] < result["output_bytes"]["total"]
-    pipe = StableDiffusionPipeline.from_pretrained(str(out), torch_dtype=torch.float32, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)  # as a user would, no dtype
+    assert {pipe.unet.dtype, pipe.text_encoder.dtype, pipe.vae.dtype} == {torch.float32}
     image = pipe("a dog", num_inference_steps=2, height=32, width=32).images[0]
     assert image.size == (32, 32)
+    half = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True, dtype=torch.float16)
+    assert {half.unet.dtype, half.text_encoder.dtype, half.vae.dtype} == {torch.float16}
 
 
 def test_fp16_output_is_about_half_the_fp32_one(tmp_path, tiny_model_path):
