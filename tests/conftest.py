@@ -79,8 +79,11 @@ def exclusive_ray():
     """Shut down the shared cluster first: these tests start their own and stop every Ray process."""
     import ray
 
+    from dreambooth import cluster
+
     if ray.is_initialized():
         ray.shutdown()
+    cluster._started_here = False  # the next cluster is the test's own (possibly autoscaling) one
     yield
     subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, check=False)
 
