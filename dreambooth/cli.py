@@ -17,6 +17,7 @@ from dreambooth.config import (
     RunConfig,
     all_fields,
     build_config,
+    check_range,
     load_yaml,
     validate_generation,
 )
@@ -138,8 +139,8 @@ def cmd_identifier(args: argparse.Namespace) -> int:
 
     from dreambooth.inputs import shorten
 
-    _in_range(args.count, 1, 100_000, "--count")
-    _in_range(args.seed, 0, 2**31 - 1, "--seed")
+    check_range(args.count, 1, 100_000, "--count")
+    check_range(args.seed, 0, 2**31 - 1, "--seed")
     if args.check is not None and (not args.check.strip() or len(args.check) > 200 or any(ord(c) < 32 for c in args.check)):
         raise ConfigError(f"--check {shorten(args.check)} must be 1-200 characters of text without line breaks")
     path = models.resolve_model(args.model)
@@ -161,10 +162,10 @@ def _check_sample_args(args: argparse.Namespace) -> None:
     from dreambooth.config import MAX_SEED, validate_resolution
     from dreambooth.inputs import MAX_PROMPT_CHARS, shorten
 
-    _in_range(args.num_images, 1, 64, "--num-images")
-    _in_range(args.steps, 1, 1000, "--steps")
-    _in_range(args.guidance_scale, 0, 100, "--guidance-scale")
-    _in_range(args.seed, 0, MAX_SEED, "--seed")
+    check_range(args.num_images, 1, 64, "--num-images")
+    check_range(args.steps, 1, 1000, "--steps")
+    check_range(args.guidance_scale, 0, 100, "--guidance-scale")
+    check_range(args.seed, 0, MAX_SEED, "--seed")
     if args.resolution is not None:
         validate_resolution(args.resolution)
     if len(args.prompt) > MAX_SAMPLE_PROMPTS:
@@ -181,13 +182,6 @@ def _check_sample_args(args: argparse.Namespace) -> None:
     if is_dir:
         raise ConfigError(f"--output {args.output} is a folder; name a PNG file inside it, e.g. {storage.join(args.output, 'grid.png')}")
     storage.check_writable(args.output.rsplit("/", 1)[0] if "/" in args.output else ".")
-
-
-def _in_range(value: float, lo: float, hi: float, flag: str) -> None:
-    import math
-
-    if not (math.isfinite(value) and lo <= value <= hi):
-        raise ConfigError(f"{flag} must be between {lo:g} and {hi:g}, got {value}")
 
 
 MAX_SAMPLE_PROMPTS = 256
@@ -214,10 +208,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from dreambooth.evaluation.runner import EvalOptions, evaluate, format_table
 
-    _in_range(args.images_per_prompt, 1, 64, "--images-per-prompt")
-    _in_range(args.steps, 1, 1000, "--steps")
-    _in_range(args.guidance_scale, 0, 100, "--guidance-scale")
-    _in_range(args.seed, 0, 2**31 - 1, "--seed")
+    check_range(args.images_per_prompt, 1, 64, "--images-per-prompt")
+    check_range(args.steps, 1, 1000, "--steps")
+    check_range(args.guidance_scale, 0, 100, "--guidance-scale")
+    check_range(args.seed, 0, 2**31 - 1, "--seed")
     options = EvalOptions(
         output=args.output, suite=args.suite, shapes_subject=args.shapes_subject,
         images_per_prompt=args.images_per_prompt, seed=args.seed, num_inference_steps=args.steps,

@@ -467,8 +467,9 @@ _IDENTIFIER_WORD = re.compile(r"^[\w\-]{1,32}$")
 _TEMPLATE_FIELDS = ("identifier", "class_noun")
 
 
-def _in_range(value: float, lo: float, hi: float, flag: str, why: str = "") -> None:
-    _check(lo <= value <= hi, f"{flag} must be between {lo:g} and {hi:g}{why}, got {value:g}")
+def check_range(value: float, lo: float, hi: float, flag: str, why: str = "") -> None:
+    """``lo <= value <= hi`` and finite, or a ConfigError naming ``flag`` and the range."""
+    _check(math.isfinite(value) and lo <= value <= hi, f"{flag} must be between {lo:g} and {hi:g}{why}, got {value:g}")
 
 
 def validate_resolution(resolution: int, flag: str = "--resolution") -> None:
@@ -528,12 +529,12 @@ def validate_generation(cfg: RunConfig) -> None:
     cfg.subject.class_noun = validate_class_noun(cfg.subject.class_noun)
     t, p = cfg.train, cfg.prior
     validate_resolution(t.resolution)
-    _in_range(p.num_class_images, 0, 100_000, "--num-class-images")
-    _in_range(p.prior_actors, 0, 4096, "--prior-actors", " (0 = auto)")
-    _in_range(p.prior_batch_size, 1, 1024, "--prior-batch-size")
-    _in_range(p.num_inference_steps, 1, 1000, "--num-inference-steps")
-    _in_range(p.guidance_scale, 0, 100, "--guidance-scale")
-    _in_range(p.prior_seed, 0, MAX_SEED, "--prior-seed")
+    check_range(p.num_class_images, 0, 100_000, "--num-class-images")
+    check_range(p.prior_actors, 0, 4096, "--prior-actors", " (0 = auto)")
+    check_range(p.prior_batch_size, 1, 1024, "--prior-batch-size")
+    check_range(p.num_inference_steps, 1, 1000, "--num-inference-steps")
+    check_range(p.guidance_scale, 0, 100, "--guidance-scale")
+    check_range(p.prior_seed, 0, MAX_SEED, "--prior-seed")
     _check(t.use_gpu in ("auto", "true", "false"), f"--use-gpu must be auto, true or false, got {shorten(t.use_gpu)}")
 
 
@@ -546,34 +547,34 @@ def validate(cfg: RunConfig) -> RunConfig:
         "--instance-dir is empty; pass the folder with 3-5 photos of your subject",
     )
     cfg.subject.identifier = validate_identifier(cfg.subject.identifier)
-    _in_range(cfg.subject.identifier_seed, 0, MAX_SEED, "--identifier-seed")
+    check_range(cfg.subject.identifier_seed, 0, MAX_SEED, "--identifier-seed")
     t = cfg.train
-    _in_range(t.max_train_steps, 1, 10_000_000, "--max-train-steps")
-    _in_range(t.train_batch_size, 1, 1024, "--train-batch-size")
-    _in_range(t.gradient_accumulation_steps, 1, 4096, "--gradient-accumulation-steps")
+    check_range(t.max_train_steps, 1, 10_000_000, "--max-train-steps")
+    check_range(t.train_batch_size, 1, 1024, "--train-batch-size")
+    check_range(t.gradient_accumulation_steps, 1, 4096, "--gradient-accumulation-steps")
     _check(0 < t.learning_rate < 1, f"--learning-rate must be in (0, 1), got {t.learning_rate:g}")
     _check(t.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {shorten(t.lr_scheduler)}")
-    _in_range(t.lr_warmup_steps, 0, 10_000_000, "--lr-warmup-steps")
-    _in_range(t.max_grad_norm, 0, 1e6, "--max-grad-norm", " (0 disables clipping)")
-    _in_range(t.adam_weight_decay, 0, 1, "--adam-weight-decay")
-    _in_range(t.prior_loss_weight, 0, 1000, "--prior-loss-weight")
+    check_range(t.lr_warmup_steps, 0, 10_000_000, "--lr-warmup-steps")
+    check_range(t.max_grad_norm, 0, 1e6, "--max-grad-norm", " (0 disables clipping)")
+    check_range(t.adam_weight_decay, 0, 1, "--adam-weight-decay")
+    check_range(t.prior_loss_weight, 0, 1000, "--prior-loss-weight")
     _check(t.mixed_precision in PRECISIONS, f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {shorten(t.mixed_precision)}")
-    _in_range(t.workers, 1, 4096, "--workers")
+    check_range(t.workers, 1, 4096, "--workers")
     _check(0 < t.cpus_per_worker <= 1024, f"--cpus-per-worker must be > 0 and at most 1024, got {t.cpus_per_worker:g}")
     _check(t.zero_stage in (0, 1, 2, 3), f"--zero-stage must be 0, 1, 2 or 3, got {t.zero_stage}")
     _check(
         not (t.offload_optimizer and t.zero_stage == 0),
         "--offload-optimizer needs --zero-stage 1, 2 or 3 (ZeRO owns the optimizer state it offloads)",
     )
-    _in_range(t.checkpointing_steps, 0, 10_000_000, "--checkpointing-steps", " (0 = final weights only)")
-    _in_range(t.max_failures, 0, 1000, "--max-failures")
-    _in_range(t.seed, 0, MAX_SEED, "--seed")
-    _in_range(t.log_every, 1, 10_000_000, "--log-every")
+    check_range(t.checkpointing_steps, 0, 10_000_000, "--checkpointing-steps", " (0 = final weights only)")
+    check_range(t.max_failures, 0, 1000, "--max-failures")
+    check_range(t.seed, 0, MAX_SEED, "--seed")
+    check_range(t.log_every, 1, 10_000_000, "--log-every")
     _check(
         t.prior_loss_weight == 0 or cfg.prior.num_class_images >= 1,
         "--num-class-images must be >= 1 when --prior-loss-weight > 0 (prior preservation needs class images)",
     )
-    _in_range(cfg.export.num_sample_images, 0, 64, "--num-sample-images")
+    check_range(cfg.export.num_sample_images, 0, 64, "--num-sample-images")
     _check(cfg.export.save_dtype in SAVE_DTYPES, f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, "
            f"got {shorten(cfg.export.save_dtype)}")
     for prompt in cfg.export.sample_prompts:

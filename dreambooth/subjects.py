@@ -166,9 +166,9 @@ def load_subject_images(instance_dir: str, resolution: int) -> list[SubjectImage
         name = path.rsplit("/", 1)[-1]
         shown = f"{instance_dir.rstrip('/')}/{name}"
         size = sizes.get(path)
-        if size is None or size > MAX_IMAGE_BYTES:
+        if size is None:  # not every backend lists sizes
             with storage.guard(shown):
-                size = fs.size(path) if size is None else size
+                size = fs.size(path)
         if size > MAX_IMAGE_BYTES:
             raise SubjectError(f"{shown} is {size:,} bytes, more than the {MAX_IMAGE_BYTES >> 20} MiB a photo may be; "
                                "re-export it smaller or remove it")
