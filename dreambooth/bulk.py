@@ -18,9 +18,11 @@ the subject's own keys. Subject ``name`` writes to ``<output>/<name>/``; priors 
 Order of work: (1) the whole manifest is checked before anything runs (names, duplicates, config
 values, instance folders, identifiers unique across subjects — auto-picked ones too); (2) each
 subject's photos are checked: a subject with bad photos fails alone; (3) the priors of each distinct
-(model, class, sampler settings) are generated once; (4) subjects train concurrently as Ray tasks,
-at most ``max_concurrent`` at a time, a failed one retried up to ``max_retries`` times; (5) a table
-and ``<output>/bulk-summary.json`` report every subject.
+(model, class, sampler settings) are generated once; (4) subjects train on warm worker groups, at
+most ``max_concurrent`` groups at once: each group loads the base model once and trains subject
+after subject (``training.trainer``), a failed subject retried up to ``max_retries`` times, a lost
+worker resumed from the subject's checkpoint; (5) a table and ``<output>/bulk-summary.json``
+report every subject.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ class SubjectResult:
     finished_unix: Optional[float] = None  # last attempt's end
     error: Optional[str] = None
     output_bytes: Optional[int] = None  # the exported pipeline's size
+    restarts: int = 0  # worker-group restarts (a lost worker) that resumed it from its checkpoint
+    resumed_from: int = 0  # the checkpoint step the last restart resumed from
 
 
 @dataclass
@@ -254,14 +258,8 @@ class _Without(Collection[str]):
         return len(self._taken) - (self._own in self._taken)
 
 
-def _personalize(prepared: pipeline.Prepared) -> dict:
-    return pipeline.execute(prepared).record or {}
-
-
 def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> BulkReport:
-    """Preflight every subject, generate shared priors once, train subjects concurrently."""
-    import ray
-
+    """Preflight every subject, generate shared priors once, train subjects on warm worker groups."""
     start = time.monotonic()
     results: dict[str, SubjectResult] = {name: SubjectResult(name, "pending", cfg.output) for name, cfg in planned}
     report = BulkReport([])
@@ -325,7 +323,7 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
         if cfg.train.prior_loss_weight > 0:
             spec = priors.spec_from_config(cfg, models.scheduler_class_name(prepared.model_path))
             groups.setdefault(spec.cache_uri(cfg.prior_root), (spec, []))[1].append((name, prepared))
-    failed_priors: set[str] = set()
+    prior_sets: dict[str, Optional[priors.PriorSet]] = {name: None for name, _ in ready}
     for spec, members in groups.values():
         cfg = max((p.config for _, p in members), key=lambda c: c.prior.num_class_images)
         try:
@@ -334,48 +332,45 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
                 use_gpu=use_gpu, actors=cfg.prior.prior_actors, batch_size=cfg.prior.prior_batch_size,
             )
             report.prior_caches[made.uri] = made.generated
+            for name, prepared in members:  # each subject's own count, read from the now complete cache
+                prior_sets[name] = made if prepared.config.prior.num_class_images == cfg.prior.num_class_images else \
+                    pipeline.make_priors(prepared, use_gpu)
         except Exception as exc:  # the subjects of this class fail; others go on
             for name, _ in members:
                 results[name].status, results[name].error = "failed", f"prior generation failed: {exc}"
-                failed_priors.add(name)
+                prior_sets.pop(name, None)
     publish()
 
-    queue = [(name, prepared) for name, prepared in ready if name not in failed_priors]
-    cap = options.max_concurrent or _default_concurrency([p.config for _, p in queue] or [ready[0][1].config], use_gpu)
-    log.info("training %d subject(s), at most %d at a time", len(queue), cap)
-    task = ray.remote(num_cpus=0, max_retries=0)(_personalize)
-    running: dict[Any, tuple[str, pipeline.Prepared, float]] = {}
-    while queue or running:
-        while queue and len(running) < cap:
-            name, prepared = queue.pop(0)
-            results[name].attempts += 1
-            results[name].status = "running"
-            results[name].started_unix = results[name].started_unix or time.time()
-            running[task.remote(prepared)] = (name, prepared, time.monotonic())
+    from dreambooth.training.trainer import group_key, train_subjects
+
+    works = [pipeline.subject_work(name, prepared, prior_sets[name], use_gpu)
+             for name, prepared in ready if name in prior_sets]
+    cap = options.max_concurrent or _default_concurrency([w.config for w in works] or [ready[0][1].config], use_gpu)
+    groups_of_work: dict[tuple, list] = {}
+    for work in works:
+        groups_of_work.setdefault(group_key(work), []).append(work)
+    log.info("training %d subject(s) on at most %d warm worker group(s) at a time", len(works), cap)
+
+    def update(states: dict) -> None:
+        for name, state in states.items():
+            result = results[name]
+            result.status, result.attempts, result.error = state.status, state.attempts, state.error
+            result.restarts, result.resumed_from = state.restarts, state.resumed_from
+            result.started_unix, result.finished_unix = state.started_unix, state.finished_unix
+            if state.started_unix:
+                result.seconds = (state.finished_unix or time.time()) - state.started_unix
+            if state.record:
+                result.output_bytes = (state.record.get("output_bytes") or {}).get("total")
         publish()
-        done, _ = ray.wait(list(running), num_returns=1, timeout=SummaryWriter.LARGE_RUN_INTERVAL_S)
-        if not done:
-            if writer.dirty:
-                publish()
-            continue
-        name, prepared, began = running.pop(done[0])
-        result = results[name]
-        result.seconds += time.monotonic() - began
-        result.finished_unix = time.time()
-        try:
-            record = ray.get(done[0])
-            result.status, result.error = "succeeded", None
-            result.output_bytes = (record.get("output_bytes") or {}).get("total")
-            log.info("subject %s succeeded (%d attempt(s))", name, result.attempts)
-        except Exception as exc:
-            result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-            if result.attempts <= options.max_retries:
-                log.warning("subject %s failed (attempt %d), retrying: %s", name, result.attempts, result.error)
-                result.status = "retrying"
-                queue.append((name, prepared))
-            else:
-                result.status = "failed"
-                log.error("subject %s failed after %d attempt(s): %s", name, result.attempts, result.error)
+
+    for group in groups_of_work.values():  # one process layout at a time, each on up to `cap` slots
+        update(train_subjects(group, slots=cap, use_gpu=use_gpu, max_retries=options.max_retries,
+                              trainer_storage=storage.join(options.output, export.TRAINER_STORAGE), on_change=update))
+    for name, state in ((r.name, r) for r in report.results):
+        if state.status == "succeeded":
+            log.info("subject %s succeeded (%d attempt(s), %d restart(s))", name, state.attempts, state.restarts)
+        elif state.status == "failed":
+            log.error("subject %s failed after %d attempt(s): %s", name, state.attempts, state.error)
     return publish()
 
 

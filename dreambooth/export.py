@@ -35,7 +35,9 @@ CONFIG = "config.yaml"
 EVAL_RECORD = "eval.json"
 CHECKPOINTS = "checkpoints"
 PIPELINE_INDEX = "model_index.json"
-RUN_FILES = (RUN_RECORD, EVAL_RECORD, GRID, BEFORE_AFTER, CONFIG, PIPELINE_INDEX, CHECKPOINTS)
+TRAINER_STORAGE = ".ray-train"
+"""Ray Train's own run folder during training (the worker groups' state; removed at the end)."""
+RUN_FILES = (RUN_RECORD, EVAL_RECORD, GRID, BEFORE_AFTER, CONFIG, PIPELINE_INDEX, CHECKPOINTS, TRAINER_STORAGE)
 """Entries every run may write at the top of its output (pipeline components are read from the index)."""
 
 PIPELINE_COMPONENTS = frozenset({
@@ -119,50 +121,51 @@ def remove_run_outputs(output: str) -> list[str]:
     return removed
 
 
-def export_pipeline(cfg: RunConfig, model_path: str, weights_uri: str) -> dict:
-    """Assemble base VAE/tokenizer/scheduler + trained UNet/text encoder, save, and render the grid.
+def export_trained(cfg: RunConfig, base, sampling_scheduler, trained_state: dict[str, torch.Tensor], device) -> dict:
+    """Save base VAE/tokenizer/scheduler + the trained UNet/text encoder to ``cfg.output`` and render the grids.
 
-    Runs where a GPU is (a Ray task) or locally; returns {"grid": uri, "seconds": float}.
+    Runs on the training worker that holds the weights (rank 0), so nothing is loaded again:
+    ``base`` is a ``models.Components`` with the untouched base weights (for the "before" half of
+    ``before_after.png``), ``trained_state`` the full state dict of the ``DreamBoothModule``
+    (``unet.*`` and ``text_encoder.*`` keys, fp32). Returns {"grid", "seconds", "output_bytes"}.
     """
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
+    import copy
 
-    from dreambooth.cluster import local_device
-    from dreambooth.models import load_pipeline, quiet_libraries
+    from dreambooth.models import assemble_pipeline
     from dreambooth.sample import png_bytes, render_grid, side_by_side
 
-    quiet_libraries()
     start = time.monotonic()
-    device = local_device()
+    grid_settings = dict(
+        num_images=cfg.export.num_sample_images,
+        seed=cfg.train.seed,
+        num_inference_steps=cfg.prior.num_inference_steps,
+        guidance_scale=cfg.prior.guidance_scale,
+        resolution=cfg.train.resolution,
+    )
+    sampling = cfg.export.num_sample_images > 0
+    before = None
+    if sampling and cfg.export.before_after:
+        base_pipe = assemble_pipeline(vae=base.vae, unet=base.unet, text_encoder=base.text_encoder,
+                                      tokenizer=base.tokenizer, scheduler=sampling_scheduler).to(device)
+        before = render_grid(base_pipe, cfg.sample_prompts(), **grid_settings)
+        base_pipe.to("cpu")
+    unet, text_encoder = copy.deepcopy(base.unet).cpu(), copy.deepcopy(base.text_encoder).cpu()
+    unet.load_state_dict({k.removeprefix("unet."): v for k, v in trained_state.items() if k.startswith("unet.")})
+    text_encoder.load_state_dict(
+        {k.removeprefix("text_encoder."): v for k, v in trained_state.items() if k.startswith("text_encoder.")})
+    pipe = assemble_pipeline(vae=base.vae, unet=unet, text_encoder=text_encoder, tokenizer=base.tokenizer,
+                             scheduler=sampling_scheduler)
     with tempfile.TemporaryDirectory() as tmp:
-        weights = weights_uri
-        if not storage.is_local(weights_uri):
-            weights = str(storage.download_dir(weights_uri, Path(tmp) / "weights"))
-        pipe = load_pipeline(model_path, cfg.revision)
-        grid_settings = dict(
-            num_images=cfg.export.num_sample_images,
-            seed=cfg.train.seed,
-            num_inference_steps=cfg.prior.num_inference_steps,
-            guidance_scale=cfg.prior.guidance_scale,
-            resolution=cfg.train.resolution,
-        )
-        sampling = cfg.export.num_sample_images > 0
-        before = render_grid(pipe.to(device), cfg.sample_prompts(), **grid_settings) if sampling and cfg.export.before_after else None
-        pipe = pipe.to("cpu")
-        pipe.unet = UNet2DConditionModel.from_pretrained(weights, subfolder="unet", torch_dtype=torch.float32)
-        pipe.text_encoder = CLIPTextModel.from_pretrained(weights, subfolder="text_encoder", dtype=torch.float32)
-        pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder)
         staged = Path(tmp) / "pipeline"
         save_dtype = SAVE_DTYPES[cfg.export.save_dtype]
-        pipe.unet.to(save_dtype), pipe.text_encoder.to(save_dtype)
+        unet.to(save_dtype), text_encoder.to(save_dtype)
         pipe.save_pretrained(str(staged), safe_serialization=True)
         _load_text_encoder_as_float32(staged / "text_encoder" / "config.json")
-        pipe.unet.to(torch.float32), pipe.text_encoder.to(torch.float32)  # the grid shows the saved weights
+        unet.to(torch.float32), text_encoder.to(torch.float32)  # the grid shows the saved weights
         output_bytes = folder_bytes(staged)
         storage.upload_dir(staged, cfg.output)
-
-        pipe = pipe.to(device)
-        grid = render_grid(pipe, cfg.sample_prompts(), **grid_settings) if sampling else None
+    grid = render_grid(pipe.to(device), cfg.sample_prompts(), **grid_settings) if sampling else None
+    pipe.to("cpu")  # the VAE is shared with the base components, which live on the CPU
     grid_uri = storage.join(cfg.output, GRID)
     if grid is not None:
         storage.write_bytes_atomic(grid_uri, png_bytes(grid))

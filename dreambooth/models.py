@@ -208,6 +208,14 @@ def scheduler_class_name(model_path: str) -> str:
     return DiffusionPipeline.load_config(model_path)["scheduler"][1]
 
 
+def load_sampling_scheduler(model_path: str, revision: Optional[str] = None):
+    """The sampler the pipeline ships with (what ``from_pretrained`` of the pipeline would build)."""
+    import diffusers
+
+    kw = {"revision": revision} if revision else {}
+    return getattr(diffusers, scheduler_class_name(model_path)).from_pretrained(model_path, subfolder="scheduler", **kw)
+
+
 @dataclass
 class Components:
     """The parts of a Stable Diffusion pipeline that training touches."""

@@ -119,16 +119,14 @@ class RunOutcome:
 
 def execute(prepared: Prepared) -> RunOutcome:
     """Run the stages on Ray for a prepared subject. Connects to (or starts) Ray."""
-    from dreambooth.training.checkpoint import final_weights_uri, steps_run
-    from dreambooth.training.trainer import train
-
     cfg = prepared.config
     complete = export.is_complete(cfg.output)
     if complete and not cfg.overwrite:
         return RunOutcome(cfg.output, skipped=True, record=export.read_run_record(cfg.output))
-    images = prepared.images or load_subject_images(cfg.subject.instance_dir, cfg.train.resolution)
 
-    timings: dict[str, float] = {}
+    from dreambooth.training.trainer import train_subjects
+
+    timings: dict[str, float] = {"driver_started_unix": time.time()}
     start = time.monotonic()
     cluster.connect()
     timings["connect_s"] = time.monotonic() - start
@@ -139,41 +137,34 @@ def execute(prepared: Prepared) -> RunOutcome:
         removed = export.remove_run_outputs(cfg.output)
         log.info("--overwrite: removed the earlier run's %s from %s (nothing else)", ", ".join(removed), cfg.output)
 
-    prior_set = None
-    if cfg.train.prior_loss_weight > 0:
-        spec = priors.spec_from_config(cfg, models.scheduler_class_name(prepared.model_path))
-        prior_set = priors.generate(
-            spec,
-            prepared.model_path,
-            cfg.prior_root,
-            cfg.prior.num_class_images,
-            use_gpu=use_gpu,
-            actors=cfg.prior.prior_actors,
-            batch_size=cfg.prior.prior_batch_size,
-        )
+    prior_set = make_priors(prepared, use_gpu)
+    if prior_set is not None:
         timings["priors_s"] = prior_set.seconds
+    work = subject_work("subject", prepared, prior_set, use_gpu, timings)
+    states = train_subjects([work], slots=1, use_gpu=use_gpu, max_retries=0,
+                            trainer_storage=storage.join(cfg.output, export.TRAINER_STORAGE))
+    state = states[work.name]
+    if state.status != "succeeded":
+        raise RuntimeError(f"training failed: {state.error}")
+    return RunOutcome(cfg.output, skipped=False, record=state.record)
 
-    weights = final_weights_uri(cfg.output)
-    metrics: dict = {}
-    if storage.exists(storage.join(weights, "progress.json")):
-        log.info("final weights already trained at %s; exporting them", weights)
-    else:
-        result = train(cfg, prepared.model_path, images, prior_set, use_gpu=use_gpu)
-        metrics, timings["train_s"] = result.metrics, result.seconds
 
-    import ray
+def make_priors(prepared: Prepared, use_gpu: bool) -> Optional[priors.PriorSet]:
+    """The subject's class priors, generated where the cache lacks them (None without prior preservation)."""
+    cfg = prepared.config
+    if cfg.train.prior_loss_weight <= 0:
+        return None
+    spec = priors.spec_from_config(cfg, models.scheduler_class_name(prepared.model_path))
+    return priors.generate(spec, prepared.model_path, cfg.prior_root, cfg.prior.num_class_images, use_gpu=use_gpu,
+                           actors=cfg.prior.prior_actors, batch_size=cfg.prior.prior_batch_size)
 
-    shape = cluster.resource_shapes(cfg.train, use_gpu).export_task
-    exported = ray.get(
-        ray.remote(export.export_pipeline)
-        .options(num_gpus=shape.get("GPU", 0), num_cpus=shape["CPU"])
-        .remote(cfg, prepared.model_path, weights)
-    )
-    timings["export_s"] = exported["seconds"]
-    executed, attempts = steps_run(cfg.output)
-    if not cfg.export.keep_checkpoints:
-        storage.remove(storage.join(cfg.output, export.CHECKPOINTS))
-    timings["total_s"] = time.monotonic() - start
+
+def subject_work(name: str, prepared: Prepared, prior_set: Optional[priors.PriorSet], use_gpu: bool,
+                 timings: Optional[dict] = None):
+    """A ``SubjectWork`` for the warm trainers, with the run-record fields the driver knows."""
+    from dreambooth.training.subject_queue import SubjectWork
+
+    cfg = prepared.config
     record = {
         "identifier": cfg.subject.identifier,
         "identifier_auto": prepared.identifier_was_auto,
@@ -183,22 +174,12 @@ def execute(prepared: Prepared) -> RunOutcome:
         "class_prompt": cfg.subject.class_prompt,
         "sample_prompts": cfg.sample_prompts(),
         "model": cfg.model,
-        "instance_images": [img.name for img in images],
         "priors": {
             "cache": prior_set.uri if prior_set else None,
             "images": len(prior_set.seeds) if prior_set else 0,
             "generated": prior_set.generated if prior_set else 0,
         },
-        "metrics": metrics,
-        "steps": cfg.train.max_train_steps,
-        "steps_run": executed,  # over every attempt, this driver's and earlier ones'
-        "steps_redone": max(0, executed - cfg.train.max_train_steps),
-        "training_attempts": attempts,
-        "grid": exported["grid"],
-        "output_bytes": exported["output_bytes"],  # total and per component, as saved (--save-dtype)
-        "timings": timings,
+        "timings": dict(timings or {}),
         "use_gpu": use_gpu,
-        "config": cfg.to_dict(),
     }
-    export.write_run_record(cfg.output, record)
-    return RunOutcome(cfg.output, skipped=False, record=record)
+    return SubjectWork(name, cfg, prepared.model_path, prior_set, record, images=prepared.images)

@@ -328,10 +328,26 @@ def _actor_resources(use_gpu: bool, actors: int, num_batches: int) -> tuple[int,
     return size, {"num_cpus": min(1.0, (cpus - 0.5) / size)}
 
 
-def read_prior_dataset(prior_set: PriorSet):
-    """The prior latents as a Ray Dataset (columns ``seed``, ``latents``, ``latent_shape``)."""
-    import ray
+def read_prior_latents(prior_set: PriorSet, rank: int = 0, world_size: int = 1):
+    """This rank's share of the prior latents: float32 [P, C, h, w] (every ``world_size``-th seed).
 
-    wanted = set(prior_set.seeds)
-    ds = ray.data.read_parquet(prior_set.shard_uris, columns=["seed", "latents", "latent_shape"])
-    return ds.filter(lambda row: row["seed"] in wanted)
+    Read straight from the Parquet shards (latent columns only, a few KiB per image): a warm
+    training worker reads each subject's class priors itself, without a Ray Dataset per subject.
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    mine = set(prior_set.seeds[rank::world_size])
+    latents: dict[int, "np.ndarray"] = {}
+    for uri in prior_set.shard_uris:
+        fs, path = storage.filesystem(uri)
+        with storage.guard(uri), fs.open(path, "rb") as handle:
+            table = pq.read_table(handle, columns=["seed", "latents", "latent_shape"])
+        for seed, flat, shape in zip(*(table.column(c).to_pylist() for c in ("seed", "latents", "latent_shape"))):
+            if seed in mine:
+                latents[seed] = np.asarray(flat, dtype=np.float32).reshape(tuple(shape))
+    if not latents:
+        raise RuntimeError(f"rank {rank} of {world_size} found no prior latents in {prior_set.uri}; "
+                           "generate more class images (--num-class-images) than there are workers")
+    return torch.from_numpy(np.stack([latents[s] for s in sorted(latents)]))

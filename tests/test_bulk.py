@@ -3,8 +3,11 @@ finished subjects are skipped on a re-run."""
 
 import json
 import shutil
+import threading
+import time
 
 import pytest
+import torch
 import yaml
 
 from dreambooth import bulk, storage
@@ -93,32 +96,87 @@ def test_bulk_shares_priors_isolates_failures_and_skips_finished(ray_cluster, tm
     assert record["priors"]["generated"] == 0
 
 
+FAST_SUBJECT = {"model": "tiny", "resolution": 32, "num_class_images": 2, "prior_batch_size": 2,
+                "num_inference_steps": 2, "checkpointing_steps": 0, "workers": 1, "num_sample_images": 0,
+                "before_after": False}
+
+
 @pytest.mark.ray
-def test_failed_subjects_are_retried_up_to_the_limit_without_stopping_others(ray_cluster, tmp_path, dog_dir, monkeypatch):
-    marker_dir = tmp_path / "attempts"
-    marker_dir.mkdir()
+@pytest.mark.e2e
+def test_failed_subjects_are_retried_up_to_the_limit_without_stopping_the_group(ray_cluster, tmp_path, dog_dir, monkeypatch):
+    """Two subjects' photos are gone when their worker reads them (one for good, one only the first
+    time): each is retried on the same warm worker group, which trains the third meanwhile."""
+    from dreambooth import pipeline
 
-    def flaky_personalize(prepared):  # stands in for training: fails by subject name
-        import uuid
+    late = tmp_path / "late-photos"  # appears once its subject's first attempt has failed
+    real_work = pipeline.subject_work
 
-        name = prepared.config.output.rsplit("/", 1)[-1]
-        (marker_dir / f"{name}-{uuid.uuid4().hex}").touch()
-        tries = len(list(marker_dir.glob(f"{name}-*")))
-        if name == "always-fails" or (name == "fails-once" and tries == 1):
-            raise RuntimeError(f"{name} broke on try {tries}")
-        return {"identifier": prepared.config.subject.identifier}
+    def work_reading_elsewhere(name, prepared, *args, **kwargs):  # after preflight checked the real photos
+        work = real_work(name, prepared, *args, **kwargs)
+        if name == "always-fails":
+            work.config.subject.instance_dir = str(tmp_path / "deleted-photos")
+        elif name == "fails-once":
+            work.config.subject.instance_dir = str(late)
+        return work
 
-    monkeypatch.setattr(bulk, "_personalize", flaky_personalize)
+    monkeypatch.setattr(pipeline, "subject_work", work_reading_elsewhere)
+    summary = tmp_path / "runs" / bulk.SUMMARY
+    stop = threading.Event()
+
+    def put_back_photos():  # as a user would, on seeing the failure in the summary
+        while not stop.is_set():
+            if summary.exists() and '"retrying"' in summary.read_text() and not late.exists():
+                states = {s["name"]: s["status"] for s in json.loads(summary.read_text())["subjects"]}
+                if states["fails-once"] == "retrying":
+                    shutil.copytree(dog_dir, late)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=put_back_photos, daemon=True)
+    watcher.start()
     subjects = [{"name": n, "instance_dir": str(dog_dir), "class_noun": "dog"} for n in ("always-fails", "fails-once", "fine")]
-    options = bulk.BulkOptions(_manifest(tmp_path, subjects), str(tmp_path / "runs"), max_concurrent=2, max_retries=2)
-    planned = bulk.plan(options, {"model": "tiny", "resolution": 32, "prior_loss_weight": 0})
-    report = bulk.run_bulk(options, planned)
+    options = bulk.BulkOptions(_manifest(tmp_path, subjects), str(tmp_path / "runs"), max_concurrent=1, max_retries=2)
+    planned = bulk.plan(options, {**FAST_SUBJECT, "max_train_steps": 2, "prior_loss_weight": 0})
+    try:
+        report = bulk.run_bulk(options, planned)
+    finally:
+        stop.set()
+        watcher.join()
     status = {r.name: r for r in report.results}
     assert (status["always-fails"].status, status["always-fails"].attempts) == ("failed", 3)
-    assert "always-fails broke on try 3" in status["always-fails"].error
+    assert "deleted-photos does not exist" in status["always-fails"].error
     assert (status["fails-once"].status, status["fails-once"].attempts) == ("succeeded", 2)
     assert (status["fine"].status, status["fine"].attempts) == ("succeeded", 1)
     assert not report.ok
+    records = {n: storage.read_json(str(tmp_path / "runs" / n / "run.json")) for n in ("fails-once", "fine")}
+    # One worker group did it all: both trained after other subjects on it, none restarted.
+    assert all(r["metrics"]["warm_start"] for r in records.values())
+    assert records["fails-once"]["metrics"]["subjects_before_on_this_group"] == 4
+    assert all(status[n].restarts == 0 for n in status)
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_warm_reset_trains_exactly_like_a_fresh_start(ray_cluster, tmp_path, dog_dir):
+    """The same subject twice on one warm worker group: the second (reset to the base weights in
+    memory, a fresh optimizer) has the first's losses step for step and ends at the same weights."""
+    from safetensors.torch import load_file
+
+    subjects = [{"name": n, "instance_dir": str(dog_dir), "class_noun": "dog", "identifier": "sks"} for n in ("fresh", "warm")]
+    options = bulk.BulkOptions(_manifest(tmp_path, subjects), str(tmp_path / "runs"), max_concurrent=1,
+                               distinct_identifiers=False)
+    report = bulk.run_bulk(options, bulk.plan(options, {**FAST_SUBJECT, "max_train_steps": 3, "save_dtype": "fp32"}))
+    assert report.ok, report.results
+    fresh, warm = (storage.read_json(str(tmp_path / "runs" / n / "run.json")) for n in ("fresh", "warm"))
+    assert (fresh["metrics"]["warm_start"], warm["metrics"]["warm_start"]) == (False, True)
+    assert warm["loss_curve"]["step"] == [1, 2, 3]
+    assert warm["loss_curve"]["loss"][0] == pytest.approx(fresh["loss_curve"]["loss"][0], abs=1e-6)
+    assert warm["loss_curve"]["loss"] == pytest.approx(fresh["loss_curve"]["loss"], abs=1e-5)
+    for part in ("unet", "text_encoder"):
+        (a,), (b,) = ((tmp_path / "runs" / n / part).glob("*.safetensors") for n in ("fresh", "warm"))
+        first, second = load_file(str(a)), load_file(str(b))
+        assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first), part
+    # and the warm subject did not pay the group's start-up again
+    assert warm["timings"]["train_s"] < fresh["timings"]["train_s"]
 
 
 @pytest.mark.ray

@@ -110,7 +110,7 @@ def test_zero2_end_to_end_then_second_subject_zero3_reuses_priors(ray_cluster, t
 def test_stopped_run_resumes_from_its_last_checkpoint(ray_cluster, dog_dir, runs):
     """Kill the driver after the step-2 checkpoint; the same command continues from step 2."""
     out = runs / "resumed"
-    snapshot = out / "checkpoints" / "checkpoint_manager_snapshot.json"
+    first = out / "checkpoints" / "step-000002" / "progress.json"
     argv = [sys.executable, "-m", "dreambooth.cli", "run", "--model", "tiny", "--instance-dir", str(dog_dir),
             "--class-noun", "dog", "--output", str(out), "--resolution", "32", "--num-class-images", "4",
             "--num-inference-steps", "2", "--max-train-steps", "12", "--checkpointing-steps", "2",
@@ -119,7 +119,7 @@ def test_stopped_run_resumes_from_its_last_checkpoint(ray_cluster, dog_dir, runs
     driver = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and driver.poll() is None:
-        if snapshot.exists() and "step-000002" in snapshot.read_text():
+        if first.exists():
             break
         time.sleep(0.5)
     assert driver.poll() is None, "the first run ended before it could be stopped"

@@ -8,7 +8,16 @@ import torch
 from safetensors import safe_open
 
 from dreambooth.config import build_config
-from dreambooth.export import export_pipeline
+from dreambooth.export import export_trained
+from dreambooth.models import load_components, load_sampling_scheduler
+
+
+def _export(cfg, model_path: str) -> dict:
+    """Export the base weights as if they were trained (the state dict of a DreamBoothModule)."""
+    base = load_components(model_path)
+    state = {**{f"unet.{k}": v for k, v in base.unet.state_dict().items()},
+             **{f"text_encoder.{k}": v for k, v in base.text_encoder.state_dict().items()}}
+    return export_trained(cfg, base, load_sampling_scheduler(model_path), state, "cpu")
 
 
 def _dtypes(folder: Path, component: str) -> set[str]:
@@ -24,8 +33,7 @@ def test_save_dtype_sets_the_exported_weights_and_reloads(tmp_path, tiny_model_p
     out = tmp_path / "out"
     cfg = build_config(({"model": "tiny", "instance_dir": "x", "class_noun": "dog", "output": str(out),
                          "resolution": 32, "num_sample_images": 0, "save_dtype": save_dtype}, "test"))
-    # The base model's own folder stands in for trained weights (same layout: unet/, text_encoder/).
-    result = export_pipeline(cfg, tiny_model_path, tiny_model_path)
+    result = _export(cfg, tiny_model_path)
     assert _dtypes(out, "unet") == {expected} and _dtypes(out, "text_encoder") == {expected}
     assert _dtypes(out, "vae") == {"F32"}
     on_disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "config.yaml")
@@ -44,7 +52,7 @@ def test_fp16_output_is_about_half_the_fp32_one(tmp_path, tiny_model_path):
     for dtype in ("fp32", "fp16"):
         cfg = build_config(({"model": "tiny", "instance_dir": "x", "class_noun": "dog", "output": str(tmp_path / dtype),
                              "resolution": 32, "num_sample_images": 0, "save_dtype": dtype}, "test"))
-        sizes[dtype] = export_pipeline(cfg, tiny_model_path, tiny_model_path)["output_bytes"]
+        sizes[dtype] = _export(cfg, tiny_model_path)["output_bytes"]
     for part in ("unet", "text_encoder"):
         assert 0.45 < sizes["fp16"][part] / sizes["fp32"][part] < 0.55, (part, sizes)
     print({d: s["total"] for d, s in sizes.items()})

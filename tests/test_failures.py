@@ -69,8 +69,8 @@ def test_sigkilled_training_worker_restores_from_the_last_checkpoint(ray_cluster
         "max_train_steps": 14, "checkpointing_steps": 4, "workers": 2, "num_sample_images": 1,
     }, "test"))
     run = Background(lambda: pipeline.execute(pipeline.preflight(cfg)))
-    snapshot = out / "checkpoints" / "checkpoint_manager_snapshot.json"
-    _wait_for(lambda: snapshot.exists() and "step-000004" in snapshot.read_text(), 240, "the first registered checkpoint")
+    first = out / "checkpoints" / "step-000004" / "progress.json"
+    _wait_for(first.exists, 240, "the first complete checkpoint")
     victims = _processes("ray::RayTrainWorker")
     assert len(victims) == 2
     killed_at = time.monotonic()
@@ -147,3 +147,44 @@ def test_two_writers_of_one_prior_cache_end_with_one_complete_set(ray_cluster, t
     per_file = _seeds_per_file(str(cache))
     assert sorted(s for seeds in per_file.values() for s in seeds) == list(range(12)), per_file
     assert not list((cache / priors.SHARDS).glob(".tmp-*"))  # no half-written file left
+
+
+def test_sigkilled_worker_of_a_warm_group_resumes_its_subject_and_the_bulk_goes_on(ray_cluster, dog_dir, tmp_path):
+    """Bulk of 3 subjects on one warm worker group; its worker is SIGKILLed during the second
+    subject, after that subject's step-4 checkpoint. Ray Train restarts the group, the restarted
+    group resumes *that* subject from its checkpoint, then trains the third; the summary shows it."""
+    import yaml
+
+    from dreambooth import bulk
+
+    manifest = tmp_path / "subjects.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "defaults": {"model": "tiny", "resolution": 32, "num_class_images": 2, "prior_batch_size": 2,
+                     "num_inference_steps": 2, "max_train_steps": 12, "checkpointing_steps": 4, "workers": 1,
+                     "num_sample_images": 0, "before_after": False},
+        "subjects": [{"name": n, "instance_dir": str(dog_dir), "class_noun": "dog"} for n in ("first", "second", "third")],
+    }))
+    out = tmp_path / "runs"
+    options = bulk.BulkOptions(str(manifest), str(out), max_concurrent=1, max_retries=0)
+    run = Background(lambda: bulk.run_bulk(options, bulk.plan(options, {})))
+    _wait_for((out / "second" / "checkpoints" / "step-000004" / "progress.json").exists, 300,
+              "the second subject's first checkpoint")
+    assert (out / "first" / "run.json").exists() and not (out / "second" / "run.json").exists()
+    (victim,) = _processes("ray::RayTrainWorker")
+    victim.send_signal(signal.SIGKILL)
+    run.join(timeout=400)
+    assert run.error is None, run.error
+    status = {r.name: r for r in run.result.results}
+    assert all(r.status == "succeeded" for r in status.values()), status
+    assert (status["second"].attempts, status["second"].restarts) == (1, 1)
+    assert status["second"].resumed_from in (4, 8)
+    assert status["first"].restarts == status["third"].restarts == 0
+    summary = storage.read_json(str(out / bulk.SUMMARY))
+    second = next(s for s in summary["subjects"] if s["name"] == "second")
+    assert second["restarts"] == 1 and second["resumed_from"] == status["second"].resumed_from
+    record = storage.read_json(str(out / "second" / "run.json"))
+    assert record["metrics"]["resumed_from"] == second["resumed_from"]
+    assert record["loss_curve"]["step"][0] == second["resumed_from"] + 1  # nothing before the checkpoint redone
+    assert record["training_attempts"] == 2 and record["metrics"]["step"] == 12
+    third = storage.read_json(str(out / "third" / "run.json"))
+    assert third["metrics"]["warm_start"] is True  # the restarted group went on with the queue

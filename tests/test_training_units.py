@@ -4,13 +4,15 @@ import random
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from dreambooth.config import TrainConfig
 from dreambooth.models import load_components
 from dreambooth.subjects import load_subject_images
-from dreambooth.training.batches import BatchMaker, PriorPool, augment, prior_latents, tokenize
+from dreambooth.training.batches import BatchMaker, PriorPool, augment, tokenize
 from dreambooth.training.engine import deepspeed_config
 from dreambooth.training.module import DreamBoothModule, diffusion_target, dreambooth_loss
 
@@ -53,15 +55,10 @@ def test_augment_shapes_range_and_flip(dog_dir):
 
 def test_batch_mixes_subject_and_prior_rows_with_their_prompts(tiny_model_path, dog_dir):
     parts = load_components(tiny_model_path)
-    prior_batch = {
-        "seed": np.array([0, 1]),
-        "latents": np.array([np.full(4 * 16 * 16, 7.0, dtype=np.float32)] * 2, dtype=object),
-        "latent_shape": np.array([[4, 16, 16]] * 2, dtype=object),
-    }
     maker = BatchMaker(
         load_subject_images(str(dog_dir), 32), parts.tokenizer, parts.vae, "a sks dog", "a dog",
         resolution=32, batch_size=2, center_crop=False, random_flip=True, seed=0,
-        priors=PriorPool.from_batches([prior_batch], batch_size=2, seed=0), device=torch.device("cpu"),
+        priors=PriorPool(torch.full((2, 4, 16, 16), 7.0), batch_size=2, seed=0), device=torch.device("cpu"),
     )
     batch = maker.next()
     assert batch.num_instance == 2
@@ -74,33 +71,25 @@ def test_batch_mixes_subject_and_prior_rows_with_their_prompts(tiny_model_path, 
     assert not torch.equal(sks, dog)
 
 
-def test_prior_latents_unflatten():
-    flat = np.arange(2 * 3 * 4, dtype=np.float32)
-    out = prior_latents({"latents": [flat, flat + 1], "latent_shape": [[2, 3, 4], [2, 3, 4]]})
-    assert out.shape == (2, 2, 3, 4) and out[1, 0, 0, 0] == 1.0
-
-
-def _numbered_prior_batches(count: int, rows_per_batch: int) -> list[dict]:
-    """Ray Data-style prior batches whose latents [1, 1, 1] hold the prior's number."""
-    numbers = [list(range(start, min(start + rows_per_batch, count))) for start in range(0, count, rows_per_batch)]
-    return [{"latents": [np.full(1, float(i), dtype=np.float32) for i in batch], "latent_shape": [[1, 1, 1]] * len(batch)}
-            for batch in numbers]
+def _numbered_priors(count: int) -> torch.Tensor:
+    """Prior latents [count, 1, 1, 1] that hold their own number."""
+    return torch.arange(count, dtype=torch.float32).view(count, 1, 1, 1)
 
 
 def test_prior_pool_uses_every_prior_equally_often_in_a_new_order_each_epoch():
-    pool = PriorPool.from_batches(_numbered_prior_batches(6, rows_per_batch=4), batch_size=4, seed=3)
+    pool = PriorPool(_numbered_priors(6), batch_size=4, seed=3)
     assert len(pool) == 6
     drawn = torch.cat([pool.next() for _ in range(6)]).flatten().long().tolist()  # 24 draws = 4 epochs
     epochs = [drawn[i:i + 6] for i in range(0, 24, 6)]
     assert all(sorted(epoch) == list(range(6)) for epoch in epochs)  # no prior skipped or repeated
     assert len({tuple(epoch) for epoch in epochs}) > 1  # reshuffled between epochs
-    again = PriorPool.from_batches(_numbered_prior_batches(6, rows_per_batch=4), batch_size=4, seed=3)
+    again = PriorPool(_numbered_priors(6), batch_size=4, seed=3)
     assert torch.cat([again.next() for _ in range(6)]).flatten().long().tolist() == drawn  # seeded
 
 
 def test_prior_pool_refuses_an_empty_shard():
     with pytest.raises(RuntimeError, match="generate more class images"):
-        PriorPool.from_batches([], batch_size=1, seed=0)
+        PriorPool(torch.empty(0, 4, 2, 2), batch_size=1, seed=0)
 
 
 def test_module_trains_unet_and_text_encoder_unless_frozen(tiny_model_path):
@@ -152,3 +141,48 @@ def test_attempt_log_coalesces_slow_writes_and_records_the_last_step(tmp_path, m
     assert writes[-1] == 110 and writes == sorted(writes)
     assert len(writes) < 100  # steps reached during a write are folded into the next one
     assert checkpoint.steps_run(str(tmp_path)) == (100, 1)
+
+
+def test_subject_latents_sample_the_cached_posterior_of_each_view(tiny_model_path, dog_dir):
+    """The VAE is frozen: each (photo, crop, flip) view is encoded once, and every draw is a fresh
+    sample mean + std * eps of exactly the posterior the VAE gives that view."""
+    from dreambooth.training.batches import draw_crop, render_crop
+
+    parts = load_components(tiny_model_path)
+    images = load_subject_images(str(dog_dir), 32)
+    encodes = []
+    real_encode = parts.vae.encode
+    parts.vae.encode = lambda pixels: encodes.append(pixels.shape[0]) or real_encode(pixels)
+    maker = BatchMaker(images, parts.tokenizer, parts.vae, "a sks dog", "a dog", resolution=32, batch_size=2,
+                       center_crop=True, random_flip=True, seed=0, priors=None, device=torch.device("cpu"))
+    batches = [maker.next() for _ in range(40)]
+    views = len(maker._posteriors)
+    assert len(encodes) == views <= 2 * len(images)  # 80 examples, one encode per distinct view
+    assert not torch.equal(batches[0].latents, batches[1].latents)
+
+    replay = random.Random(0)  # the maker's draws, replayed: the first example's view
+    index = replay.randrange(len(images))
+    crop = draw_crop(maker.images[index], 32, replay, True, True)
+    with torch.no_grad():
+        dist = real_encode(render_crop(maker.images[index], 32, crop)[None]).latent_dist
+    mean, std = maker._posteriors[(index, crop)]
+    assert torch.allclose(mean, dist.mean[0], atol=1e-6) and torch.allclose(std, dist.std[0], atol=1e-6)
+    eps = (batches[0].latents[0] / parts.vae.config.scaling_factor - mean) / std
+    assert abs(eps.mean()) < 0.5 and 0.5 < eps.std() < 1.5  # a standard normal draw, not the mean
+
+
+def test_each_rank_reads_its_own_share_of_the_prior_cache(tmp_path):
+    from dreambooth.priors import PriorSet, read_prior_latents
+
+    uris = []
+    for part, seeds in enumerate(([0, 1, 2], [3, 4])):
+        table = pa.table({"seed": seeds, "latents": [[float(s)] * 4 for s in seeds],
+                          "latent_shape": [[1, 2, 2]] * len(seeds), "image": [b""] * len(seeds)})
+        uris.append(str(tmp_path / f"part-{part}.parquet"))
+        pq.write_table(table, uris[-1])
+    prior_set = PriorSet(str(tmp_path), uris, seeds=[0, 1, 2, 3], generated=0, seconds=0.0)  # seed 4: not asked for
+    shares = [read_prior_latents(prior_set, rank, 2) for rank in range(2)]
+    assert [s[:, 0, 0, 0].tolist() for s in shares] == [[0.0, 2.0], [1.0, 3.0]]
+    assert shares[0].shape == (2, 1, 2, 2)
+    with pytest.raises(RuntimeError, match="--num-class-images"):
+        read_prior_latents(PriorSet(str(tmp_path), uris, seeds=[0], generated=0, seconds=0.0), 1, 2)

@@ -2,23 +2,27 @@
 
 A micro-batch of a worker (``B`` = ``--train-batch-size``) is a ``MixedBatch``::
 
-    latents    float32 [B + P, C, h, w]   rows 0..B-1: augmented subject photos, VAE-encoded and
-                                          scaled by ``vae.config.scaling_factor``;
+    latents    float32 [B + P, C, h, w]   rows 0..B-1: augmented subject photos, VAE-encoded (a fresh
+                                          sample of the posterior each time) and scaled by
+                                          ``vae.config.scaling_factor``;
                                           rows B..B+P-1: cached prior latents (already scaled)
     input_ids  int64   [B + P, L]         "a [V] [class]" for subject rows, "a [class]" for prior rows
     num_instance  int                     B; P is B with prior preservation, 0 without
 
 where ``h = w = resolution / vae_scale_factor`` and ``L`` is the tokenizer's max length (77 for CLIP).
-Prior rows come from this worker's ``PriorPool``, filled once from its Ray Data shard:
-``{"seed": int64[P], "latents": list<f32>[P], "latent_shape": list<i32>[P]}`` as written by
-``dreambooth.priors``.
+Prior rows come from this worker's ``PriorPool``, filled once from the prior cache
+(``priors.read_prior_latents``: this rank's share of the seeds).
+
+The VAE is frozen, so the posterior (mean, std) of one augmented view — photo, crop offset, flip —
+never changes: ``BatchMaker`` encodes each view once and then only draws ``mean + std * ε``, which
+is the same distribution ``latent_dist.sample()`` draws from, without a VAE forward per step.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,21 +31,40 @@ from PIL import Image
 from dreambooth.subjects import SubjectImage
 
 
-def augment(image: Image.Image, resolution: int, rng: random.Random, center_crop: bool, random_flip: bool) -> torch.Tensor:
-    """Resize the short side to ``resolution``, crop a square, maybe flip; → float [3, R, R] in [-1, 1]."""
-    w, h = image.size
-    scale = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
-    w, h = image.size
+Crop = tuple[int, int, bool]
+"""(left, top, flipped) of one augmented view of a photo."""
+
+
+def draw_crop(image: Image.Image, resolution: int, rng: random.Random, center_crop: bool, random_flip: bool) -> Crop:
+    """Where to crop the photo (after resizing its short side to ``resolution``) and whether to flip."""
+    w, h = _resized_size(image, resolution)
     if center_crop:
         left, top = (w - resolution) // 2, (h - resolution) // 2
     else:
         left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
+    return left, top, bool(random_flip and rng.random() < 0.5)
+
+
+def _resized_size(image: Image.Image, resolution: int) -> tuple[int, int]:
+    w, h = image.size
+    scale = resolution / min(w, h)
+    return max(resolution, round(w * scale)), max(resolution, round(h * scale))
+
+
+def render_crop(image: Image.Image, resolution: int, crop: Crop) -> torch.Tensor:
+    """float [3, R, R] in [-1, 1]: the photo resized, cropped at ``crop`` and maybe flipped."""
+    left, top, flipped = crop
+    image = image.resize(_resized_size(image, resolution), Image.BICUBIC)
     image = image.crop((left, top, left + resolution, top + resolution))
-    if random_flip and rng.random() < 0.5:
+    if flipped:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def augment(image: Image.Image, resolution: int, rng: random.Random, center_crop: bool, random_flip: bool) -> torch.Tensor:
+    """Resize the short side to ``resolution``, crop a square, maybe flip; → float [3, R, R] in [-1, 1]."""
+    return render_crop(image, resolution, draw_crop(image, resolution, rng, center_crop, random_flip))
 
 
 def tokenize(tokenizer, prompt: str) -> torch.Tensor:
@@ -51,19 +74,11 @@ def tokenize(tokenizer, prompt: str) -> torch.Tensor:
     ).input_ids
 
 
-def prior_latents(batch: dict[str, np.ndarray]) -> torch.Tensor:
-    """float32 [P, C, h, w] from a prior batch's flattened ``latents`` and their ``latent_shape``."""
-    return torch.from_numpy(
-        np.stack([np.asarray(flat, dtype=np.float32).reshape(tuple(shape)) for flat, shape in zip(batch["latents"], batch["latent_shape"])])
-    )
-
-
 class PriorPool:
     """One worker's class-prior latents, held in memory and served in a new random order each epoch.
 
-    The shard is read from Ray Data once (``from_batches``): prior latents are small (4x64x64
-    float32 = 64 KiB each at 512 px), and re-reading a shard through Ray Data every epoch costs a
-    coordinator round trip per batch, which showed up as ~35 ms of a 0.2 s step on small models.
+    Prior latents are small (4x64x64 float32 = 64 KiB each at 512 px), so a worker holds its share
+    in memory and never re-reads the cache.
 
     ``latents``: float32 [P, C, h, w], already scaled by the VAE's ``scaling_factor``.
     ``next()``: float32 [batch_size, C, h, w]; an epoch that does not divide evenly continues into
@@ -77,12 +92,6 @@ class PriorPool:
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.long)
-
-    @classmethod
-    def from_batches(cls, batches: Iterable[dict[str, np.ndarray]], batch_size: int, seed: int) -> "PriorPool":
-        """Collect a Ray Data shard's batches (``{"latents", "latent_shape"}`` numpy) into a pool."""
-        parts = [prior_latents(batch) for batch in batches if len(batch["latents"])]
-        return cls(torch.cat(parts) if parts else torch.empty(0, 0), batch_size, seed)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -127,22 +136,38 @@ class BatchMaker:
         self.resolution, self.batch_size = resolution, batch_size
         self.center_crop, self.random_flip = center_crop, random_flip
         self.rng = random.Random(seed)
+        self.noise = torch.Generator().manual_seed(seed)  # posterior samples
+        self._posteriors: dict[tuple[int, Crop], tuple[torch.Tensor, torch.Tensor]] = {}
         self.priors = priors
         self.device = device
 
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    MAX_CACHED_VIEWS = 1024
+    """Views whose posterior is kept (2 x 64 KiB each at 512 px); photos far from square have
+    many crop offsets, and views beyond the cap are encoded every time they are drawn."""
+
+    def _posterior(self, index: int, crop: Crop) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) [C, h, w] of the VAE posterior of one view, encoded on first use."""
+        key = (index, crop)
+        cached = self._posteriors.get(key)
+        if cached is not None:
+            return cached
+        pixels = render_crop(self.images[index], self.resolution, crop)[None]
         with torch.no_grad():
             dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-        return dist.sample() * self.vae.config.scaling_factor
+        posterior = (dist.mean[0].float(), dist.std[0].float())
+        if len(self._posteriors) < self.MAX_CACHED_VIEWS:
+            self._posteriors[key] = posterior
+        return posterior
 
     def next(self) -> MixedBatch:
-        pixels = torch.stack(
-            [
-                augment(self.rng.choice(self.images), self.resolution, self.rng, self.center_crop, self.random_flip)
-                for _ in range(self.batch_size)
-            ]
-        )
-        latents = [self._encode(pixels).float()]
+        views = []
+        for _ in range(self.batch_size):
+            index = self.rng.randrange(len(self.images))
+            views.append(self._posterior(index, draw_crop(self.images[index], self.resolution, self.rng,
+                                                          self.center_crop, self.random_flip)))
+        mean, std = torch.stack([m for m, _ in views]), torch.stack([s for _, s in views])
+        noise = torch.randn(mean.shape, generator=self.noise).to(self.device)
+        latents = [(mean + std * noise) * self.vae.config.scaling_factor]
         ids = [self.instance_ids.repeat(self.batch_size, 1)]
         if self.priors is not None:
             prior = self.priors.next().to(self.device)

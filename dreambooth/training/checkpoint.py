@@ -1,30 +1,31 @@
-"""Resumable checkpoints and the final full weights, through Ray Train's checkpoint storage.
+"""Resumable checkpoints of one subject's training, in the subject's own output folder.
 
-Owns the on-disk layout of ``<output>/checkpoints/`` (Ray Train's run folder):
+Owns the on-disk layout of ``<output>/checkpoints/``:
 
-    step-000100/         every rank's ZeRO shard + ``progress.json`` ({"step": 100})
-    final-weights/       ``unet/`` and ``text_encoder/`` in diffusers layout + ``progress.json``
-    attempts/<id>.json   one per worker-group start: {"start_step", "step"} (how far it got), so the
+    step-000100/         every rank's ZeRO shard (DeepSpeed's files, tag ``zero``) + ``progress.json``
+    attempts/<id>.json   one per training attempt: {"start_step", "step"} (how far it got), so the
                          run record can say how many steps a failure made us redo
 
-Resumable checkpoints are saved by every rank (``engine.save_checkpoint``) and merged by Ray Train
-into one folder; ``ray.train.get_checkpoint()`` hands the latest to restarted workers, and to a new
-driver run with the same output (Ray Train restores its run state from storage).
+A checkpoint is complete when ``progress.json`` exists: every rank uploads its shard, all ranks
+meet at a barrier, and only then rank 0 writes it. Restarted workers (a worker group that lost a
+worker) and a new driver run with the same output resume from the newest complete one.
+
+The checkpoints are the project's own, not Ray Train's: a warm worker group trains many subjects
+one after another, and each subject's checkpoints belong in that subject's output.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import tempfile
 import threading
+import time
 import uuid
-from pathlib import Path
 from typing import Optional
 
-import ray.train
 import torch
-from ray.train import Checkpoint
+import torch.distributed as dist
 
 from dreambooth import storage
 
@@ -32,35 +33,35 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 PROGRESS = "progress.json"
-FINAL = "final-weights"
 ATTEMPTS = "attempts"
 DEEPSPEED_TAG = "zero"
+KEEP = 2
+"""Complete checkpoints kept per subject (the newest ones)."""
 
-
-def run_storage_path(output: str) -> str:
-    """Ray Train's ``storage_path`` for a run: an absolute path or a URI."""
-    return str(Path(output).resolve()) if storage.is_local(output) else output
+_STEP_DIR = re.compile(r"step-(\d{6,})$")
 
 
 def checkpoints_uri(output: str) -> str:
-    return storage.join(run_storage_path(output), CHECKPOINTS)
+    return storage.join(output, CHECKPOINTS)
 
 
-def final_weights_uri(output: str) -> str:
-    return storage.join(checkpoints_uri(output), FINAL)
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
 
 
 class AttemptLog:
-    """Rank 0's record of one worker-group attempt: where it started and how far it got.
+    """Rank 0's record of one training attempt: where it started and how far it got.
 
-    ``reached(step)`` only hands the step to a writer thread, which writes the newest one it has
-    (older ones are skipped): a write to an object store takes tens of milliseconds, which would
-    otherwise be added to every training step. A killed worker loses at most the write in flight.
+    ``reached(step)`` only hands the step to a writer thread, which writes the newest one it has, at
+    most once per ``min_interval_s``: a write to an object store takes tens of milliseconds, which
+    would otherwise be added to every training step. A killed worker loses at most the steps since
+    the last write (the run record then undercounts the steps a failure redid, never the model).
     """
 
-    def __init__(self, output: str, start_step: int):
+    def __init__(self, output: str, start_step: int, min_interval_s: float = 1.0):
         self.uri = storage.join(checkpoints_uri(output), ATTEMPTS, f"{uuid.uuid4().hex}.json")
         self.start_step = start_step
+        self.min_interval_s = min_interval_s
         self._latest: Optional[int] = None
         self._closed = False
         self._changed = threading.Condition()
@@ -93,6 +94,8 @@ class AttemptLog:
                 written = step
             if closed:
                 return
+            with self._changed:  # at most one write per interval, unless closing
+                self._changed.wait_for(lambda: self._closed, timeout=self.min_interval_s)
 
 
 def steps_run(output: str) -> tuple[int, int]:
@@ -105,66 +108,77 @@ def steps_run(output: str) -> tuple[int, int]:
     return sum(a["step"] - a["start_step"] for a in attempts), len(attempts)
 
 
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
+def complete_steps(output: str) -> list[int]:
+    """Steps of the complete checkpoints in ``output``, oldest first."""
+    fs, path = storage.filesystem(checkpoints_uri(output))
+    if not fs.exists(path):
+        return []
+    steps = []
+    for entry in fs.ls(path, detail=False):
+        match = _STEP_DIR.search(entry.rstrip("/"))
+        if match and fs.exists(f"{entry.rstrip('/')}/{PROGRESS}"):
+            steps.append(int(match.group(1)))
+    return sorted(steps)
 
 
-def save_resumable(engine, step: int, metrics: dict) -> None:
-    """All ranks: save the ZeRO state and report it (a barrier) as one Ray Train checkpoint."""
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast(value):
+    """Rank 0's ``value`` on every rank (any picklable object)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def save_resumable(engine, output: str, step: int) -> None:
+    """All ranks: save the ZeRO state as ``step-<step>`` (complete once rank 0 marks it), keep the newest ``KEEP``."""
+    rank, _ = _rank_world()
+    target = storage.join(checkpoints_uri(output), step_dir_name(step))
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG, client_state={"step": step})
-        if ray.train.get_context().get_world_rank() == 0:
-            Path(tmp, PROGRESS).write_text(json.dumps({"step": step}))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=step_dir_name(step))
+        storage.upload_dir(tmp, target)  # each rank its own shard files (rank 0 also the common ones)
+    _barrier()
+    if rank == 0:
+        storage.write_json_atomic(storage.join(target, PROGRESS), {"step": step, "saved_unix": time.time()})
+        for old in complete_steps(output)[:-KEEP]:
+            storage.remove(storage.join(checkpoints_uri(output), step_dir_name(old)))
 
 
-def restore(engine) -> int:
-    """Load the latest reported checkpoint into ``engine``; return the step to continue from."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+def restore(engine, output: str) -> int:
+    """All ranks: load the newest complete checkpoint of ``output`` into ``engine``; return its step (0: none)."""
+    steps = broadcast(complete_steps(output) if _rank_world()[0] == 0 else None)
+    if not steps:
         return 0
-    with checkpoint.as_directory() as folder:
+    source = storage.join(checkpoints_uri(output), step_dir_name(steps[-1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = storage.local_path(source) if storage.is_local(source) else str(storage.download_dir(source, tmp))
         _, client_state = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
+    _barrier()
     return int(client_state["step"])
 
 
 def gathered_state_dict(module: torch.nn.Module, zero_stage: int) -> Optional[dict[str, torch.Tensor]]:
     """All ranks call this; rank 0 gets the full fp32 state dict (ZeRO-3 shards gathered), others None."""
+    import contextlib
+
     import deepspeed
 
-    rank = ray.train.get_context().get_world_rank()
+    rank, _ = _rank_world()
     params = list(module.parameters())
-    context = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else _nullcontext()
+    context = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else contextlib.nullcontext()
     with context:
         if rank != 0:
             return None
         return {k: v.detach().to(torch.float32).cpu().clone() for k, v in module.state_dict().items()}
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def save_final(state: Optional[dict[str, torch.Tensor]], unet_config, text_encoder_config, step: int, metrics: dict) -> None:
-    """All ranks: report the final weights (written by rank 0) in diffusers layout."""
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if state is not None:
-            from diffusers import UNet2DConditionModel
-            from transformers import CLIPTextModel
-
-            unet = UNet2DConditionModel.from_config(unet_config)
-            unet.load_state_dict({k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")})
-            unet.save_pretrained(f"{tmp}/unet", safe_serialization=True)
-            text_encoder = CLIPTextModel(text_encoder_config)
-            text_encoder.load_state_dict(
-                {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}
-            )
-            text_encoder.save_pretrained(f"{tmp}/text_encoder", safe_serialization=True)
-            Path(tmp, PROGRESS).write_text(json.dumps({"step": step, "final": True}))
-            checkpoint = Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=FINAL)

@@ -100,6 +100,24 @@ def prebuild_deepspeed_ops() -> None:
     build_shm_op()
 
 
+def skip_shared_memory_comm_for_one_rank(world_size: int) -> bool:
+    """With one rank there is nothing to all-reduce: keep DeepSpeed from JIT-building (70-95 s when
+    its cache is cold) and loading its CPU shared-memory comm op, which ``deepspeed.initialize``
+    otherwise does unconditionally. Returns whether it was skipped.
+
+    DeepSpeed asks ``deepspeed.ops.__compatible_ops__`` whether the op may be built; marking it
+    incompatible makes its communication fall back to torch.distributed (gloo), as it does on
+    platforms without the op.
+    """
+    if world_size != 1 or torch.cuda.is_available():
+        return False
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    return True
+
+
 def build_engine(module: torch.nn.Module, train: TrainConfig, *, cuda: bool | None = None):
     """``deepspeed.initialize`` on an already-initialized process group (Ray Train made it).
 

@@ -1,53 +1,89 @@
-"""The per-worker training loop that Ray Train runs on every rank.
+"""The per-worker training loop that Ray Train runs on every rank of a warm worker group.
 
-One readable loop: load the base components, wrap UNet + text encoder in one DeepSpeed engine,
-restore the latest checkpoint, then for each optimizer step accumulate micro-batches of mixed
-subject/prior examples, log, and checkpoint; finally gather the full weights for export.
+A worker group starts once per concurrency slot: it loads the base components once and keeps
+them, untouched, on the CPU. Then, for each subject the ``SubjectQueue`` hands it:
+
+1. reset: fresh copies of the base UNet and text encoder, one DeepSpeed engine around both (a new
+   optimizer and LR schedule), the subject's photos and this rank's share of its class priors;
+2. restore the subject's newest checkpoint, if any (a restarted group, or a re-run of the output);
+3. train: each optimizer step accumulates micro-batches of mixed subject/prior examples, logs the
+   mean loss of the step, and checkpoints every ``checkpointing_steps``;
+4. export, on rank 0: gather the full weights (ZeRO-3 shards) and save the diffusers pipeline,
+   the grids and the run record (last) — from the modules in memory, nothing loaded again.
+
+Failures: a subject that cannot be prepared (photos or priors unreadable, on any rank: the ranks
+agree on it) or exported is reported to the queue, which may hand it out again, and the group goes
+on with the next. An error inside the training steps — a lost worker's peers see one in their next
+collective — fails the whole group instead: Ray Train restarts it, and the restarted group asks the
+queue for the subject it held and resumes it from its checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import ray.train
 import torch
 
-from dreambooth.config import RunConfig
-from dreambooth.models import load_components, quiet_libraries
-from dreambooth.subjects import SubjectImage
+from dreambooth import export, storage
+from dreambooth.models import Components, load_components, load_sampling_scheduler, quiet_libraries
+from dreambooth.priors import read_prior_latents
+from dreambooth.subjects import load_subject_images
 from dreambooth.training import checkpoint
 from dreambooth.training.batches import BatchMaker, PriorPool
-from dreambooth.training.engine import build_engine
+from dreambooth.training.engine import build_engine, skip_shared_memory_comm_for_one_rank
 from dreambooth.training.module import DreamBoothModule, mixed_batch_loss
+from dreambooth.training.subject_queue import SubjectWork
 
 log = logging.getLogger("dreambooth.train")
 
 
+class SubjectFailed(Exception):
+    """This subject cannot be trained or exported; raised on every rank alike (or on rank 0 alone
+    after the last collective), so the group can go on with the next subject."""
+
+
+def _agreed(failure: Optional[str]) -> None:
+    """All ranks: raise ``SubjectFailed`` on every rank if any rank had a failure."""
+    failures = [failure]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        failures = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(failures, failure)
+    for rank, message in enumerate(failures):
+        if message is not None:
+            raise SubjectFailed(message if len(failures) == 1 else f"{message} (rank {rank})")
+
+
 @dataclass
-class LoopInputs:
-    """What the driver hands every worker (pickled once into ``train_loop_config``)."""
+class SlotInputs:
+    """What the driver hands every worker of one slot (pickled once into ``train_loop_config``)."""
 
-    config: RunConfig
+    queue: object
+    """The ``SubjectQueue`` actor handle."""
+    slot: int
+    """This worker group's slot number (the queue's key for the subject it holds)."""
     model_path: str
-    images: list[SubjectImage]
-    with_priors: bool
+    revision: Optional[str]
+    fit_started_unix: float
+    """When the driver called ``fit()``: the worker group's start-up is measured from it."""
 
 
-def _step_generator(seed: int, rank: int, step: int, micro: int, device) -> torch.Generator:
-    # Randomness keyed by (seed, rank, step): a resumed run draws what the original would have.
+def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
+    """Noise and timesteps of one micro-batch, keyed by (seed, rank, step, micro): a resumed run
+    draws what the original would have. (``hash`` of a tuple of ints does not vary between processes.)"""
     return torch.Generator(device="cpu").manual_seed(hash((seed, rank, step, micro)) & 0x7FFF_FFFF)
 
 
-class SetupLaps:
-    """Seconds a worker spends in each setup phase, reported with the final metrics as
-    ``setup_<phase>_s`` (plus ``worker_started_unix``, which the driver turns into the worker
-    group's start-up time), so start-up is measured apart from the steady-state step time."""
+class Laps:
+    """Seconds spent in each phase, as ``setup_<phase>_s`` metrics (start-up apart from step time)."""
 
     def __init__(self) -> None:
-        self.metrics: dict[str, float] = {"worker_started_unix": time.time()}
+        self.metrics: dict[str, float] = {}
         self._last = time.perf_counter()
 
     def lap(self, phase: str) -> None:
@@ -56,79 +92,179 @@ class SetupLaps:
         self._last = now
 
 
+class PhaseClock:
+    """Host seconds per phase of a step (batch, forward, backward, optimizer), summed over steps.
+
+    On CPU this is where a step's time goes; on CUDA, kernels run asynchronously and the split is
+    of launch time, with the wait landing wherever the host next synchronizes (the loss ``.item()``).
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def start(self) -> None:
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def means(self, steps: int) -> dict[str, float]:
+        return {phase: total / steps for phase, total in self.totals.items()}
+
+
+@dataclass
+class Worker:
+    """One rank's long-lived state: where it runs and the base model it resets to."""
+
+    rank: int
+    world: int
+    device: torch.device
+    base: Components
+    sampling_scheduler: object  # rank 0 only (export and grids)
+    group_metrics: dict
+    subjects_done: int = 0
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
-    setup = SetupLaps()
+    inputs: SlotInputs = loop_config["inputs"]
+    worker = _start_worker(inputs)
+    while True:
+        work: Optional[SubjectWork] = checkpoint.broadcast(
+            ray.get(inputs.queue.take.remote(inputs.slot)) if worker.rank == 0 else None)
+        if work is None:
+            return
+        try:
+            record = train_subject(worker, work, inputs.queue)
+        except SubjectFailed as exc:  # every rank agrees (or only rank 0 exports): the group goes on
+            log.error("rank %d: subject %s failed: %s", worker.rank, work.name, exc)
+            if worker.rank == 0:
+                ray.get(inputs.queue.failed.remote(inputs.slot, work.name, str(exc)))
+            continue
+        finally:
+            worker.subjects_done += 1
+        if worker.rank == 0:
+            ray.get(inputs.queue.finished.remote(inputs.slot, work.name, record))
+
+
+def _start_worker(inputs: SlotInputs) -> Worker:
+    started_unix = time.time()
+    laps = Laps()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     quiet_libraries()
-    inputs: LoopInputs = loop_config["inputs"]
-    cfg, train = inputs.config, inputs.config.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     # A GPU resource is not CUDA (fake GPU nodes, a CPU-only image): train where CUDA really is.
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))
+    skip_shared_memory_comm_for_one_rank(world)
+    base = load_components(inputs.model_path, inputs.revision)
+    base.vae.requires_grad_(False).eval()
+    base.unet.requires_grad_(False).eval()
+    base.text_encoder.requires_grad_(False).eval()
+    scheduler = load_sampling_scheduler(inputs.model_path, inputs.revision) if rank == 0 else None
+    laps.lap("load_model")
+    metrics = {"setup_worker_group_s": started_unix - inputs.fit_started_unix, **laps.metrics}
+    return Worker(rank, world, device, base, scheduler, metrics)
 
-    parts = load_components(inputs.model_path, cfg.revision)
-    parts.vae.requires_grad_(False).eval().to(device)
-    module = DreamBoothModule(parts.unet, parts.text_encoder, train.train_text_encoder)
-    setup.lap("load_model")
+
+def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
+    """Reset to the base weights, train ``work``'s subject, export it (rank 0); return rank 0's run record."""
+    cfg, train = work.config, work.config.train
+    rank, device = worker.rank, worker.device
+    laps = Laps()
+    started = time.monotonic()
+    failure, images, prior_latents = None, [], None
+    try:  # what can fail for this subject alone, before any collective
+        images = work.images or load_subject_images(cfg.subject.instance_dir, train.resolution)
+        if work.prior_set is not None:
+            prior_latents = read_prior_latents(work.prior_set, rank, worker.world)
+    except Exception as exc:
+        failure = f"{type(exc).__name__}: {exc}"
+    _agreed(failure)
+    laps.lap("read_subject_and_priors")
+    worker.base.vae.to(device)
+    module = DreamBoothModule(copy.deepcopy(worker.base.unet).to(device),
+                              copy.deepcopy(worker.base.text_encoder).to(device), train.train_text_encoder)
     engine, scheduler = build_engine(module, train, cuda=device.type == "cuda")
-    setup.lap("deepspeed_initialize")  # includes JIT-building DeepSpeed's ops when not cached
-    start_step = checkpoint.restore(engine)
-    setup.lap("restore_checkpoint")
+    laps.lap("reset_and_initialize")  # deepcopy of the base weights + deepspeed.initialize
+    start_step = checkpoint.restore(engine, cfg.output)
+    laps.lap("restore_checkpoint")
     if start_step:
-        log.info("rank %d resumed from step %d", rank, start_step)
+        log.info("rank %d: %s resumed from step %d", rank, work.name, start_step)
+        if rank == 0:
+            queue.resumed.remote(work.name, start_step)
 
     batch_seed = train.seed + 1000 * rank + start_step
-    priors = None
-    if inputs.with_priors:
-        shard = ray.train.get_dataset_shard("priors")
-        priors = PriorPool.from_batches(shard.iter_batches(batch_size=256, batch_format="numpy"),
-                                        train.train_batch_size, batch_seed)
-    setup.lap("read_priors")
+    priors = PriorPool(prior_latents, train.train_batch_size, batch_seed) if prior_latents is not None else None
     batches = BatchMaker(
-        inputs.images,
-        parts.tokenizer,
-        parts.vae,
-        cfg.subject.instance_prompt,
-        cfg.subject.class_prompt,
-        resolution=train.resolution,
-        batch_size=train.train_batch_size,
-        center_crop=train.center_crop,
-        random_flip=train.random_flip,
-        seed=batch_seed,
-        priors=priors,
-        device=device,
+        images, worker.base.tokenizer, worker.base.vae, cfg.subject.instance_prompt, cfg.subject.class_prompt,
+        resolution=train.resolution, batch_size=train.train_batch_size, center_crop=train.center_crop,
+        random_flip=train.random_flip, seed=batch_seed, priors=priors, device=device,
     )
+    metrics, curve = _train_steps(worker, work, engine, scheduler, batches, start_step)
+    metrics.update(worker.group_metrics, **laps.metrics, warm_start=worker.subjects_done > 0,
+                   subjects_before_on_this_group=worker.subjects_done)
 
+    gather_started = time.perf_counter()
+    state = checkpoint.gathered_state_dict(engine.module, train.zero_stage)
+    metrics["setup_gather_weights_s"] = time.perf_counter() - gather_started  # ZeRO-3: all-gather of the shards
+    engine.destroy()
+    del engine, module
+    if rank != 0:
+        return None
+    train_s = time.monotonic() - started
+    try:
+        exported = export.export_trained(cfg, worker.base, worker.sampling_scheduler, state, device)
+        return _finish_record(work, metrics, curve, exported, train_s, [img.name for img in images])
+    except Exception as exc:
+        log.exception("export of %s failed", work.name)
+        raise SubjectFailed(f"export failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _train_steps(worker: Worker, work: SubjectWork, engine, scheduler, batches: BatchMaker,
+                 start_step: int) -> tuple[dict, dict[str, list]]:
+    """Steps ``start_step + 1 .. max_train_steps``; returns the last step's metrics and the loss
+    curve of these steps (``step``, ``loss``, ``instance_loss``, ``prior_loss``, ``lr`` lists)."""
+    cfg, train = work.config, work.config.train
+    rank = worker.rank
+    noise_scheduler = worker.base.noise_scheduler
     attempt = checkpoint.AttemptLog(cfg.output, start_step) if rank == 0 else None
     progress = None
     if rank == 0:
         from ray.experimental.tqdm_ray import tqdm
 
-        progress = tqdm(total=train.max_train_steps, desc="train")
+        progress = tqdm(total=train.max_train_steps, desc=f"train {work.name}")
         progress.update(start_step)
-    metrics: dict = {}
+    metrics: dict = {"step": start_step, "resumed_from": start_step}
+    curve: dict[str, list] = {key: [] for key in ("step", "loss", "instance_loss", "prior_loss", "lr")}
     step_seconds: list[float] = []  # each step since the last log line, checkpoint saves included
+    phases = PhaseClock()
     last_lap = time.perf_counter()
+    engine.train()
     for step in range(start_step + 1, train.max_train_steps + 1):
-        engine.train()
+        totals = instance = prior = 0.0
         for micro in range(train.gradient_accumulation_steps):
+            phases.start()
             batch = batches.next()
-            gen = _step_generator(train.seed, rank, step, micro, device)
-            loss = mixed_batch_loss(engine, parts.noise_scheduler, batch.latents, batch.input_ids,
-                                    batch.num_instance, train.prior_loss_weight, gen)
+            phases.lap("batch")
+            loss = mixed_batch_loss(engine, noise_scheduler, batch.latents, batch.input_ids, batch.num_instance,
+                                    train.prior_loss_weight, step_generator(train.seed, rank, step, micro))
+            phases.lap("forward")
             engine.backward(loss.total)
+            phases.lap("backward")
             engine.step()
-        metrics = {
-            "step": step,
-            "loss": loss.total.item(),
-            "instance_loss": loss.instance,
-            "prior_loss": loss.prior,
-            "lr": scheduler.get_last_lr()[0],
-            "resumed_from": start_step,
-        }
+            phases.lap("optimizer")
+            totals, instance, prior = totals + loss.total.item(), instance + loss.instance, prior + loss.prior
+        micro_batches = train.gradient_accumulation_steps
+        metrics = {"step": step, "loss": totals / micro_batches, "instance_loss": instance / micro_batches,
+                   "prior_loss": prior / micro_batches, "lr": scheduler.get_last_lr()[0], "resumed_from": start_step}
+        for key, values in curve.items():
+            values.append(metrics[key])
         if attempt is not None:
             attempt.reached(step)
             progress.update(1)
@@ -141,17 +277,41 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics["step_seconds_median"] = statistics.median(step_seconds)
             step_seconds.clear()
             if rank == 0:
-                log.info(
-                    "step %d/%d loss %.4f (instance %.4f, prior %.4f) lr %.2e %.3f s/step x%d workers",
-                    step, train.max_train_steps, metrics["loss"], loss.instance, loss.prior, metrics["lr"],
-                    metrics["step_seconds"], world,
-                )
+                log.info("%s step %d/%d loss %.4f (instance %.4f, prior %.4f) lr %.2e %.3f s/step x%d workers",
+                         work.name, step, train.max_train_steps, metrics["loss"], metrics["instance_loss"],
+                         metrics["prior_loss"], metrics["lr"], metrics["step_seconds"], worker.world)
         if train.checkpointing_steps and step % train.checkpointing_steps == 0 and step < train.max_train_steps:
-            checkpoint.save_resumable(engine, step, metrics)
+            checkpoint.save_resumable(engine, cfg.output, step)
     if attempt is not None:
         attempt.close()
         progress.close()
+    metrics["step_phases_s"] = phases.means(max(1, train.max_train_steps - start_step))
+    return metrics, curve
 
-    metrics.update(setup.metrics)
-    state = checkpoint.gathered_state_dict(engine.module, train.zero_stage)
-    checkpoint.save_final(state, parts.unet.config, parts.text_encoder.config, train.max_train_steps, metrics)
+
+def _finish_record(work: SubjectWork, metrics: dict, curve: dict, exported: dict, train_s: float,
+                   image_names: list[str]) -> dict:
+    """Write the run record (the completion marker) and drop the checkpoints unless kept."""
+    cfg = work.config
+    executed, attempts = checkpoint.steps_run(cfg.output)
+    record = {
+        **work.record,
+        "instance_images": image_names,
+        "metrics": metrics,
+        "loss_curve": curve,  # the steps this attempt ran (after the checkpoint it resumed from)
+        "steps": cfg.train.max_train_steps,
+        "steps_run": executed,  # over every attempt, this driver's and earlier ones'
+        "steps_redone": max(0, executed - cfg.train.max_train_steps),
+        "training_attempts": attempts,
+        "grid": exported["grid"],
+        "output_bytes": exported["output_bytes"],  # total and per component, as saved (--save-dtype)
+        "config": cfg.to_dict(),
+    }
+    timings = {**record.get("timings", {}), "train_s": train_s, "export_s": exported["seconds"]}
+    # The driver's own phases (connect, priors) and this subject's, from the driver's first step.
+    timings["total_s"] = time.time() - timings.pop("driver_started_unix", time.time() - sum(timings.values()))
+    record["timings"] = timings
+    if not cfg.export.keep_checkpoints:
+        storage.remove(checkpoint.checkpoints_uri(cfg.output))
+    export.write_run_record(cfg.output, record)
+    return record

@@ -1,29 +1,29 @@
-"""Ray Train: the ``TorchTrainer`` that runs ``train_loop_per_worker`` on N DeepSpeed ranks.
+"""Ray Train on the driver: warm worker groups, one per concurrency slot, fed by one ``SubjectQueue``.
 
-Checkpoints live under ``<output>/checkpoints`` (Ray Train's run folder), so a new driver started
-with the same output resumes from the latest one, and ``FailureConfig`` restarts a worker group
-that lost a worker from it.
+``train_subjects`` starts ``slots`` ``TorchTrainer``s (each in a CPU-less Ray task, since ``fit``
+blocks); every one runs ``train_loop_per_worker`` on ``workers`` DeepSpeed ranks, which take
+subjects from the queue until it is empty. A single ``dreambooth run`` is one subject on one slot.
+
+Fault tolerance: ``FailureConfig`` restarts a worker group that lost a worker; the restarted group
+resumes the subject it held from that subject's checkpoint. A slot whose group runs out of
+restarts fails its subject's attempt, and a fresh slot takes over while subjects remain.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
-from typing import Optional
+import time
+from typing import Callable, Optional
 
-from dreambooth.config import RunConfig
-from dreambooth.priors import PriorSet, read_prior_dataset
-from dreambooth.subjects import SubjectImage
-from dreambooth.training import checkpoint
-from dreambooth.training.checkpoint import CHECKPOINTS, final_weights_uri, run_storage_path
-from dreambooth.training.loop import LoopInputs, train_loop_per_worker
+from dreambooth import storage
+from dreambooth.training.loop import SlotInputs, train_loop_per_worker
+from dreambooth.training.subject_queue import SubjectState, SubjectWork, remote_queue
 
+log = logging.getLogger(__name__)
 
-@dataclass
-class TrainResult:
-    weights_uri: str  # folder with unet/ and text_encoder/ (diffusers layout)
-    metrics: dict
-    seconds: float
+POLL_S = 1.0
+"""How often the driver reads the queue's states while slots run."""
 
 
 def worker_env(cuda: bool) -> dict[str, str]:
@@ -33,54 +33,107 @@ def worker_env(cuda: bool) -> dict[str, str]:
     return env
 
 
-def train(
-    cfg: RunConfig,
-    model_path: str,
-    images: list[SubjectImage],
-    prior_set: Optional[PriorSet],
-    *,
-    use_gpu: bool,
-) -> TrainResult:
-    """Fine-tune on a connected Ray cluster; return where the full weights are."""
-    import time
+def group_key(work: SubjectWork) -> tuple:
+    """Subjects with equal keys can share a warm worker group (same base model and process layout).
 
+    Everything else — steps, learning rate, batch size, resolution, priors — is per subject, since
+    each subject gets its own engine. The ZeRO stage and precision stay per group: ZeRO-3 hooks
+    into the module it partitions, and one process does not mix them.
+    """
+    t = work.config.train
+    return (work.model_path, work.config.revision, t.workers, t.cpus_per_worker, t.use_gpu, t.zero_stage,
+            t.mixed_precision, t.max_failures)
+
+
+def _fit_slot(inputs: SlotInputs, first: SubjectWork, use_gpu: bool, cuda: bool, storage_path: str,
+              max_failures: int) -> None:
+    """Run one warm worker group until the queue has nothing for it (a Ray task: ``fit`` blocks)."""
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import FailureConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dreambooth.cluster import gpu_nodes_have_cuda, resource_shapes
+    from dreambooth.cluster import resource_shapes
 
-    start = time.monotonic()
-    cuda = use_gpu and gpu_nodes_have_cuda()
-    datasets = {}
-    if prior_set is not None and cfg.train.prior_loss_weight > 0:
-        # Materialized before the workers take their CPUs: streaming reads would need CPUs that a
-        # small cluster (2 workers on 2 CPUs) no longer has, and priors are small (latents only).
-        datasets["priors"] = read_prior_dataset(prior_set).materialize()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"inputs": LoopInputs(cfg, model_path, images, with_priors=bool(datasets))},
+        train_loop_config={"inputs": inputs},
         scaling_config=ScalingConfig(
-            num_workers=cfg.train.workers,
+            num_workers=first.config.train.workers,
             use_gpu=use_gpu,
-            resources_per_worker=resource_shapes(cfg.train, use_gpu).train_worker,
+            resources_per_worker=resource_shapes(first.config.train, use_gpu).train_worker,
         ),
         torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
         run_config=ray.train.RunConfig(
-            name=CHECKPOINTS,
-            storage_path=run_storage_path(cfg.output),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            name=f"slot-{inputs.slot}",
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
             worker_runtime_env={"env_vars": worker_env(cuda)},
         ),
-        datasets=datasets,
     )
-    fit_started_unix = time.time()
-    result = trainer.fit()
-    if result.checkpoint is None or not result.checkpoint.path.rstrip("/").endswith(checkpoint.FINAL):
-        raise RuntimeError(f"training ended without final weights (last checkpoint: {result.checkpoint})")
-    metrics = dict(result.metrics or {})
-    if "worker_started_unix" in metrics:
-        # From fit() to the (last) worker group running the loop: actor start-up, process group, dataset split.
-        metrics["setup_worker_group_s"] = metrics.pop("worker_started_unix") - fit_started_unix
-    return TrainResult(final_weights_uri(cfg.output), metrics, time.monotonic() - start)
+    trainer.fit()
+
+
+def train_subjects(
+    works: list[SubjectWork],
+    *,
+    slots: int,
+    use_gpu: bool,
+    max_retries: int,
+    trainer_storage: str,
+    on_change: Optional[Callable[[dict[str, SubjectState]], None]] = None,
+) -> dict[str, SubjectState]:
+    """Train every subject on at most ``slots`` warm worker groups; return each subject's final state.
+
+    All ``works`` must share one ``group_key``. ``trainer_storage`` holds Ray Train's own run
+    folders (removed at the end; the subjects' checkpoints live in their outputs). ``on_change`` is
+    called with the states whenever one changed.
+    """
+    import ray
+
+    from dreambooth.cluster import gpu_nodes_have_cuda
+
+    if len({group_key(w) for w in works}) > 1:
+        raise ValueError("train_subjects needs subjects of one group_key; split them first")
+    cuda = use_gpu and gpu_nodes_have_cuda()
+    first = works[0]
+    max_restarts = first.config.train.max_failures
+    queue = remote_queue(works, max_retries, max_restarts)
+    # Ray Train's limit is per group; the queue enforces ``max_failures`` restarts per subject attempt.
+    max_failures = max_restarts * len(works) * (max_retries + 1) + 1
+    fit = ray.remote(num_cpus=0, max_retries=0)(_fit_slot)
+    running: dict = {}
+    next_slot = 0
+
+    def start_slot() -> None:
+        nonlocal next_slot
+        inputs = SlotInputs(queue, next_slot, first.model_path, first.config.revision, time.time())
+        running[fit.remote(inputs, first, use_gpu, cuda, trainer_storage, max_failures)] = next_slot
+        next_slot += 1
+
+    for _ in range(min(slots, len(works))):
+        start_slot()
+    last: dict = {}
+    try:
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
+            for ref in done:
+                slot = running.pop(ref)
+                try:
+                    ray.get(ref)
+                except Exception as exc:  # the group is out of restarts: its subject's attempt failed
+                    message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                    log.warning("worker group of slot %d stopped: %s", slot, message)
+                    error = f"{type(exc).__name__}: {message}"
+                    if not ray.get(queue.slot_lost.remote(slot, error)):
+                        ray.get(queue.fail_pending.remote(f"no worker group could start ({error})"))
+                    elif ray.get(queue.has_pending.remote()) and len(running) < slots:
+                        start_slot()
+            states = ray.get(queue.snapshot.remote())
+            view = {n: (s.status, s.attempts, s.restarts) for n, s in states.items()}
+            if on_change is not None and view != last:
+                on_change(states)
+            last = view
+        return ray.get(queue.snapshot.remote())
+    finally:
+        ray.kill(queue)
+        storage.remove(trainer_storage)

@@ -1,0 +1,68 @@
+"""The queue that feeds warm worker groups, as plain Python: hand-out order, a restarted group
+getting its subject back, retries of a failing subject, and a group that cannot start."""
+
+from dreambooth.training.subject_queue import SubjectQueue, SubjectWork
+
+
+def _queue(names, max_retries=1, max_restarts=2):
+    return SubjectQueue([SubjectWork(n, config=None, model_path="m", prior_set=None) for n in names], max_retries,
+                        max_restarts)
+
+
+def test_slots_take_subjects_in_order_until_none_is_left():
+    queue = _queue(["a", "b", "c"])
+    assert queue.take(0).name == "a" and queue.take(1).name == "b"
+    queue.finished(0, "a", {"ok": 1})
+    assert queue.take(0).name == "c"
+    queue.finished(1, "b", {})
+    assert queue.take(1) is None
+    queue.finished(0, "c", {})
+    states = queue.snapshot()
+    assert [states[n].status for n in "abc"] == ["succeeded"] * 3
+    assert states["a"].record == {"ok": 1} and states["c"].slot == 0 and states["b"].slot == 1
+
+
+def test_a_restarted_group_gets_back_the_subject_it_held():
+    queue = _queue(["a", "b"])
+    assert queue.take(0).name == "a"
+    queue.resumed("a", 8)
+    assert queue.take(0).name == "a"  # Ray Train restarted slot 0's group mid-subject
+    state = queue.snapshot()["a"]
+    assert (state.status, state.attempts, state.restarts, state.resumed_from) == ("running", 1, 1, 8)
+    queue.finished(0, "a", {})
+    assert queue.take(0).name == "b"
+
+
+def test_a_failing_subject_is_retried_then_failed_while_others_go_on():
+    queue = _queue(["bad", "good"], max_retries=1)
+    assert queue.take(0).name == "bad"
+    queue.failed(0, "bad", "RuntimeError: broke")
+    assert queue.snapshot()["bad"].status == "retrying"
+    assert queue.take(0).name == "good"
+    queue.finished(0, "good", {})
+    assert queue.take(0).name == "bad"
+    queue.failed(0, "bad", "RuntimeError: broke again")
+    assert queue.take(0) is None
+    bad = queue.snapshot()["bad"]
+    assert (bad.status, bad.attempts, bad.error) == ("failed", 2, "RuntimeError: broke again")
+
+
+def test_a_lost_group_fails_its_subject_and_one_that_never_took_one_says_so():
+    queue = _queue(["a", "b", "c"], max_retries=0)
+    queue.take(0)
+    assert queue.slot_lost(0, "RayActorError: gone") is True
+    assert queue.snapshot()["a"].status == "failed"
+    assert queue.slot_lost(1, "never started") is False  # held nothing: would die again
+    queue.fail_pending("no worker group could start (never started)")
+    states = queue.snapshot()
+    assert [states[n].status for n in "bc"] == ["failed", "failed"] and "could start" in states["b"].error
+    assert not queue.has_pending()
+
+
+def test_a_subject_that_keeps_killing_its_group_fails_that_attempt_and_the_slot_goes_on():
+    queue = _queue(["crashes", "next"], max_retries=0, max_restarts=2)
+    assert queue.take(0).name == "crashes"
+    assert queue.take(0).name == "crashes" and queue.take(0).name == "crashes"  # two restarts allowed
+    assert queue.take(0).name == "next"  # the third restart: give up on it
+    crashes = queue.snapshot()["crashes"]
+    assert (crashes.status, crashes.restarts) == ("failed", 3) and "failed 3 times" in crashes.error
