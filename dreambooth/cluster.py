@@ -34,7 +34,9 @@ def connect() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
-        ray.init(num_cpus=max(LOCAL_MIN_LOGICAL_CPUS, os.cpu_count() or 1))
+        # No dashboard: nothing submits jobs to a cluster that lives as long as this command, and on
+        # a small machine its start-up competes with the run's own for the cores.
+        ray.init(num_cpus=max(LOCAL_MIN_LOGICAL_CPUS, os.cpu_count() or 1), include_dashboard=False)
         _started_here = True
     ray.data.DataContext.get_current().enable_progress_bars = True
 

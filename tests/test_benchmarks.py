@@ -15,7 +15,9 @@ pytestmark = [pytest.mark.exclusive_ray, pytest.mark.e2e]
 @pytest.mark.parametrize(
     "script,expected",
     [
-        ("train_step.py", ["bare PyTorch loop", "Ray Train + DeepSpeed ZeRO-2"]),
+        ("train_step.py", ["plain diffusers-style loop (baseline)", "in-process project loop",
+                           "Ray Train + DeepSpeed ZeRO-2", "| ZeRO-2 x1 |", "`dreambooth run --workers 1"]),
+        ("bulk_overhead.py", ["a worker group per subject", "warm worker group"]),
         ("prior_gen.py", ["plain loop", "Ray Data actor pool", "Scaling efficiency"]),
         ("latent_cache.py", ["cached latents", "VAE encode every step"]),
         ("bulk_vs_sequential.py", ["sequential", "one `bulk` run"]),

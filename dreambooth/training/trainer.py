@@ -1,7 +1,7 @@
 """Ray Train on the driver: warm worker groups, one per concurrency slot, fed by one ``SubjectQueue``.
 
-``train_subjects`` starts ``slots`` ``TorchTrainer``s (each in a CPU-less Ray task, since ``fit``
-blocks); every one runs ``train_loop_per_worker`` on ``workers`` DeepSpeed ranks, which take
+``train_subjects`` starts ``slots`` ``TorchTrainer``s (each ``fit`` in a driver thread: it only
+waits on its Ray Train controller); every one runs ``train_loop_per_worker`` on ``workers`` DeepSpeed ranks, which take
 subjects from the queue until it is empty. A single ``dreambooth run`` is one subject on one slot.
 
 Fault tolerance: ``FailureConfig`` restarts a worker group that lost a worker; the restarted group
@@ -11,6 +11,7 @@ restarts fails its subject's attempt, and a fresh slot takes over while subjects
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import time
@@ -47,7 +48,7 @@ def group_key(work: SubjectWork) -> tuple:
 
 def _fit_slot(inputs: SlotInputs, first: SubjectWork, use_gpu: bool, cuda: bool, storage_path: str,
               max_failures: int) -> None:
-    """Run one warm worker group until the queue has nothing for it (a Ray task: ``fit`` blocks)."""
+    """Run one warm worker group until the queue has nothing for it (blocks: call it in a thread)."""
     import ray.train
     from ray.train import FailureConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -100,14 +101,14 @@ def train_subjects(
     queue = remote_queue(works, max_retries, max_restarts)
     # Ray Train's limit is per group; the queue enforces ``max_failures`` restarts per subject attempt.
     max_failures = max_restarts * len(works) * (max_retries + 1) + 1
-    fit = ray.remote(num_cpus=0, max_retries=0)(_fit_slot)
-    running: dict = {}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=slots, thread_name_prefix="slot")
+    running: dict[concurrent.futures.Future, int] = {}
     next_slot = 0
 
     def start_slot() -> None:
         nonlocal next_slot
         inputs = SlotInputs(queue, next_slot, first.model_path, first.config.revision, time.time())
-        running[fit.remote(inputs, first, use_gpu, cuda, trainer_storage, max_failures)] = next_slot
+        running[pool.submit(_fit_slot, inputs, first, use_gpu, cuda, trainer_storage, max_failures)] = next_slot
         next_slot += 1
 
     for _ in range(min(slots, len(works))):
@@ -115,19 +116,20 @@ def train_subjects(
     last: dict = {}
     try:
         while running:
-            done, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
-            for ref in done:
-                slot = running.pop(ref)
-                try:
-                    ray.get(ref)
-                except Exception as exc:  # the group is out of restarts: its subject's attempt failed
-                    message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                    log.warning("worker group of slot %d stopped: %s", slot, message)
-                    error = f"{type(exc).__name__}: {message}"
-                    if not ray.get(queue.slot_lost.remote(slot, error)):
-                        ray.get(queue.fail_pending.remote(f"no worker group could start ({error})"))
-                    elif ray.get(queue.has_pending.remote()) and len(running) < slots:
-                        start_slot()
+            done, _ = concurrent.futures.wait(running, timeout=POLL_S, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                slot = running.pop(future)
+                exc = future.exception()
+                if exc is None:
+                    continue
+                # The group is out of restarts: its subject's attempt failed.
+                message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                log.warning("worker group of slot %d stopped: %s", slot, message)
+                error = f"{type(exc).__name__}: {message}"
+                if not ray.get(queue.slot_lost.remote(slot, error)):
+                    ray.get(queue.fail_pending.remote(f"no worker group could start ({error})"))
+                elif ray.get(queue.has_pending.remote()) and len(running) < slots:
+                    start_slot()
             states = ray.get(queue.snapshot.remote())
             view = {n: (s.status, s.attempts, s.restarts) for n, s in states.items()}
             if on_change is not None and view != last:
@@ -135,5 +137,6 @@ def train_subjects(
             last = view
         return ray.get(queue.snapshot.remote())
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)
         ray.kill(queue)
         storage.remove(trainer_storage)
