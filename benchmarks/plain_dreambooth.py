@@ -76,12 +76,12 @@ class PlainDreamBooth:
         self.resolution, self.batch_size = resolution, batch_size
         self.prior_loss_weight, self.max_grad_norm = prior_loss_weight, max_grad_norm
         self.rng = random.Random(seed)
-        self.phase_totals: dict[str, float] = {}
-        """Seconds per phase over all steps (batch, forward, backward, optimizer), as the project's loop reports them."""
+        self.phase_seconds: dict[str, list[float]] = {}
+        """Seconds of each step's phases (batch, forward, backward, optimizer), as the project's loop splits them."""
 
     def _lap(self, phase: str, since: float) -> float:
         now = time.perf_counter()
-        self.phase_totals[phase] = self.phase_totals.get(phase, 0.0) + now - since
+        self.phase_seconds.setdefault(phase, []).append(now - since)
         return now
 
     def step(self) -> float:

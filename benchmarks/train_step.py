@@ -96,12 +96,12 @@ def plain_loop(args, model_path: str, class_dir: Path, steps: int) -> dict:
     seconds = []
     for index in range(2 * steps):
         if index == steps:
-            run.phase_totals.clear()
+            run.phase_seconds.clear()
         started = time.perf_counter()
         run.step()
         seconds.append(time.perf_counter() - started)
     return {"step_s": statistics.median(seconds[steps:]),
-            "phases": {k: v / steps for k, v in run.phase_totals.items()}}
+            "phases": {k: statistics.median(v) for k, v in run.phase_seconds.items()}}
 
 
 def inprocess_loop(args, model_path: str, steps: int) -> float:
@@ -126,7 +126,7 @@ def ray_run(args, root: str, name: str, workers: int, zero: int, steps: int) -> 
     metrics = record["metrics"]
     startup = {k.removeprefix("setup_").removesuffix("_s"): v for k, v in metrics.items()
                if k.startswith("setup_") and k != "setup_gather_weights_s"}
-    return {"step_s": metrics["step_seconds_median"], "phases": metrics["step_phases_s"],
+    return {"step_s": metrics["step_seconds_median"], "phases": metrics["step_phases_s"], "zero": metrics["zero_stage"],
             "gather_s": metrics["setup_gather_weights_s"], "startup": startup}
 
 
@@ -234,7 +234,8 @@ def main() -> None:
              f"| {args.batch / inprocess_s:.1f} |"]
     for workers, zero, runs in rows:
         step_s = [r["step_s"] for r, _ in runs]
-        lines.append(f"| Ray Train + DeepSpeed ZeRO-{zero} | {workers} | {zero} | {cell(step_s, 4)} "
+        trained = runs[-1][0]["zero"]
+        lines.append(f"| Ray Train + DeepSpeed ZeRO-{zero} | {workers} | {zero}{'' if trained == zero else f' (trains at {trained})'} | {cell(step_s, 4)} "
                      f"| {cell([x for _, x in runs], 2)} | {workers * args.batch / statistics.median(step_s):.1f} |")
 
     def mean_phases(runs: list[dict]) -> dict[str, float]:
@@ -254,7 +255,7 @@ def main() -> None:
         f"\n\n{args.model} model, {args.resolution} px, {args.batch} subject + {args.batch} class examples per worker per "
         f"step, fp32, {args.threads} threads (1 per worker with more workers). Each s/step is the median of {args.steps} "
         f"steps after {args.steps} warm-up steps; each Ray configuration ran {args.repeats} time(s), each beside a plain "
-        f"run before and after it. Phases are means per step. Local Ray cluster start {cluster_s:.1f} s (once).")
+        f"run before and after it. Phases are medians per step (Ray rows: over all steps of the run). Local Ray cluster start {cluster_s:.1f} s (once).")
     if wall:
         table += "\n\n" + wall
     print(table)

@@ -440,9 +440,11 @@ def write_summary(options: BulkOptions, report: BulkReport) -> str:
 
 
 def format_table(report: BulkReport) -> str:
-    rows = [("SUBJECT", "STATUS", "ATTEMPTS", "IDENTIFIER", "SECONDS", "OUTPUT / ERROR")]
+    rows = [("SUBJECT", "STATUS", "ATTEMPTS", "RESTARTS", "IDENTIFIER", "SECONDS", "OUTPUT / ERROR")]
     for r in report.results:
-        rows.append((r.name, r.status, str(r.attempts), r.identifier or "-", f"{r.seconds:.0f}", r.error or r.output))
+        restarts = f"{r.restarts} (from step {r.resumed_from})" if r.restarts and r.resumed_from else str(r.restarts)
+        rows.append((r.name, r.status, str(r.attempts), restarts, r.identifier or "-", f"{r.seconds:.0f}",
+                     r.error or r.output))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
     counts = {s: sum(r.status == s for r in report.results) for s in ("succeeded", "skipped", "failed")}

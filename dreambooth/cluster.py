@@ -2,7 +2,7 @@
 
 Owns: joining an existing cluster (``RAY_ADDRESS``, e.g. inside ``ray job submit``) or starting a
 local one; whether work requests GPUs; the resource shape of each kind of work (training worker,
-prior actor, export task), which the Helm chart's worker group must satisfy; and finding out
+prior actor), which the Helm chart's worker group must satisfy; and finding out
 whether GPU nodes really run CUDA (a GPU *resource* does not prove it: fake GPU nodes in tests,
 misconfigured images in production).
 """
@@ -52,11 +52,10 @@ def resolve_use_gpu(setting: str) -> bool:
 
 @dataclass(frozen=True)
 class ResourceShapes:
-    """Ray resources requested by one unit of each kind of work."""
+    """Ray resources requested by one unit of each kind of work (export runs on training rank 0)."""
 
     train_worker: dict[str, float]
     prior_actor: dict[str, float]
-    export_task: dict[str, float]
 
 
 def resource_shapes(train: TrainConfig, use_gpu: bool) -> ResourceShapes:
@@ -64,7 +63,6 @@ def resource_shapes(train: TrainConfig, use_gpu: bool) -> ResourceShapes:
     return ResourceShapes(
         train_worker={"CPU": float(train.cpus_per_worker), **gpu},
         prior_actor={"CPU": 1.0, **gpu},
-        export_task={"CPU": 1.0, **gpu},
     )
 
 

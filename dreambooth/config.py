@@ -144,10 +144,11 @@ class TrainConfig:
     """Keep optimizer state in CPU memory (DeepSpeed CPU Adam; builds its extension once)."""
 
     checkpointing_steps: int = 100
-    """Save a resumable checkpoint every this many optimizer steps; 0 saves only the final weights."""
+    """Save a resumable checkpoint every this many optimizer steps; 0: none (a lost worker restarts the subject)."""
 
     max_failures: int = 2
-    """Times Ray Train restarts the worker group from the last checkpoint after a failure."""
+    """Times the worker group is restarted (a lost worker) during one subject's training; each restart
+    resumes the subject from its last checkpoint."""
 
     center_crop: bool = False
     """Crop subject photos at the centre instead of at random positions."""

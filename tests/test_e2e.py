@@ -98,7 +98,7 @@ def test_zero2_end_to_end_then_second_subject_zero3_reuses_priors(ray_cluster, t
     pipeline.execute(pipeline.preflight(cfg2))
     record2 = storage.read_json(str(out2 / RUN_RECORD))
     assert record2["priors"]["generated"] == 0 and record2["priors"]["cache"] == record["priors"]["cache"]
-    assert record2["config"]["train"]["zero_stage"] == 3
+    assert record2["config"]["train"]["zero_stage"] == 3 and record2["metrics"]["zero_stage"] == 3  # 2 ranks: sharded
     _assert_changed(_weights(tiny_model_path, "unet"), _weights(out2, "unet"))
     _assert_changed(_weights(tiny_model_path, "text_encoder"), _weights(out2, "text_encoder"))
 

@@ -410,7 +410,7 @@ def test_entrypoints_are_accepted_by_the_job_cli(rendered, values):
 
 
 def test_worker_group_fits_what_each_subject_requests(rendered, tmp_path):
-    """Every unit of work a chart RayJob starts (training worker, prior actor, export task) fits
+    """Every unit of work a chart RayJob starts (training worker, prior actor) fits
     in one worker pod, and the pod's GPU limit is what Ray advertises."""
     from dreambooth import cli
     from dreambooth.cluster import resource_shapes
@@ -426,7 +426,7 @@ def test_worker_group_fits_what_each_subject_requests(rendered, tmp_path):
     assert configs
     for cfg in configs:
         shapes = resource_shapes(cfg.train, use_gpu=cfg.train.use_gpu == "true")
-        for shape in (shapes.train_worker, shapes.prior_actor, shapes.export_task):
+        for shape in (shapes.train_worker, shapes.prior_actor):
             assert shape["GPU"] == 1 and shape["GPU"] <= gpus and shape["CPU"] <= cpus, shape
         assert cfg.train.workers <= group["maxReplicas"] * gpus  # the autoscaler can place every worker
 

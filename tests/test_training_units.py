@@ -186,3 +186,31 @@ def test_each_rank_reads_its_own_share_of_the_prior_cache(tmp_path):
     assert shares[0].shape == (2, 1, 2, 2)
     with pytest.raises(RuntimeError, match="--num-class-images"):
         read_prior_latents(PriorSet(str(tmp_path), uris, seeds=[0], generated=0, seconds=0.0), 1, 2)
+
+
+def test_one_rank_does_not_build_the_shared_memory_comm_op(monkeypatch):
+    import deepspeed.ops
+    from deepspeed.comm.torch import build_shm_op
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    from dreambooth.training.engine import skip_shared_memory_comm_for_one_rank
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, ShareMemCommBuilder.NAME, True)
+    assert skip_shared_memory_comm_for_one_rank(2) is False  # peers on one node all-reduce through it
+    assert deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] is True
+    assert skip_shared_memory_comm_for_one_rank(1) is True
+    assert build_shm_op() is None  # what deepspeed.initialize calls: no JIT build, no load
+
+
+@pytest.mark.parametrize("workers,stage,offload,expected", [
+    (1, 2, False, 0), (1, 3, False, 0),  # one rank partitions nothing: no ZeRO hooks in its steps
+    (1, 2, True, 2),  # ZeRO-Offload on one device is what stage >= 1 is for there
+    (2, 2, False, 2), (2, 3, False, 3), (4, 1, False, 1),
+])
+def test_one_rank_trains_at_stage_zero_unless_it_offloads(workers, stage, offload, expected):
+    from dreambooth.training.engine import effective_zero_stage
+
+    train = TrainConfig(zero_stage=stage, offload_optimizer=offload, workers=workers)
+    assert effective_zero_stage(train, workers) == expected
+    assert deepspeed_config(train, cuda=False, world_size=workers)["zero_optimization"]["stage"] == expected

@@ -168,15 +168,18 @@ def restore(engine, output: str) -> int:
     return int(client_state["step"])
 
 
-def gathered_state_dict(module: torch.nn.Module, zero_stage: int) -> Optional[dict[str, torch.Tensor]]:
-    """All ranks call this; rank 0 gets the full fp32 state dict (ZeRO-3 shards gathered), others None."""
+def gathered_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
+    """All ranks call this; rank 0 gets the full fp32 state dict of ``engine.module`` (ZeRO-3 shards
+    gathered), others None."""
     import contextlib
 
     import deepspeed
 
     rank, _ = _rank_world()
+    module = engine.module
     params = list(module.parameters())
-    context = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else contextlib.nullcontext()
+    sharded = engine.zero_optimization_stage() == 3
+    context = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if sharded else contextlib.nullcontext()
     with context:
         if rank != 0:
             return None

@@ -18,15 +18,27 @@ STALE_JIT_LOCK_SECONDS = 600
 """A JIT build lock older than this is left by a killed build (builds take about a minute)."""
 
 
-def deepspeed_config(train: TrainConfig, *, cuda: bool) -> dict[str, Any]:
+def effective_zero_stage(train: TrainConfig, world_size: int) -> int:
+    """The ZeRO stage a run trains with: ``--zero-stage``, except that one rank without offload has
+    nothing to partition, and stages 1-3 would only add their gradient bucketing and parameter
+    gather hooks to every step (3.7x the step time at ZeRO-3 on the shapes model here,
+    benchmarks/train_step.py): the same training runs at stage 0. Optimizer offload needs stage >= 1."""
+    if world_size == 1 and not train.offload_optimizer:
+        return 0
+    return train.zero_stage
+
+
+def deepspeed_config(train: TrainConfig, *, cuda: bool, world_size: int = 2) -> dict[str, Any]:
     """The DeepSpeed JSON config for a run (ZeRO stage, offload, precision, accumulation, clipping).
 
-    ``cuda``: whether the ranks train on CUDA devices (else on CPU).
+    ``cuda``: whether the ranks train on CUDA devices (else on CPU); ``world_size``: the ranks
+    (one rank trains at stage 0 unless it offloads, see ``effective_zero_stage``).
     With optimizer offload DeepSpeed builds its CPU Adam (a one-time JIT build); otherwise the
     engine receives a torch AdamW object, which builds no extension.
     """
+    stage = effective_zero_stage(train, world_size)
     zero: dict[str, Any] = {
-        "stage": train.zero_stage,
+        "stage": stage,
         # Copying each gradient into one flat buffer as it is produced avoids fragmenting GPU
         # memory (DeepSpeed's default). CPU memory does not fragment that way, and on CPU the
         # extra copy per parameter cost ~10 % of a small model's step (benchmarks/train_step.py).
@@ -34,7 +46,7 @@ def deepspeed_config(train: TrainConfig, *, cuda: bool) -> dict[str, Any]:
     }
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
-    if train.zero_stage == 3:
+    if stage == 3:
         # Full weights are gathered for export through GatheredParameters; this lets
         # engine.save_16bit_model work too.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -146,7 +158,8 @@ def build_engine(module: torch.nn.Module, train: TrainConfig, *, cuda: bool | No
         model_parameters=params,
         optimizer=optimizer,
         lr_scheduler=make_scheduler,
-        config=deepspeed_config(train, cuda=torch.cuda.is_available() if cuda is None else cuda),
+        config=deepspeed_config(train, cuda=torch.cuda.is_available() if cuda is None else cuda,
+                                world_size=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1),
         dist_init_required=False,
     )
     return engine, scheduler

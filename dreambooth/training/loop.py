@@ -93,14 +93,16 @@ class Laps:
 
 
 class PhaseClock:
-    """Host seconds per phase of a step (batch, forward, backward, optimizer), summed over steps.
+    """Host seconds per phase of a step (batch, forward, backward, optimizer); ``medians`` per phase
+    are robust to the first steps' allocations and to a noisy neighbour's bursts.
 
     On CPU this is where a step's time goes; on CUDA, kernels run asynchronously and the split is
     of launch time, with the wait landing wherever the host next synchronizes (the loss ``.item()``).
     """
 
     def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
+        self.seconds: dict[str, list[float]] = {}
+        self._step: dict[str, float] = {}
         self._last = time.perf_counter()
 
     def start(self) -> None:
@@ -108,11 +110,16 @@ class PhaseClock:
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter()
-        self.totals[phase] = self.totals.get(phase, 0.0) + now - self._last
+        self._step[phase] = self._step.get(phase, 0.0) + now - self._last
         self._last = now
 
-    def means(self, steps: int) -> dict[str, float]:
-        return {phase: total / steps for phase, total in self.totals.items()}
+    def end_step(self) -> None:
+        for phase, seconds in self._step.items():
+            self.seconds.setdefault(phase, []).append(seconds)
+        self._step = {}
+
+    def medians(self) -> dict[str, float]:
+        return {phase: statistics.median(values) for phase, values in self.seconds.items()}
 
 
 @dataclass
@@ -207,14 +214,19 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
         random_flip=train.random_flip, seed=batch_seed, priors=priors, device=device,
     )
     metrics, curve = _train_steps(worker, work, engine, scheduler, batches, start_step)
-    metrics.update(worker.group_metrics, **laps.metrics, warm_start=worker.subjects_done > 0,
+    warm = worker.subjects_done > 0
+    # The group's own start-up (worker group, model load) is paid by its first subject only.
+    metrics.update({} if warm else worker.group_metrics, **laps.metrics, warm_start=warm,
                    subjects_before_on_this_group=worker.subjects_done)
 
     gather_started = time.perf_counter()
-    state = checkpoint.gathered_state_dict(engine.module, train.zero_stage)
+    metrics["zero_stage"] = engine.zero_optimization_stage()  # what trained (see effective_zero_stage)
+    state = checkpoint.gathered_state_dict(engine)
     metrics["setup_gather_weights_s"] = time.perf_counter() - gather_started  # ZeRO-3: all-gather of the shards
     engine.destroy()
     del engine, module
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the next subject's copies start from a clean cache
     if rank != 0:
         return None
     train_s = time.monotonic() - started
@@ -260,6 +272,7 @@ def _train_steps(worker: Worker, work: SubjectWork, engine, scheduler, batches: 
             engine.step()
             phases.lap("optimizer")
             totals, instance, prior = totals + loss.total.item(), instance + loss.instance, prior + loss.prior
+        phases.end_step()
         micro_batches = train.gradient_accumulation_steps
         metrics = {"step": step, "loss": totals / micro_batches, "instance_loss": instance / micro_batches,
                    "prior_loss": prior / micro_batches, "lr": scheduler.get_last_lr()[0], "resumed_from": start_step}
@@ -285,7 +298,7 @@ def _train_steps(worker: Worker, work: SubjectWork, engine, scheduler, batches: 
     if attempt is not None:
         attempt.close()
         progress.close()
-    metrics["step_phases_s"] = phases.means(max(1, train.max_train_steps - start_step))
+    metrics["step_phases_s"] = phases.medians()
     return metrics, curve
 
 
