@@ -1,7 +1,9 @@
-"""``dreambooth run``: preflight (no Ray) → class priors (cached) → training → export → run record.
+"""``dreambooth run``: preflight (no Ray) → class priors (cached) → training, export and run record.
 
 Everything a user can get wrong is checked in ``preflight`` before Ray starts; nothing is written
-to the output until training begins, and the run record that marks it complete is written last.
+to the output until training begins. Training, export and the run record (the completion marker,
+written last) happen on the training workers (``training.loop``): one subject on one warm worker
+group, the same path ``bulk`` takes for many.
 """
 
 from __future__ import annotations
