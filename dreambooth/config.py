@@ -567,7 +567,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         not (t.offload_optimizer and t.zero_stage == 0),
         "--offload-optimizer needs --zero-stage 1, 2 or 3 (ZeRO owns the optimizer state it offloads)",
     )
-    check_range(t.checkpointing_steps, 0, 10_000_000, "--checkpointing-steps", " (0 = final weights only)")
+    check_range(t.checkpointing_steps, 0, 10_000_000, "--checkpointing-steps", " (0 = no checkpoints)")
     check_range(t.max_failures, 0, 1000, "--max-failures")
     check_range(t.seed, 0, MAX_SEED, "--seed")
     check_range(t.log_every, 1, 10_000_000, "--log-every")

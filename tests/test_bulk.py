@@ -134,6 +134,7 @@ def test_failed_subjects_are_retried_up_to_the_limit_without_stopping_the_group(
     watcher = threading.Thread(target=put_back_photos, daemon=True)
     watcher.start()
     subjects = [{"name": n, "instance_dir": str(dog_dir), "class_noun": "dog"} for n in ("always-fails", "fails-once", "fine")]
+    subjects[2]["max_train_steps"] = 30  # trains between the two tries of fails-once: time to put its photos back
     options = bulk.BulkOptions(_manifest(tmp_path, subjects), str(tmp_path / "runs"), max_concurrent=1, max_retries=2)
     planned = bulk.plan(options, {**FAST_SUBJECT, "max_train_steps": 2, "prior_loss_weight": 0})
     try:
@@ -199,8 +200,9 @@ def test_in_cluster_bulk_driver_publishes_each_subject_state_while_it_runs(ray_c
                 {"name": "dog-bad", "instance_dir": str(bad_dir), "class_noun": "dog"},
                 {"name": "dog-c", "instance_dir": str(dog_dir), "class_noun": "dog"}]
     manifest = _manifest(tmp_path, subjects, defaults={
-        "resolution": 32, "num_class_images": 2, "prior_batch_size": 2, "num_inference_steps": 2, "max_train_steps": 2,
-        "checkpointing_steps": 0, "workers": 1, "num_sample_images": 0, "use_gpu": "false"})
+        "resolution": 32, "num_class_images": 2, "prior_batch_size": 2, "num_inference_steps": 2,
+        # enough steps that a subject is still running when the driver next publishes (it polls twice a second)
+        "max_train_steps": 20, "checkpointing_steps": 0, "workers": 1, "num_sample_images": 0, "use_gpu": "false"})
     out = tmp_path / "runs"
 
     double = KubeApiDouble().start()
@@ -249,7 +251,7 @@ def test_in_cluster_bulk_driver_publishes_each_subject_state_while_it_runs(ray_c
         assert code == 1  # one subject failed
         assert seen["dog-bad"][-1] == "failed"
         assert seen["dog-a"][-2:] == ["running", "succeeded"] and seen["dog-c"][-2:] == ["running", "succeeded"]
-        assert "pending" in seen["dog-c"] or "pending" in seen["dog-a"]  # --max-concurrent 1: one waited
+        assert seen["dog-c"][0] == "pending"  # --max-concurrent 1: it waited for dog-a
         summary = storage.read_json(str(out / bulk.SUMMARY))
         assert summary["finished"] is True and summary["counts"] == {"succeeded": 2, "failed": 1}
         sizes = {s["name"]: s["output_bytes"] for s in summary["subjects"]}

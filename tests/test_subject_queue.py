@@ -19,6 +19,10 @@ def test_slots_take_subjects_in_order_until_none_is_left():
     queue.finished(0, "c", {})
     states = queue.snapshot()
     assert [states[n].status for n in "abc"] == ["succeeded"] * 3
+    cursor, changes = queue.changes_since(0)  # every transition, in order, however fast
+    assert [(c.name, c.status) for c in changes] == [("a", "running"), ("b", "running"), ("a", "succeeded"),
+                                                     ("c", "running"), ("b", "succeeded"), ("c", "succeeded")]
+    assert queue.changes_since(cursor) == (cursor, [])
     assert states["a"].record == {"ok": 1} and states["c"].slot == 0 and states["b"].slot == 1
 
 

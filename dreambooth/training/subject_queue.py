@@ -12,6 +12,7 @@ takes no CPU. States: pending → running → succeeded | retrying → running �
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -71,6 +72,11 @@ class SubjectQueue:
         self.max_retries = max_retries
         self.max_restarts = max_restarts
         self._restarts_this_attempt: dict[str, int] = {}
+        self._events: list[SubjectState] = []
+        """A copy of a subject's state at each of its changes, in order (``changes_since`` reads them)."""
+
+    def _changed(self, name: str) -> None:
+        self._events.append(dataclasses.replace(self.states[name]))
 
     def take(self, slot: int) -> Optional[SubjectWork]:
         """The slot's current subject again (after a restart), else the next pending one; None when done.
@@ -83,6 +89,7 @@ class SubjectQueue:
             self.states[name].restarts += 1
             self._restarts_this_attempt[name] = self._restarts_this_attempt.get(name, 0) + 1
             if self._restarts_this_attempt[name] <= self.max_restarts:
+                self._changed(name)
                 return self.works[name]
             self.failed(slot, name, f"its worker group failed {self._restarts_this_attempt[name]} times while "
                                     f"training it (last: {self.states[name].error or 'a lost worker'})")
@@ -94,15 +101,18 @@ class SubjectQueue:
         state.status, state.slot, state.attempts = "running", slot, state.attempts + 1
         state.started_unix = state.started_unix or time.time()
         self.holding[slot] = name
+        self._changed(name)
         return self.works[name]
 
     def resumed(self, name: str, step: int) -> None:
         self.states[name].resumed_from = step
+        self._changed(name)
 
     def finished(self, slot: int, name: str, record: dict) -> None:
         state = self.states[name]
         state.status, state.error, state.record, state.finished_unix = "succeeded", None, record, time.time()
         self.holding.pop(slot, None)
+        self._changed(name)
 
     def failed(self, slot: int, name: str, error: str) -> None:
         """The subject's attempt raised: hand it out again unless it has used its retries."""
@@ -114,6 +124,7 @@ class SubjectQueue:
             self.pending.append(name)
         else:
             state.status = "failed"
+        self._changed(name)
 
     def slot_lost(self, slot: int, error: str) -> bool:
         """The slot's worker group gave up (out of restarts): its subject fails this attempt.
@@ -131,6 +142,7 @@ class SubjectQueue:
         for name in self.pending:
             state = self.states[name]
             state.status, state.error, state.finished_unix = "failed", error, time.time()
+            self._changed(name)
         self.pending = []
 
     def has_pending(self) -> bool:
@@ -138,6 +150,11 @@ class SubjectQueue:
 
     def snapshot(self) -> dict[str, SubjectState]:
         return dict(self.states)
+
+    def changes_since(self, cursor: int) -> tuple[int, list[SubjectState]]:
+        """The states at each change after the first ``cursor`` changes, and the new cursor: a driver
+        that polls sees every transition (pending → running → succeeded), however fast."""
+        return len(self._events), self._events[cursor:]
 
 
 def remote_queue(works: list[SubjectWork], max_retries: int, max_restarts: int):

@@ -23,7 +23,7 @@ from dreambooth.training.subject_queue import SubjectState, SubjectWork, remote_
 
 log = logging.getLogger(__name__)
 
-POLL_S = 1.0
+POLL_S = 0.5
 """How often the driver reads the queue's states while slots run."""
 
 
@@ -87,7 +87,7 @@ def train_subjects(
 
     All ``works`` must share one ``group_key``. ``trainer_storage`` holds Ray Train's own run
     folders (removed at the end; the subjects' checkpoints live in their outputs). ``on_change`` is
-    called with the states whenever one changed.
+    called with every subject's state after each change, in order.
     """
     import ray
 
@@ -113,7 +113,16 @@ def train_subjects(
 
     for _ in range(min(slots, len(works))):
         start_slot()
-    last: dict = {}
+    cursor, seen = 0, {w.name: SubjectState(w.name) for w in works}
+
+    def report_changes() -> None:
+        nonlocal cursor
+        cursor, changes = ray.get(queue.changes_since.remote(cursor))
+        for state in changes:  # one call per transition, with every subject as it was then
+            seen[state.name] = state
+            if on_change is not None:
+                on_change(dict(seen))
+
     try:
         while running:
             done, _ = concurrent.futures.wait(running, timeout=POLL_S, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -130,11 +139,8 @@ def train_subjects(
                     ray.get(queue.fail_pending.remote(f"no worker group could start ({error})"))
                 elif ray.get(queue.has_pending.remote()) and len(running) < slots:
                     start_slot()
-            states = ray.get(queue.snapshot.remote())
-            view = {n: (s.status, s.attempts, s.restarts) for n, s in states.items()}
-            if on_change is not None and view != last:
-                on_change(states)
-            last = view
+            report_changes()
+        report_changes()
         return ray.get(queue.snapshot.remote())
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
