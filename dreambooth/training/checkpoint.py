@@ -52,16 +52,15 @@ def step_dir_name(step: int) -> str:
 class AttemptLog:
     """Rank 0's record of one training attempt: where it started and how far it got.
 
-    ``reached(step)`` only hands the step to a writer thread, which writes the newest one it has, at
-    most once per ``min_interval_s``: a write to an object store takes tens of milliseconds, which
-    would otherwise be added to every training step. A killed worker loses at most the steps since
-    the last write (the run record then undercounts the steps a failure redid, never the model).
+    ``reached(step)`` only hands the step to a writer thread, which writes the newest one it has
+    (older ones are skipped): a write to an object store takes tens of milliseconds, which would
+    otherwise be added to every training step. A killed worker loses at most the write in flight,
+    so the run record's count of redone steps stays exact to a step or so.
     """
 
-    def __init__(self, output: str, start_step: int, min_interval_s: float = 1.0):
+    def __init__(self, output: str, start_step: int):
         self.uri = storage.join(checkpoints_uri(output), ATTEMPTS, f"{uuid.uuid4().hex}.json")
         self.start_step = start_step
-        self.min_interval_s = min_interval_s
         self._latest: Optional[int] = None
         self._closed = False
         self._changed = threading.Condition()
@@ -94,8 +93,6 @@ class AttemptLog:
                 written = step
             if closed:
                 return
-            with self._changed:  # at most one write per interval, unless closing
-                self._changed.wait_for(lambda: self._closed, timeout=self.min_interval_s)
 
 
 def steps_run(output: str) -> tuple[int, int]:
