@@ -20,8 +20,9 @@ and each Ray configuration (the run record's ``step_phases_s``); ZeRO-3's gather
 weights for export is reported apart (``gather s``), as are the start-up phases.
 
 ``--wall`` adds the end-to-end comparison: the whole ``plain_dreambooth.py`` command against the
-whole ``dreambooth run`` command (``--wall-steps`` steps, priors already cached for both), as
-subprocesses, alternating.
+whole ``dreambooth run --workers 1`` command (``--wall-steps`` steps, priors already cached for
+both), as subprocesses, alternating: with ``--launcher auto`` (one local worker trains in-process)
+and with ``--launcher ray-train`` (a local Ray cluster and a one-worker Ray Train group).
 
     python benchmarks/train_step.py                           # shapes, 32 px, plain vs ZeRO 0/2/3
     python benchmarks/train_step.py --resolution 64 --wall    # 64 px, plus whole-command wall times
@@ -63,9 +64,9 @@ NUM_PRIORS = 8
 PHASES = ("batch", "forward", "backward", "optimizer")
 
 
-def run_config(args, root: str, output: str, workers: int, zero: int, steps: int) -> dict:
+def run_config(args, root: str, output: str, workers: int, zero: int, steps: int, launcher: str = "ray-train") -> dict:
     subject, noun = SUBJECTS[args.model]
-    return {
+    return {"launcher": launcher,
         "model": args.model, "instance_dir": str(subject), "class_noun": noun, "output": output, "identifier": "sks",
         "prior_output": f"{root}/priors", "resolution": args.resolution, "num_class_images": NUM_PRIORS,
         "prior_batch_size": 4, "num_inference_steps": 2, "max_train_steps": steps, "log_every": max(1, steps // 2),
@@ -139,11 +140,13 @@ def wall_comparison(args, root: str, model_path: str, class_dir: Path, repeats: 
                  "--instance-dir", str(subject), "--class-dir", str(class_dir), "--instance-prompt", f"a sks {noun}",
                  "--class-prompt", f"a {noun}", "--resolution", str(args.resolution), "--steps", str(args.wall_steps),
                  "--batch-size", str(args.batch), "--threads", str(args.threads)]
-    cfg = run_config(args, root, "", 1, 0, args.wall_steps)
-    ours_cmd = [str(Path(sys.executable).with_name("dreambooth")), "run"]
-    for key, value in cfg.items():
-        if key != "output":
-            ours_cmd += [f"--{key.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
+
+    def ours_cmd(launcher: str) -> list[str]:
+        cmd = [str(Path(sys.executable).with_name("dreambooth")), "run"]
+        for key, value in run_config(args, root, "", 1, 0, args.wall_steps, launcher).items():
+            if key != "output":
+                cmd += [f"--{key.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
+        return cmd
 
     def timed(cmd: list[str]) -> float:
         started = time.perf_counter()
@@ -152,25 +155,30 @@ def wall_comparison(args, root: str, model_path: str, class_dir: Path, repeats: 
             raise RuntimeError(f"{cmd[:3]} exited {proc.returncode}: {proc.stderr[-2000:]}")
         return time.perf_counter() - started
 
-    plain, ours, phases = [], [], []
+    launchers = ("auto", "ray-train")  # auto: one local worker trains in-process
+    plain, walls, phases = [], {launcher: [] for launcher in launchers}, {}
     for repeat in range(repeats):
         plain.append(timed(plain_cmd + ["--output", f"{root}/wall-plain-{repeat}"]))
-        out = f"{root}/wall-ours-{repeat}"
-        ours.append(timed(ours_cmd + ["--output", out]))
-        record = json.loads(Path(out, "run.json").read_text())
-        phases.append({**record["timings"], **{k: v for k, v in record["metrics"].items()
-                                                if k in ("setup_worker_group_s", "setup_load_model_s")}})
-    last = phases[-1]
-    return "\n".join([
-        f"| command ({args.wall_steps} steps, priors cached) | wall s (each run) | × plain |", "|---|---|---|",
-        f"| plain diffusers-style script | {', '.join(f'{s:.1f}' for s in plain)} | 1.00 |",
-        f"| `dreambooth run --workers 1 --zero-stage 0` | {', '.join(f'{s:.1f}' for s in ours)} "
-        f"| {statistics.median(o / p for o, p in zip(ours, plain)):.2f} |",
-        "",
-        "Where the `dreambooth run` wall goes (last run): " + ", ".join(
-            f"{k.removesuffix('_s').removeprefix('setup_')} {v:.1f} s" for k, v in last.items()
-            if k.endswith("_s") and k != "total_s") + f"; the rest is the CLI's checks and process start.",
-    ])
+        for launcher in launchers:
+            out = f"{root}/wall-{launcher}-{repeat}"
+            walls[launcher].append(timed(ours_cmd(launcher) + ["--output", out]))
+            record = json.loads(Path(out, "run.json").read_text())
+            phases[launcher] = {**record["timings"], **{k: v for k, v in record["metrics"].items()
+                                                        if k in ("setup_worker_group_s", "setup_load_model_s")}}
+    rows = [f"| command ({args.wall_steps} steps, priors cached) | wall s (each run) | × plain |", "|---|---|---|",
+            f"| plain diffusers-style script | {', '.join(f'{s:.1f}' for s in plain)} | 1.00 |"]
+    for launcher, label in zip(launchers, ("`dreambooth run --workers 1 --zero-stage 0` (auto: in-process)",
+                                           "same, `--launcher ray-train`")):
+        ours = walls[launcher]
+        rows.append(f"| {label} | {', '.join(f'{s:.1f}' for s in ours)} "
+                    f"| {statistics.median(o / p for o, p in zip(ours, plain)):.2f} |")
+    rows.append("")
+    for launcher in launchers:
+        rows.append(f"Where the `--launcher {launcher}` wall goes (last run): " + ", ".join(
+            f"{k.removesuffix('_s').removeprefix('setup_')} {v:.1f} s" for k, v in phases[launcher].items()
+            if k.endswith("_s") and k != "total_s") + "; the rest is the CLI's checks and process start.")
+        rows.append("")
+    return "\n".join(rows[:-1])
 
 
 def main() -> None:

@@ -192,6 +192,9 @@ def plan(
         try:
             validate(cfg)
             pipeline.check_output_location(cfg)
+            if cfg.train.launcher == "in-process":
+                raise ConfigError("--launcher in-process is for `dreambooth run`; bulk trains on warm Ray Train "
+                                  "worker groups (drop --launcher, or set it to auto or ray-train)")
         except ConfigError as exc:
             raise ConfigError(f"subject {name!r}: {exc}") from None
         if check_paths and not storage.exists(cfg.subject.instance_dir):

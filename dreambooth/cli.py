@@ -506,6 +506,12 @@ def _kube_error() -> type:
     return KubeError
 
 
+def _training_failed() -> type[Exception]:
+    from dreambooth.pipeline import TrainingFailed
+
+    return TrainingFailed
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -524,6 +530,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _kube_config_error() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except _training_failed() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except _kube_error() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -41,6 +41,46 @@ def connect() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = True
 
 
+def ray_is_up() -> bool:
+    """Whether this process is connected to Ray (without importing it, which takes seconds)."""
+    import sys
+
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def shutdown() -> None:
+    """Leave Ray; a local cluster ``connect`` started stops with it."""
+    import ray
+
+    global _started_here
+    ray.shutdown()
+    _started_here = False
+
+
+def resolve_launcher(train: TrainConfig) -> str:
+    """``--launcher auto``: train in this process when one worker is asked for and no cluster is
+    joined (no ``RAY_ADDRESS``, no Ray already initialized here); else on a Ray Train worker group."""
+    if train.launcher != "auto":
+        return train.launcher
+    joins_cluster = bool(os.environ.get("RAY_ADDRESS")) or ray_is_up()
+    return "in-process" if train.workers == 1 and not joins_cluster else "ray-train"
+
+
+def local_use_gpu(setting: str) -> bool:
+    """``--use-gpu`` for training in this process: auto means "if this machine has CUDA"."""
+    import torch
+
+    from dreambooth.config import ConfigError
+
+    if setting == "true" and not torch.cuda.is_available() and os.environ.get(ALLOW_FAKE_GPUS_ENV) != "1":
+        raise ConfigError("--use-gpu true, but this machine has no CUDA device (torch.cuda.is_available() is "
+                          "False): check the NVIDIA driver and that torch is a CUDA build "
+                          "(`dreambooth doctor --expect-gpu`), or pass --use-gpu false to train on CPUs")
+    if setting == "auto":
+        return torch.cuda.is_available()
+    return setting == "true" and torch.cuda.is_available()
+
+
 def resolve_use_gpu(setting: str) -> bool:
     """``auto`` means: use GPUs when the cluster has (or can autoscale to) any."""
     import ray

@@ -131,6 +131,11 @@ class TrainConfig:
     workers: int = 1
     """Ray Train workers (data-parallel ranks), one GPU each where GPUs exist."""
 
+    launcher: str = "auto"
+    """Where training runs: ray-train (a Ray Train worker group, restarted on a lost worker),
+    in-process (this command's own process: one local worker, no worker group to start), or auto:
+    in-process for one worker when no cluster is joined (no RAY_ADDRESS), ray-train otherwise."""
+
     use_gpu: str = "auto"
     """Give each worker and prior actor a GPU: auto (if the cluster has GPUs), true or false."""
 
@@ -437,6 +442,7 @@ MAX_INSTANCE_IMAGES = 50
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
+LAUNCHERS = ("auto", "ray-train", "in-process")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -561,6 +567,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     check_range(t.prior_loss_weight, 0, 1000, "--prior-loss-weight")
     _check(t.mixed_precision in PRECISIONS, f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {shorten(t.mixed_precision)}")
     check_range(t.workers, 1, 4096, "--workers")
+    _check(t.launcher in LAUNCHERS, f"--launcher must be one of {', '.join(LAUNCHERS)}, got {shorten(t.launcher)}")
+    _check(t.launcher != "in-process" or t.workers == 1,
+           f"--launcher in-process trains one worker, got --workers {t.workers}; use --launcher ray-train (or auto)")
     _check(0 < t.cpus_per_worker <= 1024, f"--cpus-per-worker must be > 0 and at most 1024, got {t.cpus_per_worker:g}")
     _check(t.zero_stage in (0, 1, 2, 3), f"--zero-stage must be 0, 1, 2 or 3, got {t.zero_stage}")
     _check(

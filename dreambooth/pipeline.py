@@ -3,7 +3,8 @@
 Everything a user can get wrong is checked in ``preflight`` before Ray starts; nothing is written
 to the output until training begins. Training, export and the run record (the completion marker,
 written last) happen on the training workers (``training.loop``): one subject on one warm worker
-group, the same path ``bulk`` takes for many.
+group, the same path ``bulk`` takes for many — or, for one local worker, the same loop in this
+process (``training.local``, ``--launcher``).
 """
 
 from __future__ import annotations
@@ -112,6 +113,10 @@ def preflight(
     return Prepared(cfg, model_path, images, warnings, was_auto)
 
 
+class TrainingFailed(RuntimeError):
+    """The subject's training (or export) failed after its retries; the message says where to look."""
+
+
 @dataclass
 class RunOutcome:
     output: str
@@ -120,45 +125,76 @@ class RunOutcome:
 
 
 def execute(prepared: Prepared) -> RunOutcome:
-    """Run the stages on Ray for a prepared subject. Connects to (or starts) Ray."""
+    """Run the stages for a prepared subject: on Ray Train, or in this process (``--launcher``)."""
     cfg = prepared.config
     complete = export.is_complete(cfg.output)
     if complete and not cfg.overwrite:
         return RunOutcome(cfg.output, skipped=True, record=export.read_run_record(cfg.output))
 
-    from dreambooth.training.trainer import train_subjects
-
     timings: dict[str, float] = {"driver_started_unix": time.time()}
-    start = time.monotonic()
-    cluster.connect()
-    timings["connect_s"] = time.monotonic() - start
-    use_gpu = cluster.resolve_use_gpu(cfg.train.use_gpu)
-    cluster.check_feasible(cfg.train, use_gpu)
-    cluster.require_cuda(use_gpu)
+    launcher = cluster.resolve_launcher(cfg.train)
+    if launcher == "in-process":
+        use_gpu = cluster.local_use_gpu(cfg.train.use_gpu)  # Ray starts only if priors must be generated
+    else:
+        start = time.monotonic()
+        cluster.connect()
+        timings["connect_s"] = time.monotonic() - start
+        use_gpu = cluster.resolve_use_gpu(cfg.train.use_gpu)
+        cluster.check_feasible(cfg.train, use_gpu)
+        cluster.require_cuda(use_gpu)
     if complete:  # --overwrite, once the run is known to be able to start
         removed = export.remove_run_outputs(cfg.output)
         log.info("--overwrite: removed the earlier run's %s from %s (nothing else)", ", ".join(removed), cfg.output)
 
-    prior_set = make_priors(prepared, use_gpu)
-    if prior_set is not None:
-        timings["priors_s"] = prior_set.seconds
+    ray_was_up = cluster.ray_is_up()
+    prior_set = make_priors(prepared, use_gpu, timings)
+    if launcher == "in-process" and not ray_was_up and cluster.ray_is_up():
+        cluster.shutdown()  # started for the priors alone: its processes would compete with training
     work = subject_work("subject", prepared, prior_set, use_gpu, timings)
-    states = train_subjects([work], slots=1, use_gpu=use_gpu, max_retries=0,
-                            trainer_storage=storage.join(cfg.output, export.TRAINER_STORAGE))
+    work.record["launcher"] = launcher
+    log.info("training %s %s", cfg.output, "in this process (--launcher in-process)" if launcher == "in-process"
+             else f"on a Ray Train worker group of {cfg.train.workers}")
+    if launcher == "in-process":
+        from dreambooth.training.local import train_here
+
+        states = train_here([work], cuda=use_gpu, max_retries=0)
+    else:
+        from dreambooth.training.trainer import train_subjects
+
+        states = train_subjects([work], slots=1, use_gpu=use_gpu, max_retries=0,
+                                trainer_storage=storage.join(cfg.output, export.TRAINER_STORAGE))
     state = states[work.name]
     if state.status != "succeeded":
-        raise RuntimeError(f"training failed: {state.error}")
+        where = ("the log above" if launcher == "in-process"
+                 else "the training workers' logs (`ray logs`, or the RayJob's pods on Kubernetes)")
+        raise TrainingFailed(f"training failed: {state.error} — see {where}; `dreambooth doctor` checks the "
+                           "installation and cluster")
     return RunOutcome(cfg.output, skipped=False, record=state.record)
 
 
-def make_priors(prepared: Prepared, use_gpu: bool) -> Optional[priors.PriorSet]:
-    """The subject's class priors, generated where the cache lacks them (None without prior preservation)."""
+def make_priors(prepared: Prepared, use_gpu: bool, timings: Optional[dict] = None) -> Optional[priors.PriorSet]:
+    """The subject's class priors, generated where the cache lacks them (None without prior preservation).
+
+    A complete cache is read without Ray; generating starts (or joins) the Ray cluster.
+    """
     cfg = prepared.config
     if cfg.train.prior_loss_weight <= 0:
         return None
     spec = priors.spec_from_config(cfg, models.scheduler_class_name(prepared.model_path))
-    return priors.generate(spec, prepared.model_path, cfg.prior_root, cfg.prior.num_class_images, use_gpu=use_gpu,
-                           actors=cfg.prior.prior_actors, batch_size=cfg.prior.prior_batch_size)
+    cached = priors.lookup(spec, cfg.prior_root, cfg.prior.num_class_images)
+    if cached is not None:
+        if timings is not None:
+            timings["priors_s"] = 0.0
+        return cached
+    start = time.monotonic()
+    cluster.connect()
+    if timings is not None:
+        timings.setdefault("connect_s", time.monotonic() - start)
+    prior_set = priors.generate(spec, prepared.model_path, cfg.prior_root, cfg.prior.num_class_images,
+                                use_gpu=use_gpu, actors=cfg.prior.prior_actors, batch_size=cfg.prior.prior_batch_size)
+    if timings is not None:
+        timings["priors_s"] = prior_set.seconds
+    return prior_set
 
 
 def subject_work(name: str, prepared: Prepared, prior_set: Optional[priors.PriorSet], use_gpu: bool,

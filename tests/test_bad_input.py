@@ -169,6 +169,8 @@ CASES = [
     Case("config-unknown-key", "config", lambda t, d: ["run", "--config", str(write(t / "c.yaml", "learning_rat: 1"))], "did you mean 'learning_rate'"),
     Case("flag-wrong-type", "config", lambda t, d: run_args(t, d, "--workers", "two"), "'workers' (command-line flags) must be an integer"),
     Case("zero-stage-out-of-range", "config", lambda t, d: run_args(t, d, "--zero-stage", "5"), "--zero-stage must be 0, 1, 2 or 3"),
+    Case("launcher-unknown", "config", lambda t, d: run_args(t, d, "--launcher", "local"), "--launcher must be one of auto, ray-train, in-process"),
+    Case("launcher-in-process-two-workers", "config", lambda t, d: run_args(t, d, "--launcher", "in-process", "--workers", "2"), "--launcher in-process trains one worker, got --workers 2"),
     Case("unknown-precision", "config", lambda t, d: run_args(t, d, "--mixed-precision", "fp8"), "--mixed-precision must be one of"),
     Case("resolution-not-multiple-of-8", "config", lambda t, d: run_args(t, d, "--resolution", "100"), "multiple of 8"),
     Case("learning-rate-out-of-range", "config", lambda t, d: run_args(t, d, "--learning-rate", "5"), "--learning-rate must be in (0, 1)"),
@@ -177,6 +179,7 @@ CASES = [
     Case("odd-class-noun", "config", lambda t, d: run_args(t, d, "--class-noun", "dog!!"), "not a plain noun"),
     Case("model-not-given", "config", lambda t, d: [a for a in run_args(t, d) if a not in ("--model", "tiny")], "--model is required"),
     Case("bulk-model-not-given", "config", lambda t, d: manifest(t, d, [sub("a", d)])[:-2], "subject 'a': --model is required"),
+    Case("bulk-launcher-in-process", "config", lambda t, d: manifest(t, d, [sub("a", d)]) + ["--launcher", "in-process"], "subject 'a': --launcher in-process is for `dreambooth run`"),
     Case("unknown-model", "config", lambda t, d: run_args(t, d, "--model", "no-such-model"), "is not a built-in name"),
     Case("model-folder-not-diffusers", "config", lambda t, d: run_args(t, d, "--model", str(t)), "no model_index.json"),
     # identifiers

@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.exclusive_ray, pytest.mark.e2e]
     "script,expected",
     [
         ("train_step.py", ["plain diffusers-style loop (baseline)", "in-process project loop",
-                           "Ray Train + DeepSpeed ZeRO-2", "| ZeRO-2 x1 |", "`dreambooth run --workers 1"]),
+                           "Ray Train + DeepSpeed ZeRO-2", "| ZeRO-2 x1 |", "`dreambooth run --workers 1",
+                           "`--launcher ray-train`"]),
         ("bulk_overhead.py", ["a worker group per subject", "warm worker group"]),
         ("prior_gen.py", ["plain loop", "Ray Data actor pool", "Scaling efficiency"]),
         ("latent_cache.py", ["cached latents", "VAE encode every step"]),

@@ -168,3 +168,45 @@ def test_overwrite_removes_only_what_the_run_wrote(ray_cluster, dog_dir, runs, c
     assert record["config"]["export"]["save_dtype"] == "fp16"
     assert {t.dtype for t in _weights(out, "unet").values()} == {torch.float16}  # the default export precision
     assert record["output_bytes"]["unet"] == sum(p.stat().st_size for p in (out / "unet").iterdir())
+
+
+def test_one_local_worker_trains_in_process_and_resumes_after_a_kill(ray_cluster, tiny_model_path, dog_dir, runs):
+    """`dreambooth run --workers 1` on a machine that joins no cluster: no Ray (priors cached), the
+    same engine, checkpoints and export; killed after a checkpoint, the same command resumes it."""
+    from diffusers import StableDiffusionPipeline
+
+    flags = {"model": "tiny", "instance_dir": str(dog_dir), "class_noun": "dog", "resolution": 32,
+             "prior_output": str(runs / "local-priors"), "num_class_images": 4, "prior_batch_size": 2,
+             "num_inference_steps": 2, "identifier": "sks", "workers": 1, "train_batch_size": 1,
+             "learning_rate": 1e-3, "num_sample_images": 1, "before_after": False}
+    out = runs / "local"
+    prepared = pipeline.preflight(build_config(({**flags, "output": str(out)}, "test")))
+    pipeline.make_priors(prepared, use_gpu=False)  # cached first, on the shared cluster: the runs below need no Ray
+
+    argv = [sys.executable, "-m", "dreambooth.cli", "run", "--max-train-steps", "40", "--checkpointing-steps", "2",
+            "--log-every", "1"]
+    for key, value in {**flags, "output": str(out)}.items():
+        argv += [f"--{key.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    first = out / "checkpoints" / "step-000002" / "progress.json"
+    driver = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and driver.poll() is None and not first.exists():
+        time.sleep(0.2)
+    assert driver.poll() is None, "the first run ended before it could be stopped"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    assert not (out / RUN_RECORD).exists()
+
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = storage.read_json(str(out / RUN_RECORD))
+    assert record["launcher"] == "in-process"
+    assert "connect_s" not in record["timings"]  # no Ray cluster was started or joined
+    assert record["metrics"]["setup_worker_group_s"] < 1.0  # no worker group to wait for
+    assert record["metrics"]["step"] == 40 and record["metrics"]["resumed_from"] >= 2
+    assert record["steps_run"] >= 40 and record["training_attempts"] == 2
+    _assert_changed(_weights(tiny_model_path, "unet"), _weights(out, "unet"))
+    _assert_changed(_weights(tiny_model_path, "text_encoder"), _weights(out, "text_encoder"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
+    assert pipe("a sks dog", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)

@@ -15,6 +15,7 @@ import torch
 
 from dreambooth.subjects import SubjectImage
 from dreambooth.training.batches import BatchMaker, PriorPool
+from dreambooth.training.engine import adamw
 from dreambooth.training.module import DreamBoothModule, mixed_batch_loss
 
 
@@ -56,8 +57,7 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
         raise ValueError("prior_loss_weight > 0 needs prior_latents")
     parts.vae.requires_grad_(False).eval()
     module = DreamBoothModule(parts.unet, parts.text_encoder).train()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=settings.learning_rate,
-                                  weight_decay=settings.adam_weight_decay)
+    optimizer = adamw(module.parameters(), settings.learning_rate, settings.adam_weight_decay)
     batches = BatchMaker(
         images, parts.tokenizer, parts.vae, settings.instance_prompt, settings.class_prompt,
         resolution=settings.resolution, batch_size=settings.train_batch_size, center_crop=False,

@@ -38,7 +38,7 @@ from dreambooth.training import checkpoint
 from dreambooth.training.batches import BatchMaker, PriorPool
 from dreambooth.training.engine import build_engine, skip_shared_memory_comm_for_one_rank
 from dreambooth.training.module import DreamBoothModule, mixed_batch_loss
-from dreambooth.training.subject_queue import SubjectWork
+from dreambooth.training.subject_queue import SubjectQueue, SubjectWork
 
 log = logging.getLogger("dreambooth.train")
 
@@ -123,60 +123,100 @@ class PhaseClock:
 
 
 @dataclass
-class Worker:
-    """One rank's long-lived state: where it runs and the base model it resets to."""
+class Place:
+    """Where one rank runs: its rank, the world size, its device and the CPUs it was given."""
 
     rank: int
     world: int
     device: torch.device
+    cpus: float
+    in_ray_worker: bool
+    """A Ray Train worker (progress through ``tqdm_ray``) rather than the driver's own process."""
+
+
+def ray_train_place() -> Place:
+    """This Ray Train worker's place in its group."""
+    context = ray.train.get_context()
+    # A GPU resource is not CUDA (fake GPU nodes, a CPU-only image): train where CUDA really is.
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    return Place(context.get_world_rank(), context.get_world_size(), device, cpus, in_ray_worker=True)
+
+
+def call_queue(queue, method: str, *args, wait: bool = True):
+    """Call a ``SubjectQueue`` method on the actor (Ray Train workers) or on the object itself (in-process)."""
+    if isinstance(queue, SubjectQueue):
+        return getattr(queue, method)(*args)
+    ref = getattr(queue, method).remote(*args)
+    return ray.get(ref) if wait else None
+
+
+@dataclass
+class Worker:
+    """One rank's long-lived state: where it runs and the base model it resets to."""
+
+    place: Place
     base: Components
     sampling_scheduler: object  # rank 0 only (export and grids)
     group_metrics: dict
     subjects_done: int = 0
 
+    @property
+    def rank(self) -> int:
+        return self.place.rank
+
+    @property
+    def world(self) -> int:
+        return self.place.world
+
+    @property
+    def device(self) -> torch.device:
+        return self.place.device
+
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    inputs: SlotInputs = loop_config["inputs"]
-    worker = _start_worker(inputs)
+    """Ray Train's entry on every rank of a slot's worker group."""
+    run_slot(loop_config["inputs"], ray_train_place())
+
+
+def run_slot(inputs: SlotInputs, place: Place) -> None:
+    """Load the base model, then train the subjects the queue hands this slot until it has none."""
+    worker = _start_worker(inputs, place)
+    queue = inputs.queue
     while True:
         work: Optional[SubjectWork] = checkpoint.broadcast(
-            ray.get(inputs.queue.take.remote(inputs.slot)) if worker.rank == 0 else None)
+            call_queue(queue, "take", inputs.slot) if worker.rank == 0 else None)
         if work is None:
             return
         try:
-            record = train_subject(worker, work, inputs.queue)
+            record = train_subject(worker, work, queue)
         except SubjectFailed as exc:  # every rank agrees (or only rank 0 exports): the group goes on
             log.error("rank %d: subject %s failed: %s", worker.rank, work.name, exc)
             if worker.rank == 0:
-                ray.get(inputs.queue.failed.remote(inputs.slot, work.name, str(exc)))
+                call_queue(queue, "failed", inputs.slot, work.name, str(exc))
             continue
         finally:
             worker.subjects_done += 1
         if worker.rank == 0:
-            ray.get(inputs.queue.finished.remote(inputs.slot, work.name, record))
+            call_queue(queue, "finished", inputs.slot, work.name, record)
 
 
-def _start_worker(inputs: SlotInputs) -> Worker:
+def _start_worker(inputs: SlotInputs, place: Place) -> Worker:
     started_unix = time.time()
     laps = Laps()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     quiet_libraries()
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    # A GPU resource is not CUDA (fake GPU nodes, a CPU-only image): train where CUDA really is.
-    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cpu":
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(max(1, int(cpus)))
-    skip_shared_memory_comm_for_one_rank(world)
+    if place.device.type == "cpu":
+        torch.set_num_threads(max(1, int(place.cpus)))
+    skip_shared_memory_comm_for_one_rank(place.world)
     base = load_components(inputs.model_path, inputs.revision)
     base.vae.requires_grad_(False).eval()
     base.unet.requires_grad_(False).eval()
     base.text_encoder.requires_grad_(False).eval()
-    scheduler = load_sampling_scheduler(inputs.model_path, inputs.revision) if rank == 0 else None
+    scheduler = load_sampling_scheduler(inputs.model_path, inputs.revision) if place.rank == 0 else None
     laps.lap("load_model")
     metrics = {"setup_worker_group_s": started_unix - inputs.fit_started_unix, **laps.metrics}
-    return Worker(rank, world, device, base, scheduler, metrics)
+    return Worker(place, base, scheduler, metrics)
 
 
 def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
@@ -204,7 +244,7 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
     if start_step:
         log.info("rank %d: %s resumed from step %d", rank, work.name, start_step)
         if rank == 0:
-            queue.resumed.remote(work.name, start_step)
+            call_queue(queue, "resumed", work.name, start_step, wait=False)
 
     batch_seed = train.seed + 1000 * rank + start_step
     priors = PriorPool(prior_latents, train.train_batch_size, batch_seed) if prior_latents is not None else None
@@ -248,7 +288,10 @@ def _train_steps(worker: Worker, work: SubjectWork, engine, scheduler, batches: 
     attempt = checkpoint.AttemptLog(cfg.output, start_step) if rank == 0 else None
     progress = None
     if rank == 0:
-        from ray.experimental.tqdm_ray import tqdm
+        if worker.place.in_ray_worker:
+            from ray.experimental.tqdm_ray import tqdm
+        else:
+            from tqdm.auto import tqdm
 
         progress = tqdm(total=train.max_train_steps, desc=f"train {work.name}")
         progress.update(start_step)

@@ -1,0 +1,96 @@
+"""One local worker trained in the driver's own process (``training.local``): when ``--launcher auto``
+picks it, and how it handles an error inside training (a restart from the subject's checkpoint,
+as a Ray Train worker group would), all without Ray. These tests leave this process a one-rank
+process group, as a `dreambooth run` process has."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dreambooth import cluster, pipeline
+from dreambooth.config import ConfigError, TrainConfig, build_config
+from dreambooth.training import checkpoint, local
+
+
+@pytest.mark.parametrize("launcher,workers,address,ray_up,expected", [
+    ("auto", 1, None, False, "in-process"),
+    ("auto", 2, None, False, "ray-train"),  # several ranks need a worker group
+    ("auto", 1, "ray://head:10001", False, "ray-train"),  # inside `ray job submit`: train on the cluster's workers
+    ("auto", 1, None, True, "ray-train"),  # this process already joined a cluster
+    ("ray-train", 1, None, False, "ray-train"),
+    ("in-process", 1, "ray://head:10001", False, "in-process"),  # asked for explicitly
+])
+def test_auto_trains_in_process_only_for_one_worker_off_cluster(monkeypatch, launcher, workers, address, ray_up, expected):
+    monkeypatch.setattr(cluster, "ray_is_up", lambda: ray_up)
+    if address:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster.resolve_launcher(TrainConfig(launcher=launcher, workers=workers)) == expected
+
+
+def test_gpu_setting_of_a_local_run_follows_this_machine(monkeypatch):
+    monkeypatch.delenv(cluster.ALLOW_FAKE_GPUS_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cluster.local_use_gpu("auto") is False and cluster.local_use_gpu("false") is False
+    with pytest.raises(ConfigError, match="--use-gpu true, but this machine has no CUDA device.*--use-gpu false"):
+        cluster.local_use_gpu("true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cluster.local_use_gpu("auto") is True and cluster.local_use_gpu("true") is True
+
+
+def _work(tmp_path, dog_dir, **train):
+    cfg = build_config(({"model": "tiny", "instance_dir": str(dog_dir), "class_noun": "dog", "resolution": 32,
+                         "output": str(tmp_path / "out"), "identifier": "sks", "prior_loss_weight": 0,
+                         "train_batch_size": 1, "num_sample_images": 0, "before_after": False,
+                         "launcher": "in-process", **train}, "test"))
+    return pipeline.subject_work("subject", pipeline.preflight(cfg), None, use_gpu=False)
+
+
+def test_an_error_inside_training_resumes_the_subject_from_its_checkpoint(tmp_path, dog_dir, tiny_model_path, monkeypatch):
+    """The first save of step 4 raises (as a lost rank would in a collective): the slot starts again,
+    restores step 4 and finishes; the state and the record say so."""
+    save = checkpoint.save_resumable
+    raised = []
+
+    def save_then_fail_once(engine, output, step):
+        save(engine, output, step)
+        if step == 4 and not raised:
+            raised.append(step)
+            raise RuntimeError("a collective failed")
+
+    monkeypatch.setattr(checkpoint, "save_resumable", save_then_fail_once)
+    work = _work(tmp_path, dog_dir, max_train_steps=6, checkpointing_steps=2, max_failures=1)
+    state = local.train_here([work], cuda=False, max_retries=0)["subject"]
+    assert state.status == "succeeded", state.error
+    assert (state.restarts, state.resumed_from) == (1, 4)
+    assert state.record["metrics"]["step"] == 6 and state.record["training_attempts"] == 2
+    assert torch.distributed.get_world_size() == 1
+
+
+def test_a_subject_that_fails_every_attempt_fails_after_its_restarts(tmp_path, dog_dir, tiny_model_path, monkeypatch):
+    def always_fail(engine, output, step):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(checkpoint, "save_resumable", always_fail)
+    work = _work(tmp_path, dog_dir, max_train_steps=3, checkpointing_steps=1, max_failures=1)
+    state = local.train_here([work], cuda=False, max_retries=0)["subject"]
+    assert state.status == "failed" and state.restarts == 2
+    assert "failed 2 times" in state.error and "RuntimeError: out of memory" in state.error
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_a_model_that_cannot_load_fails_without_restarting(tmp_path, dog_dir, tiny_model_path, monkeypatch):
+    from dreambooth.training import loop
+
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise OSError("model folder vanished")
+
+    monkeypatch.setattr(loop, "load_components", broken)
+    state = local.train_here([_work(tmp_path, dog_dir, max_failures=5)], cuda=False, max_retries=0)["subject"]
+    assert state.status == "failed" and len(calls) == 1
+    assert state.error == "training could not start (OSError: model folder vanished)"
