@@ -195,6 +195,15 @@ class ExportConfig:
     """Precision of the exported UNet and text encoder weights: fp16 (half the bytes of fp32), bf16
     or fp32. Training precision is unchanged; the VAE is kept as the base model has it."""
 
+    validation_steps: int = 0
+    """Render the sample prompts every this many steps into ``validation/step-<N>.png`` (the same
+    seeds each time, so grids compare across steps); 0: never."""
+
+    report_to: str = "none"
+    """Experiment tracking of losses, learning rate, step time, validation grids, the config and
+    later ``eval`` measures: none, tensorboard (``<output>/logs/tensorboard``), mlflow
+    (MLFLOW_TRACKING_URI, else a file store in ``<output>/logs/mlruns``) or wandb (installed and logged in)."""
+
 
 @dataclass
 class RunConfig:
@@ -443,6 +452,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polyno
 PRECISIONS = ("no", "fp16", "bf16")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 LAUNCHERS = ("auto", "ray-train", "in-process")
+REPORT_TO = ("none", "tensorboard", "mlflow", "wandb")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -585,6 +595,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         "--num-class-images must be >= 1 when --prior-loss-weight > 0 (prior preservation needs class images)",
     )
     check_range(cfg.export.num_sample_images, 0, 64, "--num-sample-images")
+    check_range(cfg.export.validation_steps, 0, 10_000_000, "--validation-steps", " (0 = none)")
+    _check(cfg.export.report_to in REPORT_TO,
+           f"--report-to must be one of {', '.join(REPORT_TO)}, got {shorten(cfg.export.report_to)}")
     _check(cfg.export.save_dtype in SAVE_DTYPES, f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, "
            f"got {shorten(cfg.export.save_dtype)}")
     for prompt in cfg.export.sample_prompts:

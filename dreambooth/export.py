@@ -4,8 +4,11 @@ Output layout (``<output>/``)::
 
     model_index.json, unet/, text_encoder/, vae/, tokenizer/, scheduler/    the pipeline (safetensors)
     config.yaml       the exact, resolved config of the run
-    samples.png       grid: rows = sample prompts (subject in context, subject, bare class for drift)
-    before_after.png  the same prompts and seeds, base model (left) | personalized model (right)
+    samples.png       grid: rows = sample prompts (subject in context, subject, bare class for drift),
+                      each row under its prompt; small images enlarged (nearest neighbour)
+    before_after.png  the same prompts and seeds under "base" (left) and "personalized" (right)
+    validation/       step-<N>.png: the sample prompts every --validation-steps steps (fixed seeds)
+    loss.png          instance and prior loss and the learning rate per step
     run.json          identifier, class, prompts, config, metrics, timings — written last
 
 ``run.json`` is the completion marker: an output without it is unfinished, whatever else it holds.
@@ -17,9 +20,11 @@ nothing else, so files a user keeps in the output folder survive a re-run.
 
 from __future__ import annotations
 
+import io
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -30,6 +35,9 @@ RUN_RECORD = "run.json"
 GRID = "samples.png"
 BEFORE_AFTER = "before_after.png"
 CONFIG = "config.yaml"
+VALIDATION = "validation"
+LOSS_PLOT = "loss.png"
+LOGS = "logs"
 
 
 EVAL_RECORD = "eval.json"
@@ -37,7 +45,8 @@ CHECKPOINTS = "checkpoints"
 PIPELINE_INDEX = "model_index.json"
 TRAINER_STORAGE = ".ray-train"
 """Ray Train's own run folder during training (the worker groups' state; removed at the end)."""
-RUN_FILES = (RUN_RECORD, EVAL_RECORD, GRID, BEFORE_AFTER, CONFIG, PIPELINE_INDEX, CHECKPOINTS, TRAINER_STORAGE)
+RUN_FILES = (RUN_RECORD, EVAL_RECORD, GRID, BEFORE_AFTER, CONFIG, PIPELINE_INDEX, CHECKPOINTS, TRAINER_STORAGE,
+             VALIDATION, LOSS_PLOT, LOGS)
 """Entries every run may write at the top of its output (pipeline components are read from the index)."""
 
 PIPELINE_COMPONENTS = frozenset({
@@ -129,30 +138,20 @@ def export_trained(cfg: RunConfig, base, sampling_scheduler, trained_state: dict
     ``before_after.png``), ``trained_state`` the full state dict of the ``DreamBoothModule``
     (``unet.*`` and ``text_encoder.*`` keys, fp32). Returns {"grid", "seconds", "output_bytes"}.
     """
-    import copy
 
     from dreambooth.models import assemble_pipeline
-    from dreambooth.sample import png_bytes, render_grid, side_by_side
+    from dreambooth.sample import labelled_grid, png_bytes, render_rows
 
     start = time.monotonic()
-    grid_settings = dict(
-        num_images=cfg.export.num_sample_images,
-        seed=cfg.train.seed,
-        num_inference_steps=cfg.prior.num_inference_steps,
-        guidance_scale=cfg.prior.guidance_scale,
-        resolution=cfg.train.resolution,
-    )
+    settings = grid_settings(cfg)
     sampling = cfg.export.num_sample_images > 0
     before = None
     if sampling and cfg.export.before_after:
         base_pipe = assemble_pipeline(vae=base.vae, unet=base.unet, text_encoder=base.text_encoder,
                                       tokenizer=base.tokenizer, scheduler=sampling_scheduler).to(device)
-        before = render_grid(base_pipe, cfg.sample_prompts(), **grid_settings)
+        before = render_rows(base_pipe, cfg.sample_prompts(), **settings)
         base_pipe.to("cpu")
-    unet, text_encoder = copy.deepcopy(base.unet).cpu(), copy.deepcopy(base.text_encoder).cpu()
-    unet.load_state_dict({k.removeprefix("unet."): v for k, v in trained_state.items() if k.startswith("unet.")})
-    text_encoder.load_state_dict(
-        {k.removeprefix("text_encoder."): v for k, v in trained_state.items() if k.startswith("text_encoder.")})
+    unet, text_encoder = trained_modules(base, trained_state, "cpu")
     pipe = assemble_pipeline(vae=base.vae, unet=unet, text_encoder=text_encoder, tokenizer=base.tokenizer,
                              scheduler=sampling_scheduler)
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,16 +163,81 @@ def export_trained(cfg: RunConfig, base, sampling_scheduler, trained_state: dict
         unet.to(torch.float32), text_encoder.to(torch.float32)  # the grid shows the saved weights
         output_bytes = folder_bytes(staged)
         storage.upload_dir(staged, cfg.output)
-    grid = render_grid(pipe.to(device), cfg.sample_prompts(), **grid_settings) if sampling else None
+    after = render_rows(pipe.to(device), cfg.sample_prompts(), **settings) if sampling else None
     pipe.to("cpu")  # the VAE is shared with the base components, which live on the CPU
     grid_uri = storage.join(cfg.output, GRID)
-    if grid is not None:
-        storage.write_bytes_atomic(grid_uri, png_bytes(grid))
+    if after is not None:
+        storage.write_bytes_atomic(grid_uri, png_bytes(labelled_grid(cfg.sample_prompts(), [("", after)])[0]))
     if before is not None:
-        storage.write_bytes_atomic(storage.join(cfg.output, BEFORE_AFTER), png_bytes(side_by_side(before, grid)))
+        pair = labelled_grid(cfg.sample_prompts(), [("base", before), ("personalized", after)])[0]
+        storage.write_bytes_atomic(storage.join(cfg.output, BEFORE_AFTER), png_bytes(pair))
     storage.write_bytes_atomic(storage.join(cfg.output, CONFIG), cfg.to_yaml().encode())
-    return {"grid": grid_uri if grid is not None else None, "seconds": time.monotonic() - start,
+    return {"grid": grid_uri if after is not None else None, "seconds": time.monotonic() - start,
             "output_bytes": output_bytes}
+
+
+def trained_modules(base, trained_state: dict[str, torch.Tensor], device):
+    """Copies of the base UNet and text encoder on ``device`` holding a ``DreamBoothModule`` state dict."""
+    import copy
+
+    unet, text_encoder = copy.deepcopy(base.unet).to(device), copy.deepcopy(base.text_encoder).to(device)
+    unet.load_state_dict({k.removeprefix("unet."): v for k, v in trained_state.items() if k.startswith("unet.")})
+    text_encoder.load_state_dict(
+        {k.removeprefix("text_encoder."): v for k, v in trained_state.items() if k.startswith("text_encoder.")})
+    return unet, text_encoder
+
+
+def grid_settings(cfg: RunConfig) -> dict:
+    """How every grid of a run samples: its seed, the prior sampler's steps and guidance, its resolution."""
+    return dict(num_images=max(1, cfg.export.num_sample_images), seed=cfg.train.seed,
+                num_inference_steps=cfg.prior.num_inference_steps, guidance_scale=cfg.prior.guidance_scale,
+                resolution=cfg.train.resolution)
+
+
+def write_validation_grid(cfg: RunConfig, base, sampling_scheduler, unet, text_encoder, step: int, device):
+    """``validation/step-<step>.png`` from the modules being trained (left in the mode they had);
+    returns the grid image (for experiment tracking)."""
+    from dreambooth.models import assemble_pipeline
+    from dreambooth.sample import labelled_grid, png_bytes, render_rows
+
+    modes = unet.training, text_encoder.training
+    unet.eval(), text_encoder.eval()
+    try:
+        pipe = assemble_pipeline(vae=base.vae, unet=unet, text_encoder=text_encoder, tokenizer=base.tokenizer,
+                                 scheduler=sampling_scheduler)
+        rows = render_rows(pipe, cfg.sample_prompts(), **grid_settings(cfg))
+    finally:
+        unet.train(modes[0]), text_encoder.train(modes[1])
+    grid, _ = labelled_grid([f"step {step}: {p}" for p in cfg.sample_prompts()], [("", rows)])
+    storage.write_bytes_atomic(storage.join(cfg.output, VALIDATION, f"step-{step}.png"), png_bytes(grid))
+    return grid
+
+
+def write_loss_plot(output: str, curve: dict[str, list]) -> Optional[str]:
+    """``loss.png``: total, instance and prior loss per step above the learning rate (None without steps)."""
+    if not curve.get("step"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to a file
+    from matplotlib import pyplot as plt
+
+    figure, (losses, rates) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(3, 1))
+    for key, label in (("loss", "total"), ("instance_loss", "instance (subject)"), ("prior_loss", "prior (class)")):
+        losses.plot(curve["step"], curve[key], label=label, linewidth=1)
+    losses.set_ylabel("loss")
+    losses.legend()
+    losses.set_title(f"steps {curve['step'][0]}-{curve['step'][-1]} of this attempt")
+    rates.plot(curve["step"], curve["lr"], color="grey", linewidth=1)
+    rates.set_ylabel("learning rate")
+    rates.set_xlabel("optimizer step")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    uri = storage.join(output, LOSS_PLOT)
+    storage.write_bytes_atomic(uri, buffer.getvalue())
+    return uri
 
 
 def write_run_record(output: str, record: dict) -> str:

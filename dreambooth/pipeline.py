@@ -101,6 +101,10 @@ def preflight(
     """
     validate(cfg)
     check_output_location(cfg)
+    if cfg.export.report_to != "none":
+        from dreambooth import tracking
+
+        tracking.check_report_to(cfg.export.report_to)  # installed and configured, before any cluster time
     model_path = models.resolve_model(cfg.model, cfg.revision)
     images = load_subject_images(cfg.subject.instance_dir, cfg.train.resolution)
     was_auto, warnings = resolve_identifier(cfg, model_path, taken_identifiers, drawers)

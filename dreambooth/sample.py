@@ -1,4 +1,5 @@
-"""Sampling: render prompts with any pipeline to one PNG grid (rows = prompts)."""
+"""Sampling: render prompts with any pipeline into labelled PNG grids (rows = prompts, each with its
+text; column groups such as base | personalized under their headers; small images enlarged)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import io
 import logging
 import tempfile
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from PIL import Image
@@ -16,7 +18,16 @@ from dreambooth import models, storage
 log = logging.getLogger(__name__)
 
 
-def render_grid(
+MIN_CELL_PX = 128
+"""Images smaller than this are enlarged (nearest neighbour, whole multiples) so a 32 px model's
+grid can be read; the pixels stay the model's own."""
+LABEL_PX = 18
+"""Height of a prompt strip above each row and of the column headers."""
+GAP_PX = 8
+"""White space between column groups (base | personalized)."""
+
+
+def render_rows(
     pipe,
     prompts: list[str],
     *,
@@ -25,35 +36,100 @@ def render_grid(
     num_inference_steps: int = 25,
     guidance_scale: float = 7.5,
     resolution: Optional[int] = None,
-) -> Image.Image:
-    """One row per prompt, ``num_images`` columns; image j of every row uses seed ``seed + j``."""
-    from diffusers.utils import make_image_grid
-
+) -> list[list[Image.Image]]:
+    """``num_images`` images per prompt; image j of every prompt uses seed ``seed + j``."""
     resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    images = []
+    rows = []
     started = time.monotonic()
     for index, prompt in enumerate(prompts):
         if len(prompts) > 1 and index:
             log.info("sampled %d of %d prompts (%.0f s)", index, len(prompts), time.monotonic() - started)
         generators = [torch.Generator(pipe.device).manual_seed(seed + j) for j in range(num_images)]
         with torch.no_grad():
-            images += pipe(
+            rows.append(pipe(
                 [prompt] * num_images,
                 height=resolution,
                 width=resolution,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 generator=generators,
-            ).images
-    return make_image_grid(images, rows=len(prompts), cols=num_images)
+            ).images)
+    return rows
 
 
-def side_by_side(left: Image.Image, right: Image.Image, gap: int = 4) -> Image.Image:
-    """Two grids of equal height next to each other, a white gap between them."""
-    out = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), "white")
-    out.paste(left, (0, 0))
-    out.paste(right, (left.width + gap, 0))
-    return out
+@dataclass(frozen=True)
+class GridLayout:
+    """Where each image of a labelled grid lies: a header strip (when groups have headers), then per
+    row a prompt strip and the row's cells, group after group with a gap between groups."""
+
+    rows: int
+    cols: int
+    groups: int
+    cell: tuple[int, int]
+    """Width and height of one (enlarged) image."""
+    headers: bool
+
+    def cell_box(self, row: int, col: int, group: int = 0) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of image ``col`` of ``row`` in ``group``."""
+        width, height = self.cell
+        left = group * (self.cols * width + GAP_PX) + col * width
+        top = (LABEL_PX if self.headers else 0) + row * (LABEL_PX + height) + LABEL_PX
+        return left, top, left + width, top + height
+
+    @property
+    def size(self) -> tuple[int, int]:
+        width, height = self.cell
+        return (self.groups * self.cols * width + (self.groups - 1) * GAP_PX,
+                (LABEL_PX if self.headers else 0) + self.rows * (LABEL_PX + height))
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font where Pillow has FreeType
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    """``text``, cut with an ellipsis to fit ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def labelled_grid(prompts: Sequence[str],
+                  groups: Sequence[tuple[str, Sequence[Sequence[Image.Image]]]]) -> tuple[Image.Image, GridLayout]:
+    """One row per prompt, its text above it; ``groups`` side by side, each ``(header, rows)``
+    (e.g. ``[("base", before), ("personalized", after)]``, or one group with header ``""``)."""
+    from PIL import ImageDraw
+
+    first = groups[0][1][0][0]
+    scale = max(1, -(-MIN_CELL_PX // min(first.size)))  # ceil: the smallest whole factor that reaches it
+    cols = max(len(row) for _, rows in groups for row in rows)
+    layout = GridLayout(rows=len(prompts), cols=cols, groups=len(groups),
+                        cell=(first.width * scale, first.height * scale),
+                        headers=any(header for header, _ in groups))
+    canvas = Image.new("RGB", layout.size, "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font(LABEL_PX - 5)
+    group_width = cols * layout.cell[0]
+    for g, (header, rows) in enumerate(groups):
+        left = layout.cell_box(0, 0, g)[0]
+        if header:
+            text = _fit(draw, header, font, group_width)
+            draw.text((left + (group_width - draw.textlength(text, font=font)) / 2, 2), text, fill="black", font=font)
+        for r, row in enumerate(rows):
+            if g == 0:
+                top = layout.cell_box(r, 0)[1] - LABEL_PX
+                draw.text((2, top + 2), _fit(draw, prompts[r], font, layout.size[0] - 4), fill="black", font=font)
+            for c, image in enumerate(row):
+                box = layout.cell_box(r, c, g)
+                canvas.paste(image.convert("RGB").resize(layout.cell, Image.NEAREST), box[:2])
+    return canvas, layout
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -73,6 +149,6 @@ def load_any_pipeline(model: str, revision: Optional[str] = None, device: Option
 
 def sample_to_file(model: str, prompts: list[str], output: str, **grid_kwargs) -> str:
     pipe = load_any_pipeline(model)
-    grid = render_grid(pipe, prompts, **grid_kwargs)
+    grid, _ = labelled_grid(prompts, [("", render_rows(pipe, prompts, **grid_kwargs))])
     storage.write_bytes_atomic(output, png_bytes(grid))
     return output

@@ -69,7 +69,10 @@ def test_sample_command_writes_a_grid(tmp_path, capsys):
     code = main(["sample", "--model", "tiny", "--prompt", "a dog", "a cat", "--num-images", "3",
                  "--steps", "2", "--resolution", "32", "--output", str(out)])
     assert code == 0 and "→" in capsys.readouterr().out
-    assert Image.open(out).size == (3 * 32, 2 * 32)
+    from dreambooth.sample import GridLayout
+
+    layout = GridLayout(rows=2, cols=3, groups=1, cell=(128, 128), headers=False)  # 32 px, enlarged 4x
+    assert Image.open(out).size == layout.size
 
 
 @pytest.mark.ray

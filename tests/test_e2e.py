@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from dreambooth import pipeline, storage
 from dreambooth.config import build_config
@@ -64,13 +65,26 @@ def test_zero2_end_to_end_then_second_subject_zero3_reuses_priors(ray_cluster, t
     from diffusers import StableDiffusionPipeline
 
     out = runs / "dog"
-    cfg = _config(instance_dir=str(dog_dir), output=str(out), zero_stage=2)
+    cfg = _config(instance_dir=str(dog_dir), output=str(out), zero_stage=2, report_to="mlflow")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     outcome = pipeline.execute(pipeline.preflight(cfg))
     record = storage.read_json(str(out / RUN_RECORD))
     assert not outcome.skipped and record["identifier"] == cfg.subject.identifier != "auto"
     assert record["identifier_auto"] is True
     assert record["priors"]["generated"] == 4 and record["priors"]["images"] == 4
     assert record["metrics"]["step"] == 3 and record["metrics"]["loss"] > 0
+    assert not (out / "validation").exists()  # --validation-steps 0: none
+
+    # --report-to mlflow: a file store in the output, read back with MLflow's own client.
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks file-store readers to opt in
+    client = MlflowClient(tracking_uri=(out / "logs" / "mlruns").as_uri())
+    [tracked] = client.search_runs([client.get_experiment_by_name("dreambooth").experiment_id])
+    losses = client.get_metric_history(tracked.info.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2, 3] and losses[-1].value == pytest.approx(record["metrics"]["loss"])
+    assert {"instance_loss", "prior_loss", "lr", "step_seconds"} <= set(tracked.data.metrics)
+    assert tracked.data.params["train.zero_stage"] == "2" and tracked.data.params["subject.class_noun"] == "dog"
     assert (out / "samples.png").is_file() and (out / "config.yaml").is_file()
     assert not (out / "checkpoints").exists()  # removed after a successful export
 
@@ -94,9 +108,14 @@ def test_zero2_end_to_end_then_second_subject_zero3_reuses_priors(ray_cluster, t
     shutil.copytree(dog_dir, other_dir)
     (other_dir / "04.jpg").unlink()
     out2 = runs / "dog2-out"
-    cfg2 = _config(instance_dir=str(other_dir), output=str(out2), zero_stage=3, identifier_seed=1)
+    cfg2 = _config(instance_dir=str(other_dir), output=str(out2), zero_stage=3, identifier_seed=1,
+                   max_train_steps=4, validation_steps=2)
     pipeline.execute(pipeline.preflight(cfg2))
     record2 = storage.read_json(str(out2 / RUN_RECORD))
+    # Validation grids at the asked steps, from the sharded weights (ZeRO-3 gathers them for the render).
+    assert sorted(p.name for p in (out2 / "validation").iterdir()) == ["step-2.png", "step-4.png"]
+    assert Image.open(out2 / "validation" / "step-2.png").size == Image.open(out2 / "samples.png").size
+    assert Image.open(out2 / "loss.png").size[0] > 300 and record2["loss_plot"] == str(out2 / "loss.png")
     assert record2["priors"]["generated"] == 0 and record2["priors"]["cache"] == record["priors"]["cache"]
     assert record2["config"]["train"]["zero_stage"] == 3 and record2["metrics"]["zero_stage"] == 3  # 2 ranks: sharded
     _assert_changed(_weights(tiny_model_path, "unet"), _weights(out2, "unet"))
@@ -178,7 +197,8 @@ def test_one_local_worker_trains_in_process_and_resumes_after_a_kill(ray_cluster
     flags = {"model": "tiny", "instance_dir": str(dog_dir), "class_noun": "dog", "resolution": 32,
              "prior_output": str(runs / "local-priors"), "num_class_images": 4, "prior_batch_size": 2,
              "num_inference_steps": 2, "identifier": "sks", "workers": 1, "train_batch_size": 1,
-             "learning_rate": 1e-3, "num_sample_images": 1, "before_after": False}
+             "learning_rate": 1e-3, "num_sample_images": 1, "before_after": False,
+             "report_to": "tensorboard", "validation_steps": 20}
     out = runs / "local"
     prepared = pipeline.preflight(build_config(({**flags, "output": str(out)}, "test")))
     pipeline.make_priors(prepared, use_gpu=False)  # cached first, on the shared cluster: the runs below need no Ray
@@ -210,3 +230,14 @@ def test_one_local_worker_trains_in_process_and_resumes_after_a_kill(ray_cluster
     _assert_changed(_weights(tiny_model_path, "text_encoder"), _weights(out, "text_encoder"))
     pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
     assert pipe("a sks dog", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
+
+    # --report-to tensorboard, read back with tensorboard's own reader: the resumed attempt's steps and grids.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs" / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    steps = [event.step for event in events.Scalars("loss")]
+    assert steps[-1] == 40 and record["metrics"]["resumed_from"] + 1 in steps
+    assert events.Scalars("loss")[-1].value == pytest.approx(record["metrics"]["loss"])
+    assert [image.step for image in events.Images("validation")][-1] == 40
+    assert (out / "validation" / "step-40.png").is_file()

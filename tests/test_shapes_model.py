@@ -67,9 +67,12 @@ def test_sample_command_renders_a_caption_offline(tmp_path, capsys):
 
     from dreambooth.shapes import analyze
 
+    from dreambooth.sample import GridLayout
+
     grid = Image.open(out).convert("RGB")
-    assert grid.size == (64, 32)
-    analyses = [analyze(grid.crop((32 * i, 0, 32 * i + 32, 32))) for i in range(2)]
+    layout = GridLayout(rows=1, cols=2, groups=1, cell=(128, 128), headers=False)
+    assert grid.size == layout.size
+    analyses = [analyze(grid.crop(layout.cell_box(0, i)).resize((32, 32), Image.NEAREST)) for i in range(2)]
     assert [a.background for a in analyses].count("blue") >= 1
 
 

@@ -18,13 +18,16 @@ left out of every prompt: what the model could do before personalization.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from dreambooth import storage
+from dreambooth import storage, tracking
 from dreambooth.config import ConfigError
-from dreambooth.export import EVAL_RECORD, RUN_RECORD
+from dreambooth.export import EVAL_RECORD, RUN_RECORD, read_run_record
 from dreambooth.inputs import shorten
+
+log = logging.getLogger(__name__)
 
 SUITES = ("auto", "shapes", "dreambench")
 
@@ -162,6 +165,19 @@ def _dreambench_suite(options: EvalOptions, run: RunInfo, pipes: dict) -> dict:
     return results
 
 
+def _tracked_with(output: str) -> str:
+    """The run's --report-to, when its tracker still works here (else a warning: eval goes on untracked)."""
+    report_to = read_run_record(output).get("config", {}).get("export", {}).get("report_to", "none")
+    if report_to == "none":
+        return report_to
+    try:
+        tracking.check_report_to(report_to)
+    except ConfigError as exc:
+        log.warning("the run was tracked with --report-to %s, but: %s; the eval is not added there", report_to, exc)
+        return "none"
+    return report_to
+
+
 def evaluate(options: EvalOptions) -> dict:
     """Score the run (and its base model), write the report, return it."""
     from dreambooth.sample import load_any_pipeline
@@ -169,6 +185,7 @@ def evaluate(options: EvalOptions) -> dict:
     options.check()
     run = read_run(options.output)
     suite = resolve_suite(options, run)
+    report_to = _tracked_with(run.output)
     if suite == "shapes":
         shapes_subject(options, run)  # fail on a wrong subject before loading any model
     pipes = {"personalized": load_any_pipeline(run.output)}
@@ -181,6 +198,9 @@ def evaluate(options: EvalOptions) -> dict:
               "scores": scores}
     storage.write_bytes_atomic(options.report or storage.join(run.output, EVAL_RECORD),
                                json.dumps(report, indent=2).encode())
+    if report_to != "none":
+        tracking.log_eval(run.output, report_to, {k: v for k, v in scores["personalized"].items()
+                                                  if isinstance(v, (int, float))})
     return report
 
 

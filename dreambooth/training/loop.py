@@ -30,7 +30,7 @@ from typing import Optional
 import ray.train
 import torch
 
-from dreambooth import export, storage
+from dreambooth import export, storage, tracking
 from dreambooth.models import Components, load_components, load_sampling_scheduler, quiet_libraries
 from dreambooth.priors import read_prior_latents
 from dreambooth.subjects import load_subject_images
@@ -287,7 +287,10 @@ def _train_steps(worker: Worker, work: SubjectWork, engine, scheduler, batches: 
     noise_scheduler = worker.base.noise_scheduler
     attempt = checkpoint.AttemptLog(cfg.output, start_step) if rank == 0 else None
     progress = None
+    tracker = tracking.Tracker()  # rank 0 reports; the base class logs nothing
     if rank == 0:
+        tracker = tracking.open_tracker(cfg.export.report_to, cfg.output, f"{work.name}-{cfg.subject.identifier}")
+        tracker.log_params(cfg.to_dict())
         if worker.place.in_ray_worker:
             from ray.experimental.tqdm_ray import tqdm
         else:
@@ -326,6 +329,8 @@ def _train_steps(worker: Worker, work: SubjectWork, engine, scheduler, batches: 
             progress.update(1)
         now = time.perf_counter()
         step_seconds.append(now - last_lap)
+        tracker.log_scalars(step, {key: metrics[key] for key in ("loss", "instance_loss", "prior_loss", "lr")}
+                            | {"step_seconds": now - last_lap})
         last_lap = now
         if step % train.log_every == 0 or step == train.max_train_steps:
             # The mean is throughput; the median is robust to a noisy neighbour's bursts (benchmarks).
@@ -336,13 +341,43 @@ def _train_steps(worker: Worker, work: SubjectWork, engine, scheduler, batches: 
                 log.info("%s step %d/%d loss %.4f (instance %.4f, prior %.4f) lr %.2e %.3f s/step x%d workers",
                          work.name, step, train.max_train_steps, metrics["loss"], metrics["instance_loss"],
                          metrics["prior_loss"], metrics["lr"], metrics["step_seconds"], worker.world)
+        if cfg.export.validation_steps and step % cfg.export.validation_steps == 0:
+            grid = _render_validation(worker, work, engine, step)
+            if grid is not None:
+                tracker.log_image(step, "validation", grid)
         if train.checkpointing_steps and step % train.checkpointing_steps == 0 and step < train.max_train_steps:
             checkpoint.save_resumable(engine, cfg.output, step)
     if attempt is not None:
         attempt.close()
         progress.close()
+    tracker.close()
     metrics["step_phases_s"] = phases.medians()
     return metrics, curve
+
+
+def _render_validation(worker: Worker, work: SubjectWork, engine, step: int):
+    """Rank 0 renders the sample prompts from the weights as they are at ``step``; the other ranks
+    go on and wait for it in the next step's first collective.
+
+    ZeRO-3 modules hold shards and gather them in hooks that are collectives, so a render on rank 0
+    alone would hang: every rank gathers the full weights (as for export) and rank 0 renders from a
+    copy of the base modules loaded with them.
+    """
+    started = time.perf_counter()
+    module = engine.module
+    unet, text_encoder = module.unet, module.text_encoder
+    if engine.zero_optimization_stage() == 3:
+        state = checkpoint.gathered_state_dict(engine)
+        if worker.rank != 0:
+            return None
+        unet, text_encoder = export.trained_modules(worker.base, state, worker.device)
+    if worker.rank != 0:
+        return None
+    with torch.no_grad():
+        grid = export.write_validation_grid(work.config, worker.base, worker.sampling_scheduler, unet, text_encoder,
+                                            step, worker.device)
+    log.info("%s step %d: validation grid in %.1f s", work.name, step, time.perf_counter() - started)
+    return grid
 
 
 def _finish_record(work: SubjectWork, metrics: dict, curve: dict, exported: dict, train_s: float,
@@ -367,6 +402,7 @@ def _finish_record(work: SubjectWork, metrics: dict, curve: dict, exported: dict
     # The driver's own phases (connect, priors) and this subject's, from the driver's first step.
     timings["total_s"] = time.time() - timings.pop("driver_started_unix", time.time() - sum(timings.values()))
     record["timings"] = timings
+    record["loss_plot"] = export.write_loss_plot(cfg.output, curve)
     if not cfg.export.keep_checkpoints:
         storage.remove(checkpoint.checkpoints_uri(cfg.output))
     export.write_run_record(cfg.output, record)

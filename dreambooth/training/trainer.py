@@ -28,7 +28,11 @@ POLL_S = 0.5
 
 
 def worker_env(cuda: bool) -> dict[str, str]:
-    env = {key: os.environ[key] for key in ("TORCH_EXTENSIONS_DIR", "DREAMBOOTH_CACHE", "HF_HUB_OFFLINE", "HF_HOME") if key in os.environ}
+    passed = ("TORCH_EXTENSIONS_DIR", "DREAMBOOTH_CACHE", "HF_HUB_OFFLINE", "HF_HOME",
+              # rank 0 reports to the tracker the driver checked (--report-to)
+              "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT",
+              "WANDB_BASE_URL")
+    env = {key: os.environ[key] for key in passed if key in os.environ}
     if not cuda:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for CUDA and warn
     return env
