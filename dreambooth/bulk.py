@@ -180,13 +180,13 @@ def plan(
         own = flatten({k: v for k, v in entry.items() if k != "name"}, f"{where} ({name})")
         if "output" in own:
             raise ConfigError(f"{where} ({name}): 'output' is set by bulk as <output>/{name}; remove it")
-        cfg = build_config(
+        cfg = build_config(*models.with_recipe(
             *file_layers,
             (defaults, f"{options.manifest} (defaults)"),
             (flags or {}, "command-line flags"),
             (own, f"{where} ({name})"),
             ({"output": storage.join(options.output, name)}, "bulk"),
-        )
+        ))
         if not cfg.prior.prior_output:
             cfg.prior.prior_output = storage.join(options.output, "priors")
         try:

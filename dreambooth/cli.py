@@ -57,12 +57,15 @@ def _flag_values(args: argparse.Namespace, names: Sequence[str]) -> dict[str, An
 
 
 def config_from_args(args: argparse.Namespace, names: Sequence[str]) -> RunConfig:
-    """YAML file (``--config``) first, flags on top; typed and checked field by field."""
+    """The model's recipe (``dreambooth.yaml`` in its folder) first, then the YAML file (``--config``),
+    flags on top; typed and checked field by field. ``cfg.sources`` says which set each field."""
+    from dreambooth.models import with_recipe
+
     layers = []
     if getattr(args, "config", None):
         layers.append((load_yaml(args.config), args.config))
     layers.append((_flag_values(args, names), "command-line flags"))
-    return build_config(*layers)
+    return build_config(*with_recipe(*layers))
 
 
 def _parser(sub, name: str, help_text: str, example: str) -> argparse.ArgumentParser:

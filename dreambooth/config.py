@@ -228,6 +228,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
+    sources: dict[str, str] = field(default_factory=dict, compare=False, metadata={"settable": False})
+    """Where each field set by a layer came from (model recipe, config file, flags...); the rest are defaults."""
+
     @property
     def prior_root(self) -> str:
         """The prior cache root: ``prior_output``, or ``<parent of output>/priors``."""
@@ -243,7 +246,10 @@ class RunConfig:
         ]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings (what ``--config`` reads back), without their provenance."""
+        settings = dataclasses.asdict(self)
+        settings.pop("sources")
+        return settings
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -298,7 +304,7 @@ def _fields_of(cls: type, section: Optional[str]) -> list[FieldInfo]:
     docs = field_docs(cls)
     out = []
     for f in dataclasses.fields(cls):
-        if f.name in SECTIONS:
+        if f.name in SECTIONS or not f.metadata.get("settable", True):
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         out.append(FieldInfo(section, f.name, hints[f.name], default, docs.get(f.name, "")))
@@ -426,6 +432,7 @@ def build_config(*layers: tuple[dict[str, Any], str]) -> RunConfig:
                 raise _unknown_key(name, source)
             target = cfg if info.section is None else getattr(cfg, info.section)
             setattr(target, name, _coerce(info, value, source))
+            cfg.sources[name] = source
     return cfg
 
 

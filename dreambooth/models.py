@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -199,6 +200,60 @@ def resolve_model(model: str, revision: Optional[str] = None) -> str:
             "models, or download the pipeline and pass its local folder"
         ) from None
     return model
+
+
+RECIPE_FILE = "dreambooth.yaml"
+"""A model's recommended run settings, beside its ``model_index.json`` (keys as in a ``--config`` file)."""
+RECIPE_SECTIONS = ("train", "prior", "export")
+"""What a recipe may set: how to train, generate priors and sample — never a subject or an output."""
+
+
+def read_recipe(model_path: str, revision: Optional[str] = None) -> dict:
+    """The flat settings of ``model_path``'s recipe file; {} when it has none (or the hub cannot say)."""
+    from dreambooth.config import all_fields, load_yaml
+
+    local = Path(model_path)
+    if local.is_dir():
+        path = local / RECIPE_FILE
+        if not path.is_file():
+            return {}
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(model_path, RECIPE_FILE, revision=revision))
+        except Exception:  # most hub models have no recipe; offline without it cached is the same answer
+            return {}
+    recipe = load_yaml(str(path))
+    fields = all_fields()
+    outside = sorted(key for key in recipe if fields[key].section not in RECIPE_SECTIONS)
+    if outside:
+        raise ConfigError(f"{path}: a model recipe sets only {', '.join(RECIPE_SECTIONS)} settings; "
+                          f"remove {', '.join(outside)}")
+    return recipe
+
+
+@lru_cache(maxsize=16)
+def _recipe_of(model: str, revision: Optional[str]) -> dict:
+    """``read_recipe`` of a ``--model`` value, once per process (bulk plans thousands of subjects)."""
+    return read_recipe(resolve_model(model, revision), revision)
+
+
+def with_recipe(*layers: tuple[dict, str]) -> list[tuple[dict, str]]:
+    """``layers`` with the model's recipe under them (recipe < config file < flags), when the model
+    they name has one. A model that cannot be resolved adds nothing here: preflight reports it."""
+    from dreambooth.config import build_config
+
+    probe = build_config(*layers)
+    if not probe.model:
+        return list(layers)
+    try:
+        recipe = _recipe_of(probe.model, probe.revision)
+    except ConfigError as exc:
+        if RECIPE_FILE in str(exc):
+            raise
+        return list(layers)
+    return ([(recipe, f"the {probe.model} model's recipe ({RECIPE_FILE})")] if recipe else []) + list(layers)
 
 
 def scheduler_class_name(model_path: str) -> str:

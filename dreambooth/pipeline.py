@@ -223,5 +223,7 @@ def subject_work(name: str, prepared: Prepared, prior_set: Optional[priors.Prior
         },
         "timings": dict(timings or {}),
         "use_gpu": use_gpu,
+        # Where each setting came from (model recipe, config file, flags, bulk manifest); unlisted: defaults.
+        "config_sources": dict(cfg.sources),
     }
     return SubjectWork(name, cfg, prepared.model_path, prior_set, record, images=prepared.images)

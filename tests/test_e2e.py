@@ -222,6 +222,7 @@ def test_one_local_worker_trains_in_process_and_resumes_after_a_kill(ray_cluster
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = storage.read_json(str(out / RUN_RECORD))
     assert record["launcher"] == "in-process"
+    assert record["config_sources"]["max_train_steps"] == "command-line flags" and "seed" not in record["config_sources"]
     assert "connect_s" not in record["timings"]  # no Ray cluster was started or joined
     assert record["metrics"]["setup_worker_group_s"] < 1.0  # no worker group to wait for
     assert record["metrics"]["step"] == 40 and record["metrics"]["resumed_from"] >= 2

@@ -301,6 +301,9 @@ def test_eval_command_scores_a_run_with_the_dreambench_suite(dino_dir, tiny_clip
     report = json.loads((run / "eval.json").read_text())
     assert report["suite"] == "dreambench" and set(report["scores"]) == {"personalized", "base"}
     for scores in report["scores"].values():
-        assert set(scores) == {"dino", "clip_i", "clip_t", "pres_dino"}
-        assert all(-1.0 <= v <= 1.0 for v in scores.values())
+        assert set(scores) == {"dino", "clip_i", "clip_t", "pres_dino", "other_class_clip_t", "other_prompt_fidelity"}
+        assert all(-1.0 <= v <= 1.0 for k, v in scores.items() if k != "other_prompt_fidelity")
+    assert report["scores"]["base"]["other_prompt_fidelity"] == 1.0  # the ratio's reference
+    assert report["scores"]["personalized"]["other_prompt_fidelity"] == pytest.approx(
+        report["scores"]["personalized"]["other_class_clip_t"] / report["scores"]["base"]["other_class_clip_t"])
     assert "clip_t" in capsys.readouterr().out  # the score table is printed

@@ -136,3 +136,50 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+_CAPTION = re.compile(r"^an? (?:(?P<color>\w+) )?(?P<shape>circle|square|triangle|star)(?: on an? (?P<bg>\w+) background)?$")
+
+
+class CaptionPipe:
+    """Draws exactly what a base-grammar caption asks ("a red circle on a blue background",
+    "a square"): a model that kept every prompt."""
+
+    def __call__(self, prompts, num_inference_steps, guidance_scale, generator):
+        images = []
+        for prompt, gen in zip(prompts, generator):
+            rng = np.random.default_rng(gen.initial_seed())
+            asked = _CAPTION.match(prompt)
+            assert asked, prompt
+            bg = asked["bg"] or "white"
+            color = asked["color"] or ("black" if bg != "black" else "white")
+            images.append(render(Scene(asked["shape"], color, bg, "center", "large"), 32, rng))
+        return SimpleNamespace(images=images)
+
+
+def test_drift_measures_reach_their_extremes_on_scripted_pipelines():
+    """A model that keeps every prompt scores full class and other-prompt accuracy; one that draws
+    the subject for every prompt loses both; as ratios to the base, 1.0 and far below."""
+    from dreambooth.evaluation.shapes import evaluate_drift
+
+    kept = evaluate_drift(CaptionPipe(), SUBJECT.class_noun, images_per_prompt=2)
+    collapsed = evaluate_drift(ScriptedPipe("overfit"), SUBJECT.class_noun, images_per_prompt=2)
+    assert kept.class_accuracy == 1.0 and kept.other_prompt_accuracy > 0.95
+    assert collapsed.other_prompt_accuracy < 0.5  # the subject (a green-background square) for every caption
+    scores = {"base": kept.as_dict(), "personalized": collapsed.as_dict()}
+    runner.drift_ratios(scores, runner.SHAPES_DRIFT)
+    assert scores["base"]["class_fidelity"] == scores["base"]["other_prompt_fidelity"] == 1.0
+    assert scores["personalized"]["other_prompt_fidelity"] < 0.5
+    same = {"base": kept.as_dict(), "personalized": kept.as_dict()}
+    runner.drift_ratios(same, runner.SHAPES_DRIFT)
+    assert same["personalized"]["class_fidelity"] == same["personalized"]["other_prompt_fidelity"] == 1.0
+
+
+def test_other_prompts_are_fixed_and_leave_out_the_subjects_class():
+    from dreambooth.evaluation.dreambench import other_class_prompts
+    from dreambooth.evaluation.shapes import other_prompt_scenes
+
+    scenes = other_prompt_scenes("triangle")
+    assert scenes == other_prompt_scenes("triangle") and all(s.shape != "triangle" for s in scenes)
+    assert len({s.shape for s in scenes}) >= 2 and len({s.background for s in scenes}) >= 3
+    assert "a photo of a dog" not in other_class_prompts("dog") and len(other_class_prompts("dog")) == 4

@@ -93,3 +93,13 @@ def dreambench_prompts(identifier: str, class_noun: str, live: bool | None = Non
     words = {"0": identifier, "1": class_noun}
     # One pass over the template, so an identifier that itself contains "{1}" is left alone.
     return [_PLACEHOLDER.sub(lambda m: words[m.group(1)], t) for t in dreambench_templates(live)]
+
+
+OTHER_CLASSES = ("dog", "cat", "backpack", "vase", "teapot", "sneaker", "clock", "bear plushie")
+"""DreamBench classes whose plain prompts measure collateral drift (the subject's own class is left out)."""
+
+
+def other_class_prompts(class_noun: str, count: int = 4) -> list[str]:
+    """Plain prompts of ``count`` other DreamBench classes, e.g. "a photo of a vase" (same list every run)."""
+    others = [c for c in OTHER_CLASSES if c != class_noun][:count]
+    return [f"a photo of a {c}" for c in others]

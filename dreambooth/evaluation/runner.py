@@ -131,19 +131,39 @@ def _references(run: RunInfo):
     return [image.to_pil() for image in load_subject_images(run.instance_dir, resolution=1)]
 
 
+def drift_ratios(scores: dict, pairs: dict[str, str]) -> None:
+    """Add each ``ratio: measure`` pair as personalized / base to every model's scores (the base's
+    own ratio is 1 by definition); without a base model there is nothing to divide by."""
+    if "base" not in scores:
+        return
+    for ratio, measure in pairs.items():
+        base = scores["base"][measure]
+        tuned = scores["personalized"][measure]
+        scores["personalized"][ratio] = tuned / base if base > 0 else float(tuned == base)
+        scores["base"][ratio] = 1.0
+
+
+SHAPES_DRIFT = {"class_fidelity": "class_accuracy", "other_prompt_fidelity": "other_prompt_accuracy"}
+"""Collateral drift as a ratio to the base model (1.0: nothing else broke)."""
+DREAMBENCH_DRIFT = {"other_prompt_fidelity": "other_class_clip_t"}
+
+
 def _shapes_suite(options: EvalOptions, run: RunInfo, pipes: dict) -> dict:
-    from dreambooth.evaluation.shapes import evaluate_subject
+    from dreambooth.evaluation.shapes import evaluate_drift, evaluate_subject
 
     subject, refs = shapes_subject(options, run), _references(run)
     sampler = dict(images_per_prompt=options.images_per_prompt, seed=options.seed,
                    steps=options.num_inference_steps, guidance_scale=options.guidance_scale)
-    return {name: evaluate_subject(pipe, subject, refs, run.identifier if name == "personalized" else "",
-                                   **sampler).as_dict()
-            for name, pipe in pipes.items()}
+    scores = {name: evaluate_subject(pipe, subject, refs, run.identifier if name == "personalized" else "",
+                                     **sampler).as_dict()
+              | evaluate_drift(pipe, run.class_noun, **sampler).as_dict()
+              for name, pipe in pipes.items()}
+    drift_ratios(scores, SHAPES_DRIFT)
+    return scores
 
 
 def _dreambench_suite(options: EvalOptions, run: RunInfo, pipes: dict) -> dict:
-    from dreambooth.evaluation.dreambench import dreambench_prompts
+    from dreambooth.evaluation.dreambench import dreambench_prompts, other_class_prompts
     from dreambooth.evaluation.embedding import EmbeddingScorer, strip_identifier
     from dreambooth.evaluation.shapes import generate
 
@@ -161,7 +181,11 @@ def _dreambench_suite(options: EvalOptions, run: RunInfo, pipes: dict) -> dict:
         scores = scorer.score(images, refs, repeated, identifier=run.identifier).as_dict()
         class_images = generate(pipe, [f"a {run.class_noun}"] * len(seeds), seeds, **sampler)
         scores["pres_dino"] = scorer.dino(class_images, refs)
+        others = [p for p in other_class_prompts(run.class_noun) for _ in seeds]
+        scores["other_class_clip_t"] = scorer.clip_t(generate(pipe, others, seeds * (len(others) // len(seeds)),
+                                                              **sampler), others)
         results[name] = scores
+    drift_ratios(results, DREAMBENCH_DRIFT)
     return results
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from dreambooth.shapes import (Subject, analyze, caption, is_subject, matches, pairwise_distance,
                                sample_scenes, subject_features, subject_similarity)
-from dreambooth.shapes.world import PLACE_PHRASES, article
+from dreambooth.shapes.world import PLACE_PHRASES, SHAPES, article
 
 #: Sampler settings every shapes measurement uses unless told otherwise.
 INFERENCE_STEPS = 25
@@ -146,3 +146,47 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
         pres=float(np.mean([is_subject(i, subject) for i in class_images])),
         div=pairwise_distance(subject_images),
     )
+
+
+# -- collateral drift -----------------------------------------------------------------------------
+
+OTHER_PROMPTS = 12
+"""Captions in the other-prompt set (each rendered ``images_per_prompt`` times)."""
+OTHER_PROMPTS_SEED = 4321
+"""Fixes the other-prompt set, so every model and every run is scored on the same captions."""
+
+
+def other_prompt_scenes(class_noun: str, n: int = OTHER_PROMPTS, seed: int = OTHER_PROMPTS_SEED):
+    """A fixed set of scenes of the *other* shapes, in every colour and background (base grammar)."""
+    others = [s for s in SHAPES if s != class_noun] or list(SHAPES)
+    return sample_scenes(n, seed, shapes=others)
+
+
+@dataclass
+class DriftReport:
+    """Does the model still draw what prompts other than the subject's ask (all in [0, 1])?
+
+    ``class_accuracy``: share of "a [class]" images the analyzers read as that shape (the class
+    prior kept; PRES only says the subject did not take it over). ``other_prompt_accuracy``: mean of
+    the shape, colour and background accuracies over ``other_prompt_scenes`` captions ("a red
+    circle on a blue background").
+    """
+
+    class_accuracy: float
+    other_prompt_accuracy: float
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def evaluate_drift(pipe, class_noun: str, *, images_per_prompt: int = 8, seed: int = 0, **sampler) -> DriftReport:
+    """Score ``pipe`` on its class prompt and the other-prompt set, image j of each prompt on seed ``seed + j``."""
+    seeds = [seed + j for j in range(images_per_prompt)]
+    class_images = generate(pipe, [f"a {class_noun}"] * len(seeds), seeds, **sampler)
+    class_accuracy = float(np.mean([analyze(img).shape == class_noun for img in class_images]))
+    scenes = other_prompt_scenes(class_noun)
+    prompts = [caption(s, "short") for s in scenes for _ in seeds]
+    images = generate(pipe, prompts, seeds * len(scenes), **sampler)
+    asked = [{"shape": s.shape, "color": s.color, "background": s.background} for s in scenes for _ in seeds]
+    accuracy = score(images, asked)
+    return DriftReport(class_accuracy, float(np.mean([accuracy.shape, accuracy.color, accuracy.background])))

@@ -1,0 +1,63 @@
+"""Model recipes: ``dreambooth.yaml`` beside ``model_index.json`` sets a model's run defaults, below
+the config file and the flags, and the run's config says where each setting came from."""
+
+from __future__ import annotations
+
+import pytest
+
+from dreambooth import pipeline
+from dreambooth.cli import build_parser, config_from_args
+from dreambooth.config import ConfigError, all_fields
+from dreambooth.models import RECIPE_FILE
+
+REPO_SUBJECT = "examples/subjects/two_tone_triangle"
+
+
+def _config(argv):
+    return config_from_args(build_parser().parse_args(["run", *argv]), list(all_fields()))
+
+
+@pytest.fixture
+def model_with_recipe(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    (model / RECIPE_FILE).write_text("train:\n  resolution: 64\n  learning_rate: 1.0e-4\n  max_train_steps: 50\n"
+                                     "prior:\n  guidance_scale: 3.0\n")
+    return model
+
+
+def test_recipe_is_below_the_config_file_and_the_flags(tmp_path, model_with_recipe):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {model_with_recipe}\ntrain:\n  learning_rate: 2.0e-4\n")
+    cfg = _config(["--config", str(config), "--max-train-steps", "7"])
+    assert cfg.train.resolution == 64 and cfg.prior.guidance_scale == 3.0  # the recipe
+    assert cfg.train.learning_rate == 2e-4  # the config file beats the recipe
+    assert cfg.train.max_train_steps == 7  # flags beat both
+    recipe = f"the {model_with_recipe} model's recipe ({RECIPE_FILE})"
+    assert cfg.sources["resolution"] == cfg.sources["guidance_scale"] == recipe
+    assert cfg.sources["learning_rate"] == str(config) and cfg.sources["model"] == str(config)
+    assert cfg.sources["max_train_steps"] == "command-line flags"
+    assert "seed" not in cfg.sources  # a default
+    assert "sources" not in cfg.to_dict()  # config.yaml stays a config file `--config` reads back
+
+
+def test_a_recipe_may_not_name_a_subject_or_an_output(model_with_recipe):
+    (model_with_recipe / RECIPE_FILE).write_text("output: /tmp/elsewhere\nsubject:\n  class_noun: dog\n")
+    with pytest.raises(ConfigError, match="a model recipe sets only train, prior, export settings; remove class_noun, output"):
+        _config(["--model", str(model_with_recipe)])
+
+
+def test_a_model_without_recipe_keeps_the_defaults(tmp_path):
+    cfg = _config(["--model", "tiny", "--output", str(tmp_path / "o")])
+    assert cfg.train.resolution == 512 and "resolution" not in cfg.sources
+
+
+def test_shapes_runs_with_nothing_but_subject_and_output(tmp_path):
+    """`dreambooth run --model shapes --instance-dir D --class-noun C --output O` passes every check
+    with the shipped recipe's settings (it failed on the default 512 px before)."""
+    cfg = _config(["--model", "shapes", "--instance-dir", REPO_SUBJECT, "--class-noun", "triangle",
+                   "--output", str(tmp_path / "out")])
+    assert (cfg.train.resolution, cfg.train.learning_rate, cfg.prior.guidance_scale) == (32, 5e-4, 4.0)
+    prepared = pipeline.preflight(cfg)
+    assert len(prepared.images) >= 3 and cfg.sources["resolution"].startswith("the shapes model's recipe")
