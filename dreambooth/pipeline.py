@@ -184,20 +184,18 @@ def make_priors(prepared: Prepared, use_gpu: bool, timings: Optional[dict] = Non
     cfg = prepared.config
     if cfg.train.prior_loss_weight <= 0:
         return None
+    timings = {} if timings is None else timings
     spec = priors.spec_from_config(cfg, models.scheduler_class_name(prepared.model_path))
     cached = priors.lookup(spec, cfg.prior_root, cfg.prior.num_class_images)
     if cached is not None:
-        if timings is not None:
-            timings["priors_s"] = 0.0
+        timings["priors_s"] = 0.0
         return cached
     start = time.monotonic()
     cluster.connect()
-    if timings is not None:
-        timings.setdefault("connect_s", time.monotonic() - start)
+    timings.setdefault("connect_s", time.monotonic() - start)
     prior_set = priors.generate(spec, prepared.model_path, cfg.prior_root, cfg.prior.num_class_images,
                                 use_gpu=use_gpu, actors=cfg.prior.prior_actors, batch_size=cfg.prior.prior_batch_size)
-    if timings is not None:
-        timings["priors_s"] = prior_set.seconds
+    timings["priors_s"] = prior_set.seconds
     return prior_set
 
 
