@@ -107,6 +107,10 @@ class TrainConfig:
     learning_rate: float = 5e-6
     """Peak AdamW learning rate (the paper uses 5e-6 for Stable Diffusion)."""
 
+    text_encoder_learning_rate: Optional[float] = None
+    """Peak learning rate of the text encoder(s); unset: ``learning_rate``. A lower one keeps what
+    the base model's other prompts mean (benchmarks/recipe_search.py); 0 freezes the encoder."""
+
     lr_scheduler: str = "constant"
     """Learning-rate schedule: constant, constant_with_warmup, linear, cosine, polynomial."""
 
@@ -577,6 +581,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     check_range(t.train_batch_size, 1, 1024, "--train-batch-size")
     check_range(t.gradient_accumulation_steps, 1, 4096, "--gradient-accumulation-steps")
     _check(0 < t.learning_rate < 1, f"--learning-rate must be in (0, 1), got {t.learning_rate:g}")
+    _check(t.text_encoder_learning_rate is None or 0 <= t.text_encoder_learning_rate < 1,
+           f"--text-encoder-learning-rate must be in [0, 1), got {t.text_encoder_learning_rate}")
     _check(t.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {shorten(t.lr_scheduler)}")
     check_range(t.lr_warmup_steps, 0, 10_000_000, "--lr-warmup-steps")
     check_range(t.max_grad_norm, 0, 1e6, "--max-grad-norm", " (0 disables clipping)")

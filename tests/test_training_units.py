@@ -214,3 +214,38 @@ def test_one_rank_trains_at_stage_zero_unless_it_offloads(workers, stage, offloa
     train = TrainConfig(zero_stage=stage, offload_optimizer=offload, workers=workers)
     assert effective_zero_stage(train, workers) == expected
     assert deepspeed_config(train, cuda=False, world_size=workers)["zero_optimization"]["stage"] == expected
+
+
+def test_text_encoder_learning_rate_moves_the_encoder_slower_or_not_at_all(tiny_model_path, dog_dir):
+    from dreambooth.training.engine import parameter_groups
+    from dreambooth.training.inprocess import FinetuneSettings, finetune
+
+    parts = load_components(tiny_model_path)
+    module = DreamBoothModule(parts.unet, parts.text_encoder)
+    assert len(parameter_groups(module, 1e-4, None)) == 1
+    unet_group, encoder_group = parameter_groups(module, 1e-4, 1e-6)
+    assert (unet_group["lr"], encoder_group["lr"]) == (1e-4, 1e-6)
+    assert len(encoder_group["params"]) == len(list(parts.text_encoder.parameters()))
+    assert len(unet_group["params"]) == len(list(parts.unet.parameters()))
+
+    images = load_subject_images(str(dog_dir), 32)
+    unet_before = {k: v.clone() for k, v in parts.unet.state_dict().items()}
+    encoder_before = {k: v.clone() for k, v in parts.text_encoder.state_dict().items()}
+    finetune(parts, images, FinetuneSettings("a sks dog", "a dog", max_train_steps=2, learning_rate=1e-3,
+                                             text_encoder_learning_rate=0.0, prior_loss_weight=0.0))
+    assert any(not torch.equal(unet_before[k], v) for k, v in parts.unet.state_dict().items())
+    assert all(torch.equal(encoder_before[k], v) for k, v in parts.text_encoder.state_dict().items())
+
+
+def test_text_encoder_steps_stop_the_encoder_after_that_many_steps(tiny_model_path, dog_dir):
+    from dreambooth.training.inprocess import FinetuneSettings, finetune
+
+    images = load_subject_images(str(dog_dir), 32)
+    settings = dict(max_train_steps=3, learning_rate=1e-3, prior_loss_weight=0.0)
+    after_one = load_components(tiny_model_path)
+    finetune(after_one, images, FinetuneSettings("a sks dog", "a dog", **settings | {"max_train_steps": 1}))
+    limited = load_components(tiny_model_path)
+    finetune(limited, images, FinetuneSettings("a sks dog", "a dog", text_encoder_steps=1, **settings))
+    assert all(torch.equal(after_one.text_encoder.state_dict()[k], v)
+               for k, v in limited.text_encoder.state_dict().items())
+    assert any(not torch.equal(after_one.unet.state_dict()[k], v) for k, v in limited.unet.state_dict().items())

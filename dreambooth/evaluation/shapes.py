@@ -102,7 +102,9 @@ class SubjectReport:
     analyzers call the subject (its two colours, outline and pattern). ``prompt_fidelity``: share of
     recontextualization images ("a [V] [class] on a green background", "... in the top left") with
     the asked background or position; ``recontext_subject_match``: share of them that also show the
-    subject. ``pres``: share of "a [class]" images that show the subject (lower is better: the
+    subject; ``recontext_shown``: share of them that show the subject, whatever the background or
+    position (a recipe that keeps the subject in new contexts has it >= ``subject_match``).
+    ``pres``: share of "a [class]" images that show the subject (lower is better: the
     class prior survived). ``div``: mean pairwise RMS pixel distance between "a [V] [class]" images
     (higher is more varied, the analogue of the paper's LPIPS-based DIV).
     """
@@ -111,6 +113,7 @@ class SubjectReport:
     subject_match: float
     prompt_fidelity: float
     recontext_subject_match: float
+    recontext_shown: float
     pres: float
     div: float
 
@@ -143,9 +146,26 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
         subject_match=float(np.mean([is_subject(i, subject) for i in subject_images])),
         prompt_fidelity=float(np.mean(asked)),
         recontext_subject_match=float(np.mean([a and s for a, s in zip(asked, shown)])),
+        recontext_shown=float(np.mean(shown)),
         pres=float(np.mean([is_subject(i, subject) for i in class_images])),
         div=pairwise_distance(subject_images),
     )
+
+
+def vae_ceiling(vae, references: Sequence[Image.Image], resolution: int) -> float:
+    """Subject fidelity of the subject photos passed through the VAE alone (encode, decode the
+    posterior mean), scored like ``SubjectReport.subject_fidelity``: no fine-tune of the UNet and
+    text encoder can render the subject better than its decoder can. A subject far below 1.0 here
+    is one the model's VAE cannot carry, not a training failure."""
+    photos = [r.convert("RGB").resize((resolution, resolution), Image.NEAREST) for r in references]
+    pixels = torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1) for p in photos]).float() / 127.5 - 1
+    dtype = next(vae.parameters()).dtype
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(pixels.to(dtype)).latent_dist.mean).sample.float()
+    arrays = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    ref_features = [subject_features(r) for r in references]
+    return float(np.mean([subject_similarity(subject_features(Image.fromarray(a)), ref)
+                          for a in arrays for ref in ref_features]))
 
 
 # -- collateral drift -----------------------------------------------------------------------------

@@ -368,6 +368,21 @@ SUBJECTS: dict[str, Subject] = {s.name: s for s in (
 )}
 
 
+def new_subjects(n: int, seed: int) -> list[Subject]:
+    """n subjects unlike the shipped ones, fixed by ``seed``: each pairs a shape with a pattern no
+    shipped subject has, in a random pair of colours (for checking a recipe on subjects it was not
+    tuned on)."""
+    rng = np.random.default_rng([seed, 13])
+    shipped = {(s.class_noun, s.pattern) for s in SUBJECTS.values()}
+    pairs = [(shape, pattern) for shape in SHAPES for pattern in PATTERNS if (shape, pattern) not in shipped]
+    subjects = []
+    for i in rng.permutation(len(pairs))[:n]:
+        shape, pattern = pairs[i]
+        color, secondary = (COLORS[j] for j in rng.choice(len(COLORS), 2, replace=False))
+        subjects.append(Subject(f"{secondary}_{pattern}_{color}_{shape}", shape, color, secondary, pattern))
+    return subjects
+
+
 def render_subject(subject: Subject, background: str, position: str = "center",
                    size: str = "medium", resolution: int = 32, seed: Seed = None) -> Image.Image:
     if background == subject.secondary:

@@ -25,6 +25,26 @@ def adamw(params, learning_rate: float, weight_decay: float) -> torch.optim.Adam
     return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=True)
 
 
+def parameter_groups(module: torch.nn.Module, learning_rate: float,
+                     text_encoder_learning_rate: float | None) -> list[dict]:
+    """The trainable parameters of a ``DreamBoothModule`` as optimizer groups: the UNet (and every
+    other trainable module) at ``learning_rate``, the text encoder(s) at ``text_encoder_learning_rate``
+    when it is set. Group 0 is always the UNet's; group 1, when present, the text encoders'.
+
+    A text encoder moved less than the UNet keeps what the base model's prompts mean: at one rate,
+    the words every caption shares ("a", the class noun, colours) drift with the subject's
+    (benchmarks/recipe_search.py)."""
+    if text_encoder_learning_rate is None:
+        return [{"params": [p for p in module.parameters() if p.requires_grad]}]
+    encoders = [p for name, p in module.named_parameters() if p.requires_grad and name.startswith("text_encoder")]
+    encoder_ids = {id(p) for p in encoders}
+    rest = [p for p in module.parameters() if p.requires_grad and id(p) not in encoder_ids]
+    groups = [{"params": rest, "lr": learning_rate}]
+    if encoders:
+        groups.append({"params": encoders, "lr": text_encoder_learning_rate})
+    return groups
+
+
 def effective_zero_stage(train: TrainConfig, world_size: int) -> int:
     """The ZeRO stage a run trains with: ``--zero-stage``, except that one rank without offload has
     nothing to partition, and stages 1-3 would only add their gradient bucketing and parameter
@@ -147,7 +167,7 @@ def build_engine(module: torch.nn.Module, train: TrainConfig, *, cuda: bool | No
     clear_stale_jit_locks()
     from diffusers.optimization import get_scheduler
 
-    params = [p for p in module.parameters() if p.requires_grad]
+    params = parameter_groups(module, train.learning_rate, train.text_encoder_learning_rate)
     optimizer = None
     if not train.offload_optimizer:
         optimizer = adamw(params, train.learning_rate, train.adam_weight_decay)

@@ -15,7 +15,7 @@ import torch
 
 from dreambooth.subjects import SubjectImage
 from dreambooth.training.batches import BatchMaker, PriorPool
-from dreambooth.training.engine import adamw
+from dreambooth.training.engine import adamw, parameter_groups
 from dreambooth.training.module import DreamBoothModule, mixed_batch_loss
 
 
@@ -32,7 +32,11 @@ class FinetuneSettings:
     train_batch_size: int = 2
     """Subject examples per step (as many prior examples join them)."""
     learning_rate: float = 1e-4
-    """AdamW learning rate, constant."""
+    """AdamW learning rate of the UNet (and of the text encoder unless set apart), constant."""
+    text_encoder_learning_rate: float | None = None
+    """The text encoder's own learning rate (``TrainConfig.text_encoder_learning_rate``); None: ``learning_rate``."""
+    text_encoder_steps: int | None = None
+    """Train the text encoder for the first this many steps only, then the UNet alone; None: every step."""
     adam_weight_decay: float = 0.0
     """AdamW weight decay (``TrainConfig.adam_weight_decay`` is the cluster loop's)."""
     prior_loss_weight: float = 1.0
@@ -57,7 +61,11 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
         raise ValueError("prior_loss_weight > 0 needs prior_latents")
     parts.vae.requires_grad_(False).eval()
     module = DreamBoothModule(parts.unet, parts.text_encoder).train()
-    optimizer = adamw(module.parameters(), settings.learning_rate, settings.adam_weight_decay)
+    encoder_rate = settings.text_encoder_learning_rate
+    if encoder_rate is None and settings.text_encoder_steps is not None:
+        encoder_rate = settings.learning_rate  # a group of its own, to stop at text_encoder_steps
+    optimizer = adamw(parameter_groups(module, settings.learning_rate, encoder_rate),
+                      settings.learning_rate, settings.adam_weight_decay)
     batches = BatchMaker(
         images, parts.tokenizer, parts.vae, settings.instance_prompt, settings.class_prompt,
         resolution=settings.resolution, batch_size=settings.train_batch_size, center_crop=False,
@@ -69,6 +77,8 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
     history = []
     for step in range(settings.max_train_steps):
         started = time.perf_counter()
+        if step == settings.text_encoder_steps:
+            optimizer.param_groups[1]["lr"] = 0.0  # AdamW scales its step and its decay by lr: frozen
         batch = batches.next()
         loss = mixed_batch_loss(module, parts.noise_scheduler, batch.latents, batch.input_ids,
                                 batch.num_instance, settings.prior_loss_weight, generator)

@@ -1,0 +1,256 @@
+"""Which fine-tuning recipe personalizes a shapes subject without breaking the rest of the model?
+
+    python benchmarks/recipe_search.py                     # every lever, on the 2 tuning subjects (~40 min)
+    python benchmarks/recipe_search.py --variants chosen --subjects held-out scripted
+                                                           # the chosen recipe, unchanged, elsewhere
+    python benchmarks/recipe_search.py --quick             # CI: proves it runs
+
+Each variant is the starting recipe (``start``: the demo's settings before issue #13) with one or
+more levers moved: the learning rate and steps, a lower learning rate or a step limit for the text
+encoder, λ, the number of class priors and the guidance they were generated with. Every fine-tune
+starts from the base ``shapes`` model and runs in one process (``training.inprocess``: the cluster
+loop's batches and loss), then is scored on fixed seeds by ``dreambooth.evaluation.shapes``:
+
+    subject_fidelity         "a [V] [class]" images vs the subject photos (1.0: the photos)
+    subject_match            share of those images the analyzers call the subject
+    recontext_shown          share of "a [V] [class] on a green background" / "... in the top left"
+                             images that show the subject (should be >= subject_match)
+    class_fidelity           "a [class]" still drawn as the class, as a ratio to the base model
+    other_prompt_fidelity    captions of the other shapes, colours and backgrounds, ratio to base
+
+A recipe passes when class and other-prompt fidelity stay within 0.1 of the base (>= 0.9),
+subject fidelity >= 0.7 and recontext_shown >= subject_match. The ``vae ceiling`` row is the
+subject fidelity of the photos passed through the VAE alone: what no UNet or text-encoder
+fine-tune can exceed. Subjects: ``tuning`` (two_tone_triangle, striped_circle) choose the recipe;
+``held-out`` (checker_square, dotted_star) and ``scripted`` (new subjects from
+``dreambooth.shapes.new_subjects``) check it unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import append_results, environment  # noqa: E402
+from dreambooth.evaluation.shapes import evaluate_drift, evaluate_subject, vae_ceiling  # noqa: E402
+from dreambooth.identifier import pick_identifiers  # noqa: E402
+from dreambooth.models import load_components, load_pipeline, quiet_libraries, resolve_model  # noqa: E402
+from dreambooth.shapes import SUBJECTS, new_subjects, write_subject_images  # noqa: E402
+from dreambooth.subjects import load_subject_images  # noqa: E402
+from dreambooth.training.inprocess import FinetuneSettings, finetune  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SUBJECT_SETS = {
+    "tuning": ("two_tone_triangle", "striped_circle"),
+    "held-out": ("checker_square", "dotted_star"),
+}
+SCRIPTED_SEED = 2026
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The levers this study moves (the rest of ``FinetuneSettings`` stays at the demo's values)."""
+
+    learning_rate: float = 5e-4
+    """UNet learning rate."""
+    text_encoder_learning_rate: float | None = None
+    """Text encoder learning rate; None: the UNet's."""
+    text_encoder_steps: int | None = None
+    """The text encoder trains for the first this many steps only."""
+    steps: int = 400
+    """Optimizer steps (batch 2 subject + 2 prior examples)."""
+    prior_loss_weight: float = 1.0
+    """λ."""
+    num_priors: int = 32
+    """Class-prior images."""
+    prior_guidance: float = 4.0
+    """Guidance scale the priors were generated with."""
+
+
+START = Recipe()
+VARIANTS: dict[str, Recipe] = {
+    "start": START,
+    "te lr 5e-5": dataclasses.replace(START, text_encoder_learning_rate=5e-5),
+    "te lr 0 (frozen)": dataclasses.replace(START, text_encoder_learning_rate=0.0),
+    "te 100 steps": dataclasses.replace(START, text_encoder_steps=100),
+    "lr 2e-4": dataclasses.replace(START, learning_rate=2e-4),
+    "steps 200": dataclasses.replace(START, steps=200),
+    "λ 2": dataclasses.replace(START, prior_loss_weight=2.0),
+    "λ 0": dataclasses.replace(START, prior_loss_weight=0.0),
+    "priors 128": dataclasses.replace(START, num_priors=128),
+    "prior guidance 1.5": dataclasses.replace(START, prior_guidance=1.5),
+}
+CHOSEN = "te lr 5e-5"
+"""The recipe ``dreambooth/data/shapes/dreambooth.yaml`` ships (chosen on the tuning subjects)."""
+
+MEASURES = ("subject_fidelity", "subject_match", "recontext_shown", "class_fidelity", "other_prompt_fidelity")
+
+
+def passes(row: dict) -> bool:
+    return (row["class_fidelity"] >= 0.9 and row["other_prompt_fidelity"] >= 0.9
+            and row["subject_fidelity"] >= 0.7 and row["recontext_shown"] >= row["subject_match"])
+
+
+class Study:
+    """The base model, its scores and its class priors, computed once and shared by every variant."""
+
+    def __init__(self, args) -> None:
+        self.args = args
+        self.base = load_components(resolve_model(args.model))
+        self.sampler_scheduler = load_pipeline(resolve_model(args.model)).scheduler
+        self.sample = dict(images_per_prompt=args.images_per_prompt, steps=args.sampling_steps,
+                           guidance_scale=args.guidance, seed=args.eval_seed)
+        self._priors: dict[tuple, torch.Tensor] = {}
+        self._drift: dict[str, dict] = {}
+
+    def pipe(self, parts):
+        return parts.pipeline(self.sampler_scheduler)
+
+    def priors(self, class_noun: str, count: int, guidance: float) -> torch.Tensor:
+        """Class-prior latents as the prior cache holds them (scaled, sampler output), seeds 0..count-1."""
+        key = (class_noun, count, guidance)
+        if key not in self._priors:
+            generators = [torch.Generator().manual_seed(s) for s in range(count)]
+            with torch.no_grad():
+                self._priors[key] = self.pipe(self.base)([f"a {class_noun}"] * count, generator=generators,
+                                                         num_inference_steps=self.args.sampling_steps,
+                                                         guidance_scale=guidance, output_type="latent").images
+        return self._priors[key]
+
+    def base_drift(self, class_noun: str) -> dict:
+        if class_noun not in self._drift:
+            self._drift[class_noun] = evaluate_drift(self.pipe(self.base), class_noun, **self.sample).as_dict()
+        return self._drift[class_noun]
+
+    def score(self, parts, subject, references, identifier: str) -> dict:
+        report = evaluate_subject(self.pipe(parts), subject, references, identifier, **self.sample).as_dict()
+        drift = evaluate_drift(self.pipe(parts), subject.class_noun, **self.sample).as_dict()
+        base = self.base_drift(subject.class_noun)
+        ratio = {"class_fidelity": ("class_accuracy"), "other_prompt_fidelity": "other_prompt_accuracy"}
+        for name, measure in ratio.items():
+            report[name] = drift[measure] / base[measure] if base[measure] > 0 else float(drift[measure] == 0)
+        return report
+
+    def run(self, subject, folder: Path, recipe: Recipe, seed: int) -> dict:
+        images = load_subject_images(str(folder), self.args.resolution)
+        references = [image.to_pil() for image in images]
+        identifier = pick_identifiers(self.base.tokenizer, 1, seed)[0]
+        parts = copy.copy(self.base)
+        parts.unet, parts.text_encoder = copy.deepcopy(self.base.unet), copy.deepcopy(self.base.text_encoder)
+        priors = self.priors(subject.class_noun, recipe.num_priors, recipe.prior_guidance)
+        finetune(parts, images, FinetuneSettings(
+            instance_prompt=f"a {identifier} {subject.class_noun}", class_prompt=f"a {subject.class_noun}",
+            max_train_steps=self.args.steps_override or recipe.steps, learning_rate=recipe.learning_rate,
+            text_encoder_learning_rate=recipe.text_encoder_learning_rate,
+            text_encoder_steps=recipe.text_encoder_steps, prior_loss_weight=recipe.prior_loss_weight,
+            resolution=self.args.resolution, seed=seed), priors)
+        return self.score(parts, subject, references, identifier)
+
+
+def subjects_of(sets: list[str], scripted: int, root: Path):
+    """(subject, photo folder) pairs; scripted subjects' photos are written under ``root``."""
+    chosen = []
+    for name in sets:
+        if name == "scripted":
+            for subject in new_subjects(scripted, SCRIPTED_SEED):
+                folder = root / subject.name
+                write_subject_images(subject, folder, seed=SCRIPTED_SEED, sizes=("small", "medium", "large"))
+                chosen.append((subject, folder))
+        else:
+            chosen += [(SUBJECTS[n], REPO / "examples" / "subjects" / n) for n in SUBJECT_SETS.get(name, (name,))]
+    return chosen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="shapes")
+    parser.add_argument("--subjects", nargs="+", default=["tuning"],
+                        help="sets (tuning, held-out, scripted) or shipped subject names")
+    parser.add_argument("--scripted", type=int, default=4, help="new subjects in the scripted set")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, "chosen"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--images-per-prompt", type=int, default=8)
+    parser.add_argument("--sampling-steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0, help="guidance of the evaluation images")
+    parser.add_argument("--eval-seed", type=int, default=0)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--steps-override", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="CI: 1 subject, 2 variants, 4 steps, 2 images")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 per process when running several)")
+    parser.add_argument("--json", help="also write the rows to this JSON file (updated after each run)")
+    parser.add_argument("--report", nargs="+", help="only print (and append) the table of these --json files")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args()
+    variants = [CHOSEN if v == "chosen" else v for v in args.variants]
+    if args.quick:
+        args.subjects, variants, args.steps_override = ["two_tone_triangle"], ["start", CHOSEN], 4
+        args.images_per_prompt, args.sampling_steps = 2, 4
+    torch.set_num_threads(args.threads)
+    quiet_libraries()
+    if args.report:
+        rows = [row for path in args.report for row in json.loads(Path(path).read_text())]
+        text = table(rows)
+        print(text)
+        if not args.no_write:
+            append_results("Recipe levers on the shapes model (recipe_search.py)", text, environment(),
+                           "benchmarks/recipe_search.py " + " ".join(sys.argv[1:]))
+        return
+    started = time.time()
+    study = Study(args)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        subjects = subjects_of(args.subjects, args.scripted, Path(scratch))
+        ceilings = {}
+        for subject, folder in subjects:
+            images = load_subject_images(str(folder), args.resolution)
+            ceilings[subject.name] = vae_ceiling(study.base.vae, [image.to_pil() for image in images], args.resolution)
+            print(f"{subject.name} ({subject.class_noun}, {subject.color}/{subject.secondary} {subject.pattern}): "
+                  f"vae ceiling {ceilings[subject.name]:.3f}", flush=True)
+        for variant in variants:  # variant-major: a cut-short study still compares every subject
+            for subject, folder in subjects:
+                for seed in args.seeds:
+                    t0 = time.time()
+                    row = {"variant": variant, "subject": subject.name, "seed": seed,
+                           "vae_ceiling": ceilings[subject.name], **study.run(subject, folder, VARIANTS[variant], seed)}
+                    row["seconds"] = time.time() - t0
+                    rows.append(row)
+                    print(f"{variant:<20} {subject.name:<28} " + " ".join(f"{m} {row[m]:.2f}" for m in MEASURES)
+                          + f"  {'PASS' if passes(row) else 'fail'} ({row['seconds']:.0f} s)", flush=True)
+                    if args.json:
+                        Path(args.json).write_text(json.dumps(rows, indent=1))
+    text = table(rows)
+    print(f"\n{text}\n\n{time.time() - started:.0f} s in all")
+    if not args.no_write and not args.quick:
+        append_results("Recipe levers on the shapes model (recipe_search.py)", text, environment(),
+                       "benchmarks/recipe_search.py " + " ".join(sys.argv[1:]))
+
+
+def table(rows: list[dict]) -> str:
+    """One line per (variant, subject), then the mean of each variant over its subjects."""
+    head = "| variant | subject | " + " | ".join(MEASURES) + " | vae ceiling | passes |"
+    lines = [head, "|" + "---|" * (len(MEASURES) + 4)]
+    for row in rows:
+        lines.append(f"| {row['variant']} | {row['subject']} | " + " | ".join(f"{row[m]:.2f}" for m in MEASURES)
+                     + f" | {row['vae_ceiling']:.2f} | {'yes' if passes(row) else 'no'} |")
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lines += ["", "| variant (mean) | " + " | ".join(MEASURES) + " | passes |", "|" + "---|" * (len(MEASURES) + 2)]
+    for variant in variants:
+        mine = [r for r in rows if r["variant"] == variant]
+        lines.append(f"| {variant} | " + " | ".join(f"{np.mean([r[m] for r in mine]):.2f}" for m in MEASURES)
+                     + f" | {sum(passes(r) for r in mine)}/{len(mine)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
