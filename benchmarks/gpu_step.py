@@ -101,29 +101,23 @@ def sd15_shapes() -> Shapes:
     return Shapes("SD 1.5", unet, text, resolution=512, vae_factor=8)
 
 
+def model_shapes(name: str, model_path: str, resolution: int) -> Shapes:
+    """The layout of a diffusers folder, read from its own ``unet/``, ``text_encoder/`` and ``vae/``
+    configs (the project's built-in models, so the benchmark cannot drift from them)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    unet = dict(UNet2DConditionModel.load_config(model_path, subfolder="unet"))
+    text = CLIPTextConfig.from_pretrained(model_path, subfolder="text_encoder").to_dict()
+    vae_blocks = AutoencoderKL.load_config(model_path, subfolder="vae")["block_out_channels"]
+    return Shapes(name, unet, text, resolution=resolution, vae_factor=2 ** (len(vae_blocks) - 1))
+
+
 def tiny_shapes() -> Shapes:
-    """The repo's built-in ``tiny`` layout (its VAE downsamples 2x, so 32 px -> 16x16 latents)."""
-    unet = dict(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    text = dict(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        max_position_embeddings=TEXT_LENGTH,
-    )
-    return Shapes("tiny", unet, text, resolution=32, vae_factor=2)
+    """The repo's built-in ``tiny`` model (its VAE downsamples 2x, so 32 px -> 16x16 latents)."""
+    from dreambooth.models import resolve_model
+
+    return model_shapes("tiny", resolve_model("tiny"), resolution=32)
 
 
 def build_module(shapes: Shapes):
@@ -133,9 +127,9 @@ def build_module(shapes: Shapes):
 
     from dreambooth.training.module import DreamBoothModule
 
-    unet = UNet2DConditionModel(**shapes.unet)
+    unet = UNet2DConditionModel.from_config(shapes.unet)
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(**shapes.text, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+        CLIPTextConfig.from_dict({"bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407, **shapes.text})
     )
     return DreamBoothModule(unet, text_encoder, train_text_encoder=True)
 
@@ -150,14 +144,14 @@ def sd15_noise_scheduler():
 
 
 def make_batch(rows: int, latent: int, device: torch.device, generator: Optional[torch.Generator] = None):
-    """Random latents, noise, timesteps and token ids (BOS, 75 random tokens, EOS) for ``rows`` rows."""
+    """Random latents, noise, timesteps and conditions (``input_ids``: BOS, 75 random tokens, EOS) for ``rows`` rows."""
     kwargs = {"device": device, "generator": generator}
     latents = torch.randn(rows, 4, latent, latent, **kwargs)
     noise = torch.randn(rows, 4, latent, latent, **kwargs)
     timesteps = torch.randint(0, 1000, (rows,), **kwargs)
     input_ids = torch.randint(0, CLIP_VOCAB_SIZE - 2, (rows, TEXT_LENGTH), **kwargs)
     input_ids[:, 0], input_ids[:, -1] = 49406, 49407
-    return latents, noise, timesteps, input_ids
+    return latents, noise, timesteps, {"input_ids": input_ids}
 
 
 def count_step_flops(shapes: Shapes, rows: int) -> tuple[int, dict[str, int]]:
@@ -169,10 +163,10 @@ def count_step_flops(shapes: Shapes, rows: int) -> tuple[int, dict[str, int]]:
     latent = shapes.resolution // shapes.vae_factor
     with torch.device("meta"):
         module = build_module(shapes)
-        latents, noise, timesteps, input_ids = make_batch(rows, latent, torch.device("meta"))
+        latents, noise, timesteps, conditions = make_batch(rows, latent, torch.device("meta"))
     counter = FlopCounterMode(display=False)
     with counter:
-        prediction = module(latents + noise, timesteps, input_ids)  # add_noise's arithmetic is not counted
+        prediction = module(latents + noise, timesteps, conditions)  # add_noise's arithmetic is not counted
         target = diffusion_target(sd15_noise_scheduler(), latents, noise, timesteps)
         # dreambooth_loss's two MSE halves (it calls .item(), which meta tensors lack): no matmuls either way
         loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
@@ -245,9 +239,9 @@ def run(shapes: Shapes, batch: int, precision: str, steps: int, warmup: int, dev
     for step in range(warmup + steps):
         sync(device)
         start = time.perf_counter()
-        latents, noise, timesteps, input_ids = make_batch(2 * batch, latent, device, generator)
+        latents, noise, timesteps, conditions = make_batch(2 * batch, latent, device, generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        prediction = engine(noisy.to(dtype), timesteps, input_ids)
+        prediction = engine(noisy.to(dtype), timesteps, conditions)
         target = diffusion_target(scheduler, latents, noise, timesteps)
         loss = dreambooth_loss(prediction, target, batch, 1.0)
         engine.backward(loss.total)

@@ -36,7 +36,7 @@ def measure(model_path: str, resolution: int, batch: int, steps: int, cached: bo
     torch.set_num_threads(1)
     parts = load_components(model_path)
     parts.vae.requires_grad_(False).eval()
-    module = DreamBoothModule(parts.unet, parts.text_encoder)
+    module = DreamBoothModule.from_components(parts)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
     rng = np.random.default_rng(0)
     pngs = []
@@ -62,7 +62,7 @@ def measure(model_path: str, resolution: int, batch: int, steps: int, cached: bo
         latents = torch.cat([subject, prior])
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (latents.shape[0],))
-        pred = module(parts.noise_scheduler.add_noise(latents, noise, t), t, ids)
+        pred = module(parts.noise_scheduler.add_noise(latents, noise, t), t, {"input_ids": ids})
         loss = dreambooth_loss(pred, diffusion_target(parts.noise_scheduler, latents, noise, t), batch, 1.0)
         optimizer.zero_grad()
         loss.total.backward()

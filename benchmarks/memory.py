@@ -211,8 +211,8 @@ def measure_worker(config: dict) -> None:
     generator = torch.Generator().manual_seed(rank)
     start = time.perf_counter()
     for step in range(2):
-        latents, noise, timesteps, input_ids = make_batch(2, latent, torch.device("cpu"), generator)
-        prediction = engine(latents.to(dtype) + noise.to(dtype), timesteps, input_ids)
+        latents, noise, timesteps, conditions = make_batch(2, latent, torch.device("cpu"), generator)
+        prediction = engine(latents.to(dtype) + noise.to(dtype), timesteps, conditions)
         loss = torch.nn.functional.mse_loss(prediction.float(), noise)
         engine.backward(loss)
         if step == 1:

@@ -83,13 +83,13 @@ VARIANTS: dict[str, Recipe] = {
     "start": START,
     "te lr 5e-5": dataclasses.replace(START, text_encoder_learning_rate=5e-5),
     "te lr 0 (frozen)": dataclasses.replace(START, text_encoder_learning_rate=0.0),
-    "te 100 steps": dataclasses.replace(START, text_encoder_steps=100),
     "lr 2e-4": dataclasses.replace(START, learning_rate=2e-4),
-    "steps 200": dataclasses.replace(START, steps=200),
     "λ 2": dataclasses.replace(START, prior_loss_weight=2.0),
-    "λ 0": dataclasses.replace(START, prior_loss_weight=0.0),
+    "te 100 steps": dataclasses.replace(START, text_encoder_steps=100),
+    "steps 200": dataclasses.replace(START, steps=200),
     "priors 128": dataclasses.replace(START, num_priors=128),
     "prior guidance 1.5": dataclasses.replace(START, prior_guidance=1.5),
+    "λ 0": dataclasses.replace(START, prior_loss_weight=0.0),
 }
 CHOSEN = "te lr 5e-5"
 """The recipe ``dreambooth/data/shapes/dreambooth.yaml`` ships (chosen on the tuning subjects)."""
@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--scripted", type=int, default=4, help="new subjects in the scripted set")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, "chosen"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--images-per-prompt", type=int, default=8)
+    parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--sampling-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0, help="guidance of the evaluation images")
     parser.add_argument("--eval-seed", type=int, default=0)

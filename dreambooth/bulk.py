@@ -457,7 +457,8 @@ def format_table(report: BulkReport) -> str:
 
 def resolve_identifiers(planned: list[tuple[str, RunConfig]], distinct: bool = True) -> None:
     """Draw every ``auto`` identifier now, from the CLIP vocabulary every Stable Diffusion 1.x/2.x model
-    shares, unique across the manifest when ``distinct`` (before any job starts, on any cluster)."""
+    and both SDXL tokenizers share, unique across the manifest when ``distinct`` (before any job
+    starts, on any cluster, without loading the models)."""
     from dreambooth.identifier import drawer_for
     from dreambooth.models import load_clip_tokenizer
 

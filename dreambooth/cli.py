@@ -136,8 +136,6 @@ def cmd_prior(args: argparse.Namespace) -> int:
 
 
 def cmd_identifier(args: argparse.Namespace) -> int:
-    from transformers import CLIPTokenizer
-
     from dreambooth import identifier, models
 
     from dreambooth.inputs import shorten
@@ -147,14 +145,14 @@ def cmd_identifier(args: argparse.Namespace) -> int:
     if args.check is not None and (not args.check.strip() or len(args.check) > 200 or any(ord(c) < 32 for c in args.check)):
         raise ConfigError(f"--check {shorten(args.check)} must be 1-200 characters of text without line breaks")
     path = models.resolve_model(args.model)
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    tokenizers = models.model_family(path).load_tokenizers(path)  # SDXL: both; a pick is one token in each
     if args.check:
-        report = identifier.check_identifier(tokenizer, args.check)
+        report = identifier.check_identifier(tokenizers[0], args.check, *tokenizers[1:])
         print(f"{args.check!r} → token ids {report.token_ids}")
         for warning in report.warnings:
             print(f"warning: {warning}")
         return 0
-    for ident in identifier.pick_identifiers(tokenizer, args.count, args.seed):
+    for ident in identifier.pick_identifiers(tokenizers[0], args.count, args.seed, others=tokenizers[1:]):
         print(ident)
     return 0
 
@@ -166,8 +164,10 @@ def _check_sample_args(args: argparse.Namespace) -> None:
     from dreambooth.inputs import MAX_PROMPT_CHARS, shorten
 
     check_range(args.num_images, 1, 64, "--num-images")
-    check_range(args.steps, 1, 1000, "--steps")
-    check_range(args.guidance_scale, 0, 100, "--guidance-scale")
+    if args.steps is not None:
+        check_range(args.steps, 1, 1000, "--steps")
+    if args.guidance_scale is not None:
+        check_range(args.guidance_scale, 0, 100, "--guidance-scale")
     check_range(args.seed, 0, MAX_SEED, "--seed")
     if args.resolution is not None:
         validate_resolution(args.resolution)
@@ -191,20 +191,22 @@ MAX_SAMPLE_PROMPTS = 256
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from dreambooth.sample import sample_to_file
+    from dreambooth.sample import sample_to_file, sampler_settings
 
     _check_sample_args(args)
+    sampler = sampler_settings(args.model, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                               resolution=args.resolution)
     out = sample_to_file(
         args.model,
         args.prompt,
         args.output,
         num_images=args.num_images,
         seed=args.seed,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        resolution=args.resolution,
+        num_inference_steps=sampler.num_inference_steps,
+        guidance_scale=sampler.guidance_scale,
+        resolution=sampler.resolution,
     )
-    print(f"Done: {len(args.prompt)} prompt(s) x {args.num_images} image(s) → {out}")
+    print(f"Done: {len(args.prompt)} prompt(s) x {args.num_images} image(s) → {out} ({sampler.describe()})")
     return 0
 
 
@@ -212,8 +214,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dreambooth.evaluation.runner import EvalOptions, evaluate, format_table
 
     check_range(args.images_per_prompt, 1, 64, "--images-per-prompt")
-    check_range(args.steps, 1, 1000, "--steps")
-    check_range(args.guidance_scale, 0, 100, "--guidance-scale")
+    if args.steps is not None:
+        check_range(args.steps, 1, 1000, "--steps")
+    if args.guidance_scale is not None:
+        check_range(args.guidance_scale, 0, 100, "--guidance-scale")
     check_range(args.seed, 0, 2**31 - 1, "--seed")
     options = EvalOptions(
         output=args.output, suite=args.suite, shapes_subject=args.shapes_subject,
@@ -446,9 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", required=True, nargs="+", help="one or more prompts (one grid row each)")
     sample.add_argument("--num-images", type=int, default=4, help="images per prompt")
     sample.add_argument("--seed", type=int, default=0, help="image j of each row uses seed + j")
-    sample.add_argument("--steps", type=int, default=25, help="denoising steps")
-    sample.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
-    sample.add_argument("--resolution", type=int, default=None, help="image side (default: the model's)")
+    sample.add_argument("--steps", type=int, default=None,
+                        help="denoising steps (default: the run's or the model recipe's, else 25)")
+    sample.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance scale (default: the run's or the model recipe's, else 7.5)")
+    sample.add_argument("--resolution", type=int, default=None,
+                        help="image side (default: the run's or the model recipe's, else the model's native size)")
     sample.add_argument("--output", required=True, help="PNG file to write (local path or URI)")
     sample.set_defaults(func=cmd_sample)
 
@@ -462,8 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--shapes-subject", default=None, help="shapes subject name (default: the photo folder's name)")
     evaluate.add_argument("--images-per-prompt", type=int, default=8, help="images per prompt (image j uses seed + j)")
     evaluate.add_argument("--seed", type=int, default=0, help="first sampling seed")
-    evaluate.add_argument("--steps", type=int, default=25, help="denoising steps")
-    evaluate.add_argument("--guidance-scale", type=float, default=4.0, help="classifier-free guidance scale")
+    evaluate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the run's, else 25)")
+    evaluate.add_argument("--guidance-scale", type=float, default=None,
+                          help="classifier-free guidance scale (default: the run's, else 7.5)")
     evaluate.add_argument("--no-base", action="store_true", help="skip scoring the base model for comparison")
     evaluate.add_argument("--dino-model", default="facebook/dino-vits16", help="dreambench: DINO model id or folder")
     evaluate.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="dreambench: CLIP model id or folder")

@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -33,6 +33,15 @@ from dreambooth.inputs import MAX_CONFIG_BYTES, MAX_PROMPT_CHARS, MAX_TEXT_FIELD
 
 class ConfigError(ValueError):
     """A configuration value a user must fix; the message names the field and the fix."""
+
+
+LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "polynomial"]
+Precision = Literal["no", "fp16", "bf16"]
+Launcher = Literal["auto", "ray-train", "in-process"]
+UseGpu = Literal["auto", "true", "false"]
+SaveDtype = Literal["fp16", "bf16", "fp32"]
+ReportTo = Literal["none", "tensorboard", "mlflow", "wandb"]
+"""The string options' choices: read as text, checked by ``validate`` against ``typing.get_args``."""
 
 
 @dataclass
@@ -111,7 +120,7 @@ class TrainConfig:
     """Peak learning rate of the text encoder(s); unset: ``learning_rate``. A lower one keeps what
     the base model's other prompts mean (benchmarks/recipe_search.py); 0 freezes the encoder."""
 
-    lr_scheduler: str = "constant"
+    lr_scheduler: LrScheduler = "constant"
     """Learning-rate schedule: constant, constant_with_warmup, linear, cosine, polynomial."""
 
     lr_warmup_steps: int = 0
@@ -129,18 +138,22 @@ class TrainConfig:
     train_text_encoder: bool = True
     """Fine-tune the text encoder too (the paper's all-layers setting); false freezes it."""
 
-    mixed_precision: str = "no"
+    train_text_encoder_2: bool = True
+    """Fine-tune SDXL's second text encoder (OpenCLIP ViT-bigG) too; false freezes it. Models with one
+    text encoder (Stable Diffusion 1.x/2.x) ignore it."""
+
+    mixed_precision: Precision = "no"
     """Training precision: no (fp32), fp16 or bf16 (bf16 recommended on GPUs that have it)."""
 
     workers: int = 1
     """Ray Train workers (data-parallel ranks), one GPU each where GPUs exist."""
 
-    launcher: str = "auto"
+    launcher: Launcher = "auto"
     """Where training runs: ray-train (a Ray Train worker group, restarted on a lost worker),
     in-process (this command's own process: one local worker, no worker group to start), or auto:
     in-process for one worker when no cluster is joined (no RAY_ADDRESS), ray-train otherwise."""
 
-    use_gpu: str = "auto"
+    use_gpu: UseGpu = "auto"
     """Give each worker and prior actor a GPU: auto (if the cluster has GPUs), true or false."""
 
     cpus_per_worker: float = 1.0
@@ -195,7 +208,7 @@ class ExportConfig:
     """Also write ``before_after.png``: each sample prompt by the base model (left half) and the
     personalized model (right half), same seeds."""
 
-    save_dtype: str = "fp16"
+    save_dtype: SaveDtype = "fp16"
     """Precision of the exported UNet and text encoder weights: fp16 (half the bytes of fp32), bf16
     or fp32. Training precision is unchanged; the VAE is kept as the base model has it."""
 
@@ -203,7 +216,7 @@ class ExportConfig:
     """Render the sample prompts every this many steps into ``validation/step-<N>.png`` (the same
     seeds each time, so grids compare across steps); 0: never."""
 
-    report_to: str = "none"
+    report_to: ReportTo = "none"
     """Experiment tracking of losses, learning rate, step time, validation grids, the config and
     later ``eval`` measures: none, tensorboard (``<output>/logs/tensorboard``), mlflow
     (MLFLOW_TRACKING_URI, else a file store in ``<output>/logs/mlruns``) or wandb (installed and logged in)."""
@@ -366,7 +379,7 @@ def _coerce(info: FieldInfo, value: Any, source: str) -> Any:
         if not math.isfinite(number):
             raise ConfigError(f"{where} must be a finite number, got {shown}")
         return number
-    if tp is str:
+    if tp is str or typing.get_origin(tp) is Literal:  # a Literal's choice is checked by ``validate``
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{where} must be a string, got {shown}")
         return _checked_text(str(value), where)
@@ -459,11 +472,12 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 _CLASS_NOUN = re.compile(r"^[a-z][a-z0-9 '\-]{0,39}$")
 MAX_INSTANCE_IMAGES = 50
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
-PRECISIONS = ("no", "fp16", "bf16")
-SAVE_DTYPES = ("fp16", "bf16", "fp32")
-LAUNCHERS = ("auto", "ray-train", "in-process")
-REPORT_TO = ("none", "tensorboard", "mlflow", "wandb")
+LR_SCHEDULERS = typing.get_args(LrScheduler)
+PRECISIONS = typing.get_args(Precision)
+SAVE_DTYPES = typing.get_args(SaveDtype)
+LAUNCHERS = typing.get_args(Launcher)
+REPORT_TO = typing.get_args(ReportTo)
+USE_GPU = typing.get_args(UseGpu)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -563,7 +577,7 @@ def validate_generation(cfg: RunConfig) -> None:
     check_range(p.num_inference_steps, 1, 1000, "--num-inference-steps")
     check_range(p.guidance_scale, 0, 100, "--guidance-scale")
     check_range(p.prior_seed, 0, MAX_SEED, "--prior-seed")
-    _check(t.use_gpu in ("auto", "true", "false"), f"--use-gpu must be auto, true or false, got {shorten(t.use_gpu)}")
+    _check(t.use_gpu in USE_GPU, f"--use-gpu must be {', '.join(USE_GPU[:-1])} or {USE_GPU[-1]}, got {shorten(t.use_gpu)}")
 
 
 def validate(cfg: RunConfig) -> RunConfig:

@@ -2,7 +2,8 @@
 
 Output layout (``<output>/``)::
 
-    model_index.json, unet/, text_encoder/, vae/, tokenizer/, scheduler/    the pipeline (safetensors)
+    model_index.json, unet/, text_encoder/, vae/, tokenizer/, scheduler/    the pipeline (safetensors;
+                      SDXL adds text_encoder_2/ and tokenizer_2/)
     config.yaml       the exact, resolved config of the run
     samples.png       grid: rows = sample prompts (subject in context, subject, bare class for drift),
                       each row under its prompt; small images enlarged (nearest neighbour)
@@ -12,7 +13,8 @@ Output layout (``<output>/``)::
     run.json          identifier, class, prompts, config, metrics, timings — written last
 
 ``run.json`` is the completion marker: an output without it is unfinished, whatever else it holds.
-The folder loads with ``StableDiffusionPipeline.from_pretrained(output)`` and no project code.
+The folder loads with its family's plain pipeline class and no project code:
+``StableDiffusionPipeline.from_pretrained(output)`` or ``StableDiffusionXLPipeline.from_pretrained(output)``.
 
 A run owns only the entries it writes (``owned_entries``); ``--overwrite`` removes those and
 nothing else, so files a user keeps in the output folder survive a re-run.
@@ -72,18 +74,6 @@ def folder_bytes(folder: Path) -> dict[str, int]:
     return sizes
 
 
-def _load_text_encoder_as_float32(config_json: Path) -> None:
-    """A plain ``from_pretrained(output)`` gets diffusers models in float32 but a transformers model in
-    its saved dtype, and a pipeline of mixed dtypes fails (``Half and Float``). The config's ``dtype``
-    says which dtype a load without ``dtype=`` uses: float32, as for the UNet; ``dtype=torch.float16``
-    still loads every component in half precision."""
-    import json
-
-    config = json.loads(config_json.read_text())
-    config["dtype"] = "float32"
-    config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
 def is_complete(output: str) -> bool:
     return storage.exists(storage.join(output, RUN_RECORD))
 
@@ -131,15 +121,14 @@ def remove_run_outputs(output: str) -> list[str]:
 
 
 def export_trained(cfg: RunConfig, base, sampling_scheduler, trained_state: dict[str, torch.Tensor], device) -> dict:
-    """Save base VAE/tokenizer/scheduler + the trained UNet/text encoder to ``cfg.output`` and render the grids.
+    """Save the base VAE/tokenizers/scheduler + the trained UNet/text encoders to ``cfg.output`` and render the grids.
 
     Runs on the training worker that holds the weights (rank 0), so nothing is loaded again:
     ``base`` is a ``models.Components`` with the untouched base weights (for the "before" half of
     ``before_after.png``), ``trained_state`` the full state dict of the ``DreamBoothModule``
-    (``unet.*`` and ``text_encoder.*`` keys, fp32). Returns {"grid", "seconds", "output_bytes"}.
+    (``unet.*``, ``text_encoder.*``[, ``text_encoder_2.*``] keys, fp32). The model family saves the
+    pipeline (``ModelFamily.save_pretrained``). Returns {"grid", "seconds", "output_bytes"}.
     """
-
-    from dreambooth.models import assemble_pipeline
     from dreambooth.sample import labelled_grid, png_bytes, render_rows
 
     start = time.monotonic()
@@ -147,20 +136,13 @@ def export_trained(cfg: RunConfig, base, sampling_scheduler, trained_state: dict
     sampling = cfg.export.num_sample_images > 0
     before = None
     if sampling and cfg.export.before_after:
-        base_pipe = assemble_pipeline(vae=base.vae, unet=base.unet, text_encoder=base.text_encoder,
-                                      tokenizer=base.tokenizer, scheduler=sampling_scheduler).to(device)
+        base_pipe = base.pipeline(sampling_scheduler).to(device)
         before = render_rows(base_pipe, cfg.sample_prompts(), **settings)
         base_pipe.to("cpu")
-    unet, text_encoder = trained_modules(base, trained_state, "cpu")
-    pipe = assemble_pipeline(vae=base.vae, unet=unet, text_encoder=text_encoder, tokenizer=base.tokenizer,
-                             scheduler=sampling_scheduler)
+    pipe = base.pipeline(sampling_scheduler, **trained_modules(base, trained_state, "cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "pipeline"
-        save_dtype = SAVE_DTYPES[cfg.export.save_dtype]
-        unet.to(save_dtype), text_encoder.to(save_dtype)
-        pipe.save_pretrained(str(staged), safe_serialization=True)
-        _load_text_encoder_as_float32(staged / "text_encoder" / "config.json")
-        unet.to(torch.float32), text_encoder.to(torch.float32)  # the grid shows the saved weights
+        base.family.save_pretrained(pipe, staged, SAVE_DTYPES[cfg.export.save_dtype])  # the grid shows the saved weights
         output_bytes = folder_bytes(staged)
         storage.upload_dir(staged, cfg.output)
     after = render_rows(pipe.to(device), cfg.sample_prompts(), **settings) if sampling else None
@@ -176,15 +158,18 @@ def export_trained(cfg: RunConfig, base, sampling_scheduler, trained_state: dict
             "output_bytes": output_bytes}
 
 
-def trained_modules(base, trained_state: dict[str, torch.Tensor], device):
-    """Copies of the base UNet and text encoder on ``device`` holding a ``DreamBoothModule`` state dict."""
+def trained_modules(base, trained_state: dict[str, torch.Tensor], device) -> dict[str, torch.nn.Module]:
+    """Copies of the base trainable modules (``unet``, text encoders) on ``device``, by component
+    name, holding a ``DreamBoothModule`` state dict."""
     import copy
 
-    unet, text_encoder = copy.deepcopy(base.unet).to(device), copy.deepcopy(base.text_encoder).to(device)
-    unet.load_state_dict({k.removeprefix("unet."): v for k, v in trained_state.items() if k.startswith("unet.")})
-    text_encoder.load_state_dict(
-        {k.removeprefix("text_encoder."): v for k, v in trained_state.items() if k.startswith("text_encoder.")})
-    return unet, text_encoder
+    modules = {}
+    for name, base_module in base.trainable().items():
+        module = copy.deepcopy(base_module).to(device)
+        prefix = name + "."
+        module.load_state_dict({k.removeprefix(prefix): v for k, v in trained_state.items() if k.startswith(prefix)})
+        modules[name] = module
+    return modules
 
 
 def grid_settings(cfg: RunConfig) -> dict:
@@ -194,20 +179,20 @@ def grid_settings(cfg: RunConfig) -> dict:
                 resolution=cfg.train.resolution)
 
 
-def write_validation_grid(cfg: RunConfig, base, sampling_scheduler, unet, text_encoder, step: int, device):
-    """``validation/step-<step>.png`` from the modules being trained (left in the mode they had);
-    returns the grid image (for experiment tracking)."""
-    from dreambooth.models import assemble_pipeline
+def write_validation_grid(cfg: RunConfig, base, sampling_scheduler, trained: dict[str, torch.nn.Module], step: int,
+                          device):
+    """``validation/step-<step>.png`` from the modules being trained (``trained``: by component name,
+    left in the mode they had); returns the grid image (for experiment tracking)."""
     from dreambooth.sample import labelled_grid, png_bytes, render_rows
 
-    modes = unet.training, text_encoder.training
-    unet.eval(), text_encoder.eval()
+    modes = {name: module.training for name, module in trained.items()}
+    for module in trained.values():
+        module.eval()
     try:
-        pipe = assemble_pipeline(vae=base.vae, unet=unet, text_encoder=text_encoder, tokenizer=base.tokenizer,
-                                 scheduler=sampling_scheduler)
-        rows = render_rows(pipe, cfg.sample_prompts(), **grid_settings(cfg))
+        rows = render_rows(base.pipeline(sampling_scheduler, **trained), cfg.sample_prompts(), **grid_settings(cfg))
     finally:
-        unet.train(modes[0]), text_encoder.train(modes[1])
+        for name, module in trained.items():
+            module.train(modes[name])
     grid, _ = labelled_grid([f"step {step}: {p}" for p in cfg.sample_prompts()], [("", rows)])
     storage.write_bytes_atomic(storage.join(cfg.output, VALIDATION, f"step-{step}.png"), png_bytes(grid))
     return grid

@@ -11,7 +11,8 @@ enough that the text encoder has a weak prior for them (the community's ``sks`` 
 every candidate is still a whole word-final token. Candidates must also:
 
 - decode to 2-3 lowercase ASCII letters (typeable, no spaces, no digits: numbers carry meaning),
-- re-tokenize to exactly that one token (so the text the user types is the token we chose),
+- re-tokenize to exactly that one token (so the text the user types is the token we chose), and
+  to one token in every other tokenizer of the model (SDXL has two),
 - not be an English word: wordfreq's Zipf frequency below ``MAX_WORD_ZIPF``.
 
 About 300 single tokens pass. Where more distinct identifiers are needed (a bulk run of thousands
@@ -26,7 +27,7 @@ import random
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Collection, Iterator
+from typing import Collection, Iterator, Sequence
 
 from wordfreq import zipf_frequency
 
@@ -68,9 +69,19 @@ def _candidates_cached(tokenizer_key: str, tokenizer) -> tuple[str, ...]:
     return tuple(found)
 
 
-def rare_token_candidates(tokenizer) -> list[str]:
-    """All identifiers that pass the rules above, in token-id order."""
-    return list(_candidates_cached(getattr(tokenizer, "name_or_path", "") + str(len(tokenizer)), tokenizer))
+def _key(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") + str(len(tokenizer))
+
+
+def _is_one_token(tokenizer, text: str) -> bool:
+    return len(tokenizer(text, add_special_tokens=False).input_ids) == 1
+
+
+def rare_token_candidates(tokenizer, *others) -> list[str]:
+    """All identifiers that pass the rules above in ``tokenizer``, in its token-id order, that are also
+    one token in each of ``others`` (a model's further tokenizers: SDXL's second)."""
+    found = _candidates_cached(_key(tokenizer), tokenizer)
+    return [text for text in found if all(_is_one_token(other, text) for other in others)]
 
 
 MAX_SEQUENCE = 3
@@ -110,18 +121,21 @@ class IdentifierDrawer:
         raise ValueError("no identifier left that is not taken; pass --identifier explicitly")
 
 
-def drawer_for(tokenizer) -> IdentifierDrawer:
-    """A new drawer over a tokenizer's (cached) candidates. Keep one per bulk run: its cursors are its state."""
-    return IdentifierDrawer(rare_token_candidates(tokenizer))
+def drawer_for(tokenizer, *others) -> IdentifierDrawer:
+    """A new drawer over a tokenizer's (cached) candidates that are single tokens in ``others`` too.
+    Keep one per bulk run: its cursors are its state."""
+    return IdentifierDrawer(rare_token_candidates(tokenizer, *others))
 
 
-def pick_identifiers(tokenizer, count: int = 1, seed: int = 0, exclude: Collection[str] = frozenset()) -> list[str]:
+def pick_identifiers(tokenizer, count: int = 1, seed: int = 0, exclude: Collection[str] = frozenset(),
+                     others: Sequence = ()) -> list[str]:
     """Draw ``count`` distinct identifiers deterministically (same seed, same vocabulary → same picks).
 
     ``exclude`` holds identifiers already taken (e.g. by other subjects of a bulk run). Single rare
-    tokens come first; 2- and 3-token sequences follow once they run out.
+    tokens come first; 2- and 3-token sequences follow once they run out. ``others``: the model's
+    further tokenizers, in which each rare token must be one token too.
     """
-    drawer = drawer_for(tokenizer)
+    drawer = drawer_for(tokenizer, *others)
     picked: list[str] = []
     taken = set(exclude)
     for _ in range(count):
@@ -139,8 +153,9 @@ class IdentifierReport:
     warnings: list[str]
 
 
-def check_identifier(tokenizer, identifier: str) -> IdentifierReport:
-    """Explain (as warnings, not errors) why a user-given identifier may train poorly."""
+def check_identifier(tokenizer, identifier: str, *others) -> IdentifierReport:
+    """Explain (as warnings, not errors) why a user-given identifier may train poorly; ``others`` are
+    the model's further tokenizers (SDXL's second), where it must split as in the first."""
     ids = tokenizer(identifier, add_special_tokens=False).input_ids
     pieces = [tokenizer.convert_ids_to_tokens(i).removesuffix("</w>") for i in ids]
     warnings = []
@@ -156,4 +171,12 @@ def check_identifier(tokenizer, identifier: str) -> IdentifierReport:
             "model must first unlearn its meaning before binding it to your subject; prefer a rare token "
             "(--identifier auto)"
         )
+    for number, other in enumerate(others, start=2):
+        other_ids = other(identifier, add_special_tokens=False).input_ids
+        if len(other_ids) != len(ids):
+            warnings.append(
+                f"identifier {identifier!r} is {len(ids)} token(s) for the first tokenizer but {len(other_ids)} for "
+                f"tokenizer {number}: the text encoders would bind different pieces to the subject; prefer one "
+                "that is a single token for both (--identifier auto draws such)"
+            )
     return IdentifierReport(identifier, ids, warnings)

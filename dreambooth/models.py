@@ -4,7 +4,7 @@ Owns: what counts as a model (a local diffusers folder, a hub id, or a built-in 
 that a model exists (run before any Ray work), and loading the components training and generation
 need. Knows nothing of Ray or DeepSpeed.
 
-Built-in models: ``tiny`` (random weights) is materialized once per machine into
+Built-in models: ``tiny`` and ``tiny-sdxl`` (random weights, SD and SDXL layouts) are materialized once per machine into
 ``$DREAMBOOTH_CACHE/models/<name>`` (default ``~/.cache/dreambooth``) from a fixed seed, so every
 process and node sees identical weights; ``shapes`` (pretrained on the shapes world) ships as
 package data in ``dreambooth/data/shapes``.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from importlib import resources
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from dreambooth.config import ConfigError
+from dreambooth.families import Components, ModelFamily, family_of  # noqa: F401  (Components: re-exported)
 
 TOKENIZER_DIR = Path(str(resources.files("dreambooth") / "data" / "clip_tokenizer"))
 CLIP_VOCAB_SIZE = 49408
@@ -72,14 +72,46 @@ def load_clip_tokenizer(path: str | Path = TOKENIZER_DIR):
     return tokenizer
 
 
+def _tiny_vae():
+    """VAE (32, 64 channels; 4 latent channels, downsamples 2x) shared by the tiny built-ins."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=32,
+    )
+
+
+def _tiny_scheduler():
+    """Stable Diffusion's DDPM training schedule (scaled-linear betas, 1000 steps)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         num_train_timesteps=1000, clip_sample=False, steps_offset=1)
+
+
+def _tiny_clip_config(hidden_size: int, **extra):
+    """A 2-layer CLIP text config over the real CLIP vocabulary and 77 positions."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=37,
+                          num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+                          bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **extra)
+
+
 def build_tiny(target: Path) -> None:
     """A tiny Stable-Diffusion-layout pipeline with random weights, fast on 2 CPU cores.
 
     UNet 2 blocks (32, 64 channels, 2 heads of 32), VAE (32, 64; 4 latent channels, downsamples 2x),
     CLIP text encoder (hidden 32, 2 layers, 77 positions) with the real CLIP tokenizer, DDPM schedule.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -92,42 +124,14 @@ def build_tiny(target: Path) -> None:
         attention_head_dim=32,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        sample_size=32,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
-    scheduler = DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        clip_sample=False,
-        steps_offset=1,
-    )
+    vae = _tiny_vae()
+    text_encoder = CLIPTextModel(_tiny_clip_config(32))
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=load_clip_tokenizer(),
-        scheduler=scheduler,
+        scheduler=_tiny_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -135,7 +139,52 @@ def build_tiny(target: Path) -> None:
     pipe.save_pretrained(str(target), safe_serialization=True)
 
 
-BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny}
+TINY_SDXL_TIME_EMBED_DIM = 8
+"""Fourier features per size number of ``tiny-sdxl``'s ``time_ids`` (SDXL base: 256)."""
+
+
+def build_tiny_sdxl(target: Path) -> None:
+    """A tiny SDXL-layout pipeline with random weights, fast on 2 CPU cores.
+
+    As SDXL base, scaled down: UNet 2 blocks (32, 64 channels, linear projections, 2 heads of 32)
+    with ``text_time`` added conditioning; ``text_encoder`` a CLIPTextModel of hidden 32 and
+    ``text_encoder_2`` a CLIPTextModelWithProjection of hidden 64 (projection 32), both 2 layers over
+    77 positions and the real CLIP tokenizer, so cross-attention sees 32 + 64 = 96 channels and the
+    added embedding 6 x 8 Fourier features + 32 pooled; the tiny SD VAE and DDPM schedule.
+    """
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    encoder_1, encoder_2 = _tiny_clip_config(32), _tiny_clip_config(64, projection_dim=32)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=encoder_1.hidden_size + encoder_2.hidden_size,
+        attention_head_dim=32,
+        norm_num_groups=32,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TINY_SDXL_TIME_EMBED_DIM + encoder_2.projection_dim,
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(encoder_1),
+        text_encoder_2=CLIPTextModelWithProjection(encoder_2),
+        tokenizer=load_clip_tokenizer(),
+        tokenizer_2=load_clip_tokenizer(),
+        scheduler=_tiny_scheduler(),
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(str(target), safe_serialization=True)
+
+
+BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny, "tiny-sdxl": build_tiny_sdxl}
 # Bump when a builder changes, so stale caches are rebuilt rather than reused.
 BUILTIN_VERSION = "1"
 #: Built-in models shipped as trained weights inside the package (see ``dreambooth.shapes.basemodel``).
@@ -271,63 +320,16 @@ def load_sampling_scheduler(model_path: str, revision: Optional[str] = None):
     return getattr(diffusers, scheduler_class_name(model_path)).from_pretrained(model_path, subfolder="scheduler", **kw)
 
 
-@dataclass
-class Components:
-    """The parts of a Stable Diffusion pipeline that training touches."""
-
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    noise_scheduler: object  # DDPMScheduler with the model's training schedule
-
-    @property
-    def prediction_type(self) -> str:
-        """``epsilon`` or ``v_prediction``: what the UNet predicts, hence the loss target."""
-        return self.noise_scheduler.config.prediction_type
-
-    def pipeline(self, scheduler):
-        """A sampling pipeline over these (live, possibly fine-tuned) modules and ``scheduler``."""
-        return assemble_pipeline(vae=self.vae, unet=self.unet, text_encoder=self.text_encoder,
-                                 tokenizer=self.tokenizer, scheduler=scheduler)
-
-
-def assemble_pipeline(*, vae, unet, text_encoder, tokenizer, scheduler):
-    """A StableDiffusionPipeline from in-memory modules (no copy), progress bar and safety checker off."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def model_family(model_path: str, revision: Optional[str] = None) -> ModelFamily:
+    """The family (SD 1.x/2.x or SDXL) of a resolved model, from its ``model_index.json``."""
+    return family_of(model_path, revision)
 
 
 def load_components(model_path: str, revision: Optional[str] = None) -> Components:
-    """Load tokenizer, text encoder, UNet, VAE (all fp32) and the DDPM training scheduler."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    kw = {"revision": revision} if revision else {}
-    # fp32 explicitly: shipped weights may be stored in fp16 (the built-in ``shapes`` model is), and
-    # transformers 5 would otherwise keep the stored dtype ("auto").
-    fp32 = torch.float32
-    return Components(
-        tokenizer=CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **kw),
-        text_encoder=CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", dtype=fp32, **kw),
-        unet=UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", torch_dtype=fp32, **kw),
-        vae=AutoencoderKL.from_pretrained(model_path, subfolder="vae", torch_dtype=fp32, **kw),
-        noise_scheduler=DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **kw),
-    )
+    """Load the model's tokenizers, text encoders, UNet, VAE (all fp32) and DDPM training scheduler."""
+    return family_of(model_path, revision).load_components(model_path, revision)
 
 
 def load_pipeline(model_path: str, revision: Optional[str] = None, device: str = "cpu", dtype=torch.float32):
-    """A ready-to-sample StableDiffusionPipeline (safety checker off: research use, tiny models)."""
-    from diffusers import StableDiffusionPipeline
-
-    kw = {"revision": revision} if revision else {}
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kw
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    """A ready-to-sample pipeline of the model's family (safety checker off: research use, tiny models)."""
+    return family_of(model_path, revision).load_pipeline(model_path, revision, device, dtype)

@@ -34,10 +34,9 @@ class Prepared:
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(model_path: str, revision: Optional[str]):
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", revision=revision)
+def _tokenizers(model_path: str, revision: Optional[str]) -> tuple:
+    """The model's tokenizers (one per text encoder), as its family loads them."""
+    return models.model_family(model_path, revision).load_tokenizers(model_path, revision)
 
 
 def resolve_identifier(
@@ -46,19 +45,20 @@ def resolve_identifier(
     taken: Collection[str] = frozenset(),
     drawers: Optional[dict[str, identifier.IdentifierDrawer]] = None,
 ) -> tuple[bool, list[str]]:
-    """Fill in ``identifier: auto`` from the model's tokenizer, or check a user-given one.
+    """Fill in ``identifier: auto`` from the model's tokenizer (one token in each of its tokenizers), or
+    check a user-given one.
 
     ``drawers`` (one per model path) carries the draw's position from subject to subject of a bulk run.
     """
-    tokenizer = _tokenizer(model_path, cfg.revision)
+    tokenizers = _tokenizers(model_path, cfg.revision)
     if cfg.subject.identifier == "auto":
-        drawer = identifier.drawer_for(tokenizer) if drawers is None else drawers.setdefault(
-            model_path, identifier.drawer_for(tokenizer))
+        drawer = identifier.drawer_for(*tokenizers) if drawers is None else drawers.setdefault(
+            model_path, identifier.drawer_for(*tokenizers))
         cfg.subject.identifier = drawer.draw(cfg.subject.identifier_seed, taken)
         return True, []
     if cfg.subject.identifier in taken:
         raise ConfigError(f"--identifier {cfg.subject.identifier!r} is already used by another subject; pick another")
-    return False, identifier.check_identifier(tokenizer, cfg.subject.identifier).warnings
+    return False, identifier.check_identifier(tokenizers[0], cfg.subject.identifier, *tokenizers[1:]).warnings
 
 
 def check_output_location(cfg: RunConfig) -> None:

@@ -8,6 +8,7 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -145,6 +146,57 @@ def load_any_pipeline(model: str, revision: Optional[str] = None, device: Option
         local = storage.download_dir(model, tempfile.mkdtemp(prefix="dreambooth-model-"))
         return models.load_pipeline(str(local), device=device)
     return models.load_pipeline(models.resolve_model(model, revision), revision, device=device)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to sample a model when the command line does not say, and where each value came from."""
+
+    num_inference_steps: int
+    guidance_scale: float
+    resolution: Optional[int]
+    """None: the model's native size."""
+    sources: dict[str, str]
+    """``{setting: "flag" | "<output>'s run" | "the <model> model's recipe" | "default"}``."""
+
+    def describe(self) -> str:
+        """"25 steps (default), guidance 4 (the shapes model's recipe), 32 px (...)"."""
+        shown = {"num_inference_steps": f"{self.num_inference_steps} steps", "guidance_scale":
+                 f"guidance {self.guidance_scale:g}", "resolution": f"{self.resolution or 'native'} px"}
+        return ", ".join(f"{text} ({self.sources[name]})" for name, text in shown.items())
+
+
+SAMPLER_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 7.5, "resolution": None}
+"""Without a flag, a run record or a recipe: diffusers' usual 25 steps at guidance 7.5, native size."""
+
+
+def sampler_settings(model: str, revision: Optional[str] = None, **flags) -> SamplerSettings:
+    """Sampler settings for ``model``: the flags given (not None), then what a personalized output's
+    run used (its prior sampler and training resolution), then the model's recipe
+    (``dreambooth.yaml``), then ``SAMPLER_DEFAULTS``."""
+    from dreambooth.config import ConfigError
+
+    layers: list[tuple[dict, str]] = []
+    if not storage.is_local(model) or Path(model).is_dir():
+        if storage.exists(storage.join(model, "run.json")):
+            from dreambooth.export import read_run_record
+
+            config = read_run_record(model).get("config", {})
+            layers.append(({**config.get("prior", {}), **config.get("train", {})}, f"{model}'s run"))
+    if not layers:
+        try:
+            layers.append((models.read_recipe(models.resolve_model(model, revision), revision),
+                           f"the {model} model's recipe"))
+        except ConfigError:
+            pass  # an unknown model: loading it reports that, with its fix
+    layers.append(({k: v for k, v in flags.items() if v is not None}, "flag"))
+    values, sources = dict(SAMPLER_DEFAULTS), {name: "default" for name in SAMPLER_DEFAULTS}
+    for settings, source in reversed(layers):
+        for name in SAMPLER_DEFAULTS:
+            if sources[name] == "default" and settings.get(name) is not None:
+                values[name], sources[name] = settings[name], source
+    return SamplerSettings(int(values["num_inference_steps"]), float(values["guidance_scale"]),
+                           None if values["resolution"] is None else int(values["resolution"]), sources)
 
 
 def sample_to_file(model: str, prompts: list[str], output: str, **grid_kwargs) -> str:

@@ -1,18 +1,40 @@
-"""Write the shipped shapes-world subjects (5 PNGs each, 32 px) into examples/subjects/<name>/.
+"""Write shapes-world subjects (5 PNGs each, 32 px): the shipped ones, or new ones for checking a recipe.
 
-    python scripts/make-shapes-subjects.py
+    python scripts/make-shapes-subjects.py                              # the shipped subjects → examples/subjects/<name>/
+    python scripts/make-shapes-subjects.py --new 4 --seed 7 --output /tmp/new-subjects
+                                                                        # 4 subjects unlike the shipped ones, each with a
+                                                                        # subject.json that `dreambooth eval` reads
 
-Deterministic: tests/test_shapes_model.py checks the committed files equal what this writes.
+Deterministic: tests/test_shapes_model.py checks the committed files equal what the first form writes.
 """
 
+import argparse
+import json
+from dataclasses import asdict
 from pathlib import Path
 
-from dreambooth.shapes import SUBJECTS, write_subject_images
+from dreambooth.shapes import SIZES, SUBJECTS, new_subjects, write_subject_images
 
 ROOT = Path(__file__).resolve().parent.parent / "examples" / "subjects"
 IMAGES, RESOLUTION, SEED = 5, 32, 0
 
 if __name__ == "__main__":
-    for subject in SUBJECTS.values():
-        paths = write_subject_images(subject, ROOT / subject.name, n=IMAGES, resolution=RESOLUTION, seed=SEED)
-        print(f"{subject.name}: {len(paths)} images in {paths[0].parent}")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new", type=int, default=0, help="write this many new subjects instead of the shipped ones")
+    parser.add_argument("--seed", type=int, default=SEED, help="which new subjects, and their photos")
+    parser.add_argument("--output", type=Path, default=ROOT, help="parent folder of the subject folders")
+    args = parser.parse_args()
+    if args.new:
+        for subject in new_subjects(args.new, args.seed):
+            folder = args.output / subject.name
+            paths = write_subject_images(subject, folder, n=IMAGES, resolution=RESOLUTION, seed=args.seed,
+                                         sizes=tuple(SIZES))
+            (folder / "subject.json").write_text(json.dumps(asdict(subject), indent=1) + "\n")
+            print(f"{subject.name}: a {subject.color} {subject.class_noun} with {subject.secondary} "
+                  f"{subject.pattern.replace('_', ' ')}, {len(paths)} images in {folder}\n"
+                  f"  dreambooth run --model shapes --instance-dir {folder} --class-noun {subject.class_noun} "
+                  f"--output runs/{subject.name}")
+    else:
+        for subject in SUBJECTS.values():
+            paths = write_subject_images(subject, args.output / subject.name, n=IMAGES, resolution=RESOLUTION, seed=SEED)
+            print(f"{subject.name}: {len(paths)} images in {paths[0].parent}")

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from dreambooth.cli import main
 from dreambooth.config import ConfigError
@@ -65,6 +66,7 @@ def test_a_faithful_model_scores_full_fidelity_and_no_prior_drift(references):
     report = evaluate_subject(ScriptedPipe("faithful"), SUBJECT, references, V, images_per_prompt=4)
     assert report.subject_match == 1.0 and report.subject_fidelity > 0.8
     assert report.prompt_fidelity == 1.0 and report.recontext_subject_match == 1.0
+    assert report.recontext_shown == 1.0
     assert report.pres == 0.0 and report.div > 0.05
 
 
@@ -78,7 +80,7 @@ def test_an_overfit_model_scores_drift_no_diversity_and_ignores_prompts(referenc
 def test_the_base_model_never_shows_the_subject(references):
     report = evaluate_subject(ScriptedPipe("base"), SUBJECT, references, "", images_per_prompt=4)
     faithful = evaluate_subject(ScriptedPipe("faithful"), SUBJECT, references, V, images_per_prompt=4)
-    assert report.subject_match == 0.0 and report.pres == 0.0
+    assert report.subject_match == 0.0 and report.pres == 0.0 and report.recontext_shown == 0.0
     assert report.subject_fidelity < faithful.subject_fidelity - 0.2
     assert report.prompt_fidelity == 1.0 and report.recontext_subject_match == 0.0
 
@@ -183,3 +185,50 @@ def test_other_prompts_are_fixed_and_leave_out_the_subjects_class():
     assert scenes == other_prompt_scenes("triangle") and all(s.shape != "triangle" for s in scenes)
     assert len({s.shape for s in scenes}) >= 2 and len({s.background for s in scenes}) >= 3
     assert "a photo of a dog" not in other_class_prompts("dog") and len(other_class_prompts("dog")) == 4
+
+
+class _PixelVae(torch.nn.Module):
+    """A "VAE" whose latents are the pixels: ``lossy`` decodes every image to mid-grey."""
+
+    def __init__(self, lossy: bool):
+        super().__init__()
+        self.lossy = lossy
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, pixels):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=pixels))
+
+    def decode(self, latents):
+        return SimpleNamespace(sample=torch.zeros_like(latents) if self.lossy else latents)
+
+
+def test_vae_ceiling_is_what_the_decoder_keeps_of_the_subject(references):
+    from dreambooth.evaluation.shapes import vae_ceiling
+    from dreambooth.models import load_components, resolve_model
+
+    lossless, lossy = vae_ceiling(_PixelVae(False), references, 32), vae_ceiling(_PixelVae(True), references, 32)
+    assert lossless > 0.8 and lossy < 0.5
+    shipped = vae_ceiling(load_components(resolve_model("shapes")).vae, references, 32)
+    assert 0.7 < shipped <= lossless + 1e-6  # the shipped VAE carries the shipped subjects
+
+
+def test_scripted_subjects_are_new_and_eval_reads_their_subject_json(tmp_path):
+    import subprocess
+    import sys
+
+    from dreambooth.shapes import new_subjects
+
+    made = new_subjects(4, 7)
+    shipped = {(s.class_noun, s.pattern) for s in SUBJECTS.values()}
+    assert made == new_subjects(4, 7) and len({s.name for s in made}) == 4
+    assert not {(s.class_noun, s.pattern) for s in made} & shipped
+    subprocess.run([sys.executable, "scripts/make-shapes-subjects.py", "--new", "4", "--seed", "7",
+                    "--output", str(tmp_path)], check=True, capture_output=True)
+    first = made[0]
+    folder = tmp_path / first.name
+    assert len(list(folder.glob("*.png"))) == 5
+    run = runner.read_run(str(_fake_run(tmp_path, str(folder), class_noun=first.class_noun)))
+    assert runner.shapes_subject(runner.EvalOptions(output=run.output), run) == first
+    (folder / "subject.json").write_text('{"name": "x", "class_noun": "hexagon"}')
+    with pytest.raises(ConfigError, match="is not a shapes subject"):
+        runner.shapes_subject(runner.EvalOptions(output=run.output), run)

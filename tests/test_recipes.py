@@ -61,3 +61,28 @@ def test_shapes_runs_with_nothing_but_subject_and_output(tmp_path):
     assert (cfg.train.resolution, cfg.train.learning_rate, cfg.prior.guidance_scale) == (32, 5e-4, 4.0)
     prepared = pipeline.preflight(cfg)
     assert len(prepared.images) >= 3 and cfg.sources["resolution"].startswith("the shapes model's recipe")
+
+
+def test_sample_and_eval_take_their_sampler_from_flags_then_the_run_then_the_recipe(tmp_path, model_with_recipe):
+    import json
+
+    from dreambooth.sample import SAMPLER_DEFAULTS, sampler_settings
+
+    from_recipe = sampler_settings(str(model_with_recipe))
+    assert (from_recipe.guidance_scale, from_recipe.resolution) == (3.0, 64)
+    assert from_recipe.num_inference_steps == SAMPLER_DEFAULTS["num_inference_steps"]
+    assert from_recipe.sources == {"num_inference_steps": "default", "guidance_scale": f"the {model_with_recipe} model's recipe",
+                                   "resolution": f"the {model_with_recipe} model's recipe"}
+    flagged = sampler_settings(str(model_with_recipe), guidance_scale=9.0, num_inference_steps=None)
+    assert flagged.guidance_scale == 9.0 and flagged.sources["guidance_scale"] == "flag"
+
+    output = tmp_path / "personalized"
+    output.mkdir()
+    (output / "run.json").write_text(json.dumps({"config": {"prior": {"num_inference_steps": 12, "guidance_scale": 2.5},
+                                                            "train": {"resolution": 48}}}))
+    run = sampler_settings(str(output))
+    assert (run.num_inference_steps, run.guidance_scale, run.resolution) == (12, 2.5, 48)
+    assert set(run.sources.values()) == {f"{output}'s run"}
+    assert "12 steps" in run.describe() and "48 px" in run.describe()
+    shapes = sampler_settings("shapes")
+    assert (shapes.guidance_scale, shapes.resolution) == (4.0, 32)

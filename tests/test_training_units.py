@@ -56,7 +56,7 @@ def test_augment_shapes_range_and_flip(dog_dir):
 def test_batch_mixes_subject_and_prior_rows_with_their_prompts(tiny_model_path, dog_dir):
     parts = load_components(tiny_model_path)
     maker = BatchMaker(
-        load_subject_images(str(dog_dir), 32), parts.tokenizer, parts.vae, "a sks dog", "a dog",
+        load_subject_images(str(dog_dir), 32), parts, "a sks dog", "a dog",
         resolution=32, batch_size=2, center_crop=False, random_flip=True, seed=0,
         priors=PriorPool(torch.full((2, 4, 16, 16), 7.0), batch_size=2, seed=0), device=torch.device("cpu"),
     )
@@ -96,7 +96,7 @@ def test_module_trains_unet_and_text_encoder_unless_frozen(tiny_model_path):
     parts = load_components(tiny_model_path)
     module = DreamBoothModule(parts.unet, parts.text_encoder, train_text_encoder=True)
     ids = tokenize(parts.tokenizer, "a sks dog")
-    out = module(torch.randn(1, 4, 16, 16), torch.tensor([5]), ids)
+    out = module(torch.randn(1, 4, 16, 16), torch.tensor([5]), {"input_ids": ids})
     out.pow(2).mean().backward()
     assert parts.unet.conv_in.weight.grad is not None
     assert parts.text_encoder.get_input_embeddings().weight.grad is not None
@@ -153,7 +153,7 @@ def test_subject_latents_sample_the_cached_posterior_of_each_view(tiny_model_pat
     encodes = []
     real_encode = parts.vae.encode
     parts.vae.encode = lambda pixels: encodes.append(pixels.shape[0]) or real_encode(pixels)
-    maker = BatchMaker(images, parts.tokenizer, parts.vae, "a sks dog", "a dog", resolution=32, batch_size=2,
+    maker = BatchMaker(images, parts, "a sks dog", "a dog", resolution=32, batch_size=2,
                        center_crop=True, random_flip=True, seed=0, priors=None, device=torch.device("cpu"))
     batches = [maker.next() for _ in range(40)]
     views = len(maker._posteriors)

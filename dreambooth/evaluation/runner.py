@@ -4,9 +4,10 @@ Owns reading a run's record (identifier, class noun, subject photos, base model)
 suite, and writing ``<output>/eval.json``. Two suites:
 
 ``shapes``      for runs on the built-in ``shapes`` model with a shapes-world subject (the photo
-                folder is named after one of ``dreambooth.shapes.SUBJECTS``, or ``--shapes-subject``
-                names it): subject fidelity, prompt fidelity, PRES and DIV from the world's analyzers
-                (``evaluation.shapes``).
+                folder is named after one of ``dreambooth.shapes.SUBJECTS``, holds a ``subject.json``
+                of a scripted one, or ``--shapes-subject`` names it): subject fidelity, prompt
+                fidelity, PRES and DIV from the world's analyzers (``evaluation.shapes``), collateral
+                drift (class and other-prompt fidelity, ratios to the base) and the VAE ceiling.
 ``dreambench``  for real models: the paper's DINO, CLIP-I and CLIP-T on the DreamBench prompt list of
                 the class (25 prompts), plus PRES as the DINO similarity of "a [class]" images to
                 the subject photos. Embedding models are hub ids or local folders.
@@ -17,6 +18,7 @@ left out of every prompt: what the model could do before personalization.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -46,10 +48,11 @@ class EvalOptions:
     """Images per prompt; image j of every prompt uses seed ``seed + j``."""
     seed: int = 0
     """First sampling seed."""
-    num_inference_steps: int = 25
-    """Denoising steps per image."""
-    guidance_scale: float = 4.0
-    """Classifier-free guidance scale."""
+    num_inference_steps: int | None = None
+    """Denoising steps per image; None: what the run sampled with (its ``num_inference_steps``, from
+    its config or its model's recipe), else ``sample.SAMPLER_DEFAULTS``."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance scale; None: the run's, as for the steps."""
     compare_base: bool = True
     """Also score the base model (identifier left out) on the same seeds."""
     dino_model: str = "facebook/dino-vits16"
@@ -64,7 +67,7 @@ class EvalOptions:
             raise ConfigError(f"--suite {self.suite!r}: expected one of {', '.join(SUITES)}")
         if self.images_per_prompt < 2:
             raise ConfigError("--images-per-prompt must be at least 2 (diversity needs pairs)")
-        if self.num_inference_steps < 1:
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise ConfigError("--steps must be at least 1")
 
 
@@ -110,17 +113,32 @@ def resolve_suite(options: EvalOptions, run: RunInfo) -> str:
     return "shapes" if run.model == "shapes" else "dreambench"
 
 
-def shapes_subject(options: EvalOptions, run: RunInfo):
-    from dreambooth.shapes import SUBJECTS
+SUBJECT_SPEC = "subject.json"
+"""A scripted shapes subject's definition beside its photos (``scripts/make-shapes-subjects.py --new``)."""
 
-    name = options.shapes_subject or PurePosixPath(run.instance_dir.rstrip("/")).name
-    if name not in SUBJECTS:
-        raise ConfigError(
-            f"the shapes suite needs a shapes-world subject, and {name!r} is not one "
-            f"({', '.join(SUBJECTS)}); pass --shapes-subject NAME, or --suite dreambench for real photos")
-    subject = SUBJECTS[name]
+
+def shapes_subject(options: EvalOptions, run: RunInfo):
+    """The shapes-world subject of the run: ``--shapes-subject``, else the photo folder's
+    ``subject.json``, else the shipped subject the folder is named after."""
+    from dreambooth.shapes import SUBJECTS, Subject
+
+    spec = storage.join(run.instance_dir, SUBJECT_SPEC)
+    if not options.shapes_subject and storage.exists(spec):
+        try:
+            subject = Subject(**storage.read_json(spec))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{spec} is not a shapes subject ({shorten(str(exc))}); write it with "
+                              "scripts/make-shapes-subjects.py --new, or pass --shapes-subject NAME") from None
+    else:
+        name = options.shapes_subject or PurePosixPath(run.instance_dir.rstrip("/")).name
+        if name not in SUBJECTS:
+            raise ConfigError(
+                f"the shapes suite needs a shapes-world subject, and {name!r} is not one "
+                f"({', '.join(SUBJECTS)}) nor has its photo folder a {SUBJECT_SPEC}; pass --shapes-subject NAME, "
+                "or --suite dreambench for real photos")
+        subject = SUBJECTS[name]
     if subject.class_noun != run.class_noun:
-        raise ConfigError(f"subject {name!r} is a {subject.class_noun}, but the run's class noun is "
+        raise ConfigError(f"subject {subject.name!r} is a {subject.class_noun}, but the run's class noun is "
                           f"{run.class_noun!r}; pass the right --shapes-subject")
     return subject
 
@@ -149,7 +167,7 @@ DREAMBENCH_DRIFT = {"other_prompt_fidelity": "other_class_clip_t"}
 
 
 def _shapes_suite(options: EvalOptions, run: RunInfo, pipes: dict) -> dict:
-    from dreambooth.evaluation.shapes import evaluate_drift, evaluate_subject
+    from dreambooth.evaluation.shapes import evaluate_drift, evaluate_subject, vae_ceiling
 
     subject, refs = shapes_subject(options, run), _references(run)
     sampler = dict(images_per_prompt=options.images_per_prompt, seed=options.seed,
@@ -159,6 +177,11 @@ def _shapes_suite(options: EvalOptions, run: RunInfo, pipes: dict) -> dict:
               | evaluate_drift(pipe, run.class_noun, **sampler).as_dict()
               for name, pipe in pipes.items()}
     drift_ratios(scores, SHAPES_DRIFT)
+    # The VAE is not fine-tuned: one ceiling for both models, the subject as its decoder renders it.
+    pipe = pipes["personalized"]
+    ceiling = vae_ceiling(pipe.vae, refs, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    for measures in scores.values():
+        measures["vae_ceiling"] = ceiling
     return scores
 
 
@@ -204,10 +227,14 @@ def _tracked_with(output: str) -> str:
 
 def evaluate(options: EvalOptions) -> dict:
     """Score the run (and its base model), write the report, return it."""
-    from dreambooth.sample import load_any_pipeline
+    from dreambooth.sample import load_any_pipeline, sampler_settings
 
     options.check()
     run = read_run(options.output)
+    sampler = sampler_settings(run.output, num_inference_steps=options.num_inference_steps,
+                               guidance_scale=options.guidance_scale)
+    options = dataclasses.replace(options, num_inference_steps=sampler.num_inference_steps,
+                                  guidance_scale=sampler.guidance_scale)
     suite = resolve_suite(options, run)
     report_to = _tracked_with(run.output)
     if suite == "shapes":
@@ -219,6 +246,7 @@ def evaluate(options: EvalOptions) -> dict:
     report = {"output": run.output, "suite": suite, "identifier": run.identifier,
               "class_noun": run.class_noun, "model": run.model,
               "settings": {k: v for k, v in vars(options).items() if k not in ("output", "report")},
+              "settings_sources": {k: v for k, v in sampler.sources.items() if k != "resolution"},
               "scores": scores}
     storage.write_bytes_atomic(options.report or storage.join(run.output, EVAL_RECORD),
                                json.dumps(report, indent=2).encode())

@@ -280,7 +280,7 @@ class Pretrainer:
             dropped = torch.from_numpy(rng.random(c.batch_size) < c.caption_dropout)
             ids[dropped] = empty_ids
             # Every row is an "instance" row: the DreamBooth loss without a prior term.
-            loss = mixed_batch_loss(module, noise_scheduler, latents, ids, c.batch_size, 0.0, g).total
+            loss = mixed_batch_loss(module, noise_scheduler, latents, {"input_ids": ids}, c.batch_size, 0.0, g).total
             _optimizer_step(loss, module, opt, sched)
             step += 1
             decay = min(c.ema_decay, (1 + step) / (10 + step))
@@ -315,9 +315,9 @@ class Pretrainer:
 
     @staticmethod
     def pipeline(parts: dict):
-        from dreambooth.models import assemble_pipeline
+        from dreambooth.families import SD
 
-        return assemble_pipeline(**{k: parts[k] for k in ("vae", "unet", "text_encoder", "tokenizer", "scheduler")})
+        return SD.assemble(parts, parts["scheduler"])
 
     def evaluate(self, ema: list[torch.Tensor], step: int) -> dict:
         from dreambooth.evaluation.shapes import evaluation_scenes, prompt_accuracy

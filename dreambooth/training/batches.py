@@ -6,10 +6,15 @@ A micro-batch of a worker (``B`` = ``--train-batch-size``) is a ``MixedBatch``::
                                           sample of the posterior each time) and scaled by
                                           ``vae.config.scaling_factor``;
                                           rows B..B+P-1: cached prior latents (already scaled)
-    input_ids  int64   [B + P, L]         "a [V] [class]" for subject rows, "a [class]" for prior rows
+    conditions                            the model family's inputs (``families.base.Conditions``):
+      input_ids  int64 [B + P, L]         "a [V] [class]" for subject rows, "a [class]" for prior rows
+                                          (SDXL: also ``input_ids_2`` from its second tokenizer)
+      time_ids   float [B + P, 6]         SDXL only: (photo h, w; crop top, left; target h, w) of each
+                                          subject view, (R, R, 0, 0, R, R) for prior rows
     num_instance  int                     B; P is B with prior preservation, 0 without
 
-where ``h = w = resolution / vae_scale_factor`` and ``L`` is the tokenizer's max length (77 for CLIP).
+where ``h = w = resolution / vae_scale_factor`` (R = resolution) and ``L`` is the tokenizer's max
+length (77 for CLIP).
 Prior rows come from this worker's ``PriorPool``, filled once from the prior cache
 (``priors.read_prior_latents``: this rank's share of the seeds).
 
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dreambooth.families import SD, Components, Conditions
 from dreambooth.subjects import SubjectImage
 
 
@@ -69,9 +75,14 @@ def augment(image: Image.Image, resolution: int, rng: random.Random, center_crop
 
 def tokenize(tokenizer, prompt: str) -> torch.Tensor:
     """int64 [1, L]: a prompt padded/truncated to the tokenizer's max length, as at inference."""
-    return tokenizer(
-        prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+    return SD.tokenize((tokenizer,), prompt)["input_ids"]
+
+
+def crop_top_left(image: Image.Image, resolution: int, crop: Crop) -> tuple[int, int]:
+    """(top, left) of a view's crop in the resized (and, if flipped, mirrored) photo: SDXL's crop condition."""
+    left, top, flipped = crop
+    width = _resized_size(image, resolution)[0]
+    return top, (width - resolution - left) if flipped else left
 
 
 class PriorPool:
@@ -105,9 +116,16 @@ class PriorPool:
 
 @dataclass
 class MixedBatch:
+    """One micro-batch (shapes in the module docstring): subject rows first, then prior rows."""
+
     latents: torch.Tensor
-    input_ids: torch.Tensor
+    conditions: Conditions
     num_instance: int
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """int64 [B + P, L]: the first tokenizer's ids."""
+        return self.conditions["input_ids"]
 
 
 class BatchMaker:
@@ -116,8 +134,7 @@ class BatchMaker:
     def __init__(
         self,
         images: list[SubjectImage],
-        tokenizer,
-        vae,
+        parts: Components,
         instance_prompt: str,
         class_prompt: str,
         *,
@@ -130,9 +147,12 @@ class BatchMaker:
         device: torch.device,
     ):
         self.images = [img.to_pil() for img in images]
-        self.vae = vae
-        self.instance_ids = tokenize(tokenizer, instance_prompt)
-        self.class_ids = tokenize(tokenizer, class_prompt)
+        self.vae = parts.vae
+        self.family = parts.family
+        self.instance_inputs = parts.prompt_inputs(instance_prompt)
+        self.class_inputs = parts.prompt_inputs(class_prompt)
+        square = (resolution, resolution)
+        self.prior_sizes = self.family.size_conditions(square, (0, 0), square)  # generated at R x R, uncropped
         self.resolution, self.batch_size = resolution, batch_size
         self.center_crop, self.random_flip = center_crop, random_flip
         self.rng = random.Random(seed)
@@ -160,17 +180,32 @@ class BatchMaker:
         return posterior
 
     def next(self) -> MixedBatch:
-        views = []
+        views, sizes = [], []
+        square = (self.resolution, self.resolution)
         for _ in range(self.batch_size):
             index = self.rng.randrange(len(self.images))
-            views.append(self._posterior(index, draw_crop(self.images[index], self.resolution, self.rng,
-                                                          self.center_crop, self.random_flip)))
+            image = self.images[index]
+            crop = draw_crop(image, self.resolution, self.rng, self.center_crop, self.random_flip)
+            views.append(self._posterior(index, crop))
+            sizes.append(self.family.size_conditions((image.height, image.width),
+                                                     crop_top_left(image, self.resolution, crop), square))
         mean, std = torch.stack([m for m, _ in views]), torch.stack([s for _, s in views])
         noise = torch.randn(mean.shape, generator=self.noise).to(self.device)
         latents = [(mean + std * noise) * self.vae.config.scaling_factor]
-        ids = [self.instance_ids.repeat(self.batch_size, 1)]
+        rows = [_rows(self.instance_inputs, self.batch_size) | _stacked(sizes)]
         if self.priors is not None:
             prior = self.priors.next().to(self.device)
             latents.append(prior)
-            ids.append(self.class_ids.repeat(prior.shape[0], 1))
-        return MixedBatch(torch.cat(latents), torch.cat(ids).to(self.device), self.batch_size)
+            rows.append(_rows(self.class_inputs | self.prior_sizes, prior.shape[0]))
+        conditions = {key: torch.cat([part[key] for part in rows]).to(self.device) for key in rows[0]}
+        return MixedBatch(torch.cat(latents), conditions, self.batch_size)
+
+
+def _rows(inputs: Conditions, count: int) -> Conditions:
+    """Each [1, ...] tensor repeated to [count, ...]."""
+    return {key: value.expand(count, *value.shape[1:]) for key, value in inputs.items()}
+
+
+def _stacked(per_example: list[Conditions]) -> Conditions:
+    """[1, ...] tensors of each example → [len, ...] per key (empty for families without size conditions)."""
+    return {key: torch.cat([example[key] for example in per_example]) for key in per_example[0]} if per_example else {}

@@ -51,7 +51,7 @@ class FinetuneSettings:
 
 def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
              prior_latents: torch.Tensor | None = None) -> list[dict]:
-    """Fine-tune ``parts.unet`` and ``parts.text_encoder`` (a ``models.Components``) in place.
+    """Fine-tune ``parts``' UNet and text encoder(s) (a ``models.Components``) in place.
 
     ``prior_latents`` [P, C, h, w] are the class-prior examples (scaled, as the prior cache stores
     them); needed when ``prior_loss_weight`` > 0. Returns per-step losses and seconds.
@@ -60,14 +60,14 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
     if with_priors and prior_latents is None:
         raise ValueError("prior_loss_weight > 0 needs prior_latents")
     parts.vae.requires_grad_(False).eval()
-    module = DreamBoothModule(parts.unet, parts.text_encoder).train()
+    module = DreamBoothModule.from_components(parts).train()
     encoder_rate = settings.text_encoder_learning_rate
     if encoder_rate is None and settings.text_encoder_steps is not None:
         encoder_rate = settings.learning_rate  # a group of its own, to stop at text_encoder_steps
     optimizer = adamw(parameter_groups(module, settings.learning_rate, encoder_rate),
                       settings.learning_rate, settings.adam_weight_decay)
     batches = BatchMaker(
-        images, parts.tokenizer, parts.vae, settings.instance_prompt, settings.class_prompt,
+        images, parts, settings.instance_prompt, settings.class_prompt,
         resolution=settings.resolution, batch_size=settings.train_batch_size, center_crop=False,
         random_flip=settings.random_flip, seed=settings.seed,
         priors=PriorPool(prior_latents, settings.train_batch_size, settings.seed) if with_priors else None,
@@ -80,7 +80,7 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
         if step == settings.text_encoder_steps:
             optimizer.param_groups[1]["lr"] = 0.0  # AdamW scales its step and its decay by lr: frozen
         batch = batches.next()
-        loss = mixed_batch_loss(module, parts.noise_scheduler, batch.latents, batch.input_ids,
+        loss = mixed_batch_loss(module, parts.noise_scheduler, batch.latents, batch.conditions,
                                 batch.num_instance, settings.prior_loss_weight, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.total.backward()

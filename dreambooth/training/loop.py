@@ -3,7 +3,7 @@
 A worker group starts once per concurrency slot: it loads the base components once and keeps
 them, untouched, on the CPU. Then, for each subject the ``SubjectQueue`` hands it:
 
-1. reset: fresh copies of the base UNet and text encoder, one DeepSpeed engine around both (a new
+1. reset: fresh copies of the base UNet and text encoder(s), one DeepSpeed engine around them (a new
    optimizer and LR schedule), the subject's photos and this rank's share of its class priors;
 2. restore the subject's newest checkpoint, if any (a restarted group, or a re-run of the output);
 3. train: each optimizer step accumulates micro-batches of mixed subject/prior examples, logs the
@@ -37,7 +37,7 @@ from dreambooth.subjects import load_subject_images
 from dreambooth.training import checkpoint
 from dreambooth.training.batches import BatchMaker, PriorPool
 from dreambooth.training.engine import build_engine, skip_shared_memory_comm_for_one_rank
-from dreambooth.training.module import DreamBoothModule, mixed_batch_loss
+from dreambooth.training.module import DreamBoothModule, derived_seed, mixed_batch_loss
 from dreambooth.training.subject_queue import SubjectQueue, SubjectWork
 
 log = logging.getLogger("dreambooth.train")
@@ -75,8 +75,8 @@ class SlotInputs:
 
 def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
     """Noise and timesteps of one micro-batch, keyed by (seed, rank, step, micro): a resumed run
-    draws what the original would have. (``hash`` of a tuple of ints does not vary between processes.)"""
-    return torch.Generator(device="cpu").manual_seed(hash((seed, rank, step, micro)) & 0x7FFF_FFFF)
+    draws what the original would have."""
+    return torch.Generator(device="cpu").manual_seed(derived_seed(seed, rank, step, micro))
 
 
 class Laps:
@@ -210,9 +210,8 @@ def _start_worker(inputs: SlotInputs, place: Place) -> Worker:
         torch.set_num_threads(max(1, int(place.cpus)))
     skip_shared_memory_comm_for_one_rank(place.world)
     base = load_components(inputs.model_path, inputs.revision)
-    base.vae.requires_grad_(False).eval()
-    base.unet.requires_grad_(False).eval()
-    base.text_encoder.requires_grad_(False).eval()
+    for module in (base.vae, *base.trainable().values()):
+        module.requires_grad_(False).eval()
     scheduler = load_sampling_scheduler(inputs.model_path, inputs.revision) if place.rank == 0 else None
     laps.lap("load_model")
     metrics = {"setup_worker_group_s": started_unix - inputs.fit_started_unix, **laps.metrics}
@@ -235,8 +234,8 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
     _agreed(failure)
     laps.lap("read_subject_and_priors")
     worker.base.vae.to(device)
-    module = DreamBoothModule(copy.deepcopy(worker.base.unet).to(device),
-                              copy.deepcopy(worker.base.text_encoder).to(device), train.train_text_encoder)
+    fresh = {name: copy.deepcopy(base_module).to(device) for name, base_module in worker.base.trainable().items()}
+    module = DreamBoothModule.from_components(worker.base, worker.base.family.trained_encoders(train), fresh)
     engine, scheduler = build_engine(module, train, cuda=device.type == "cuda")
     laps.lap("reset_and_initialize")  # deepcopy of the base weights + deepspeed.initialize
     start_step = checkpoint.restore(engine, cfg.output)
@@ -246,10 +245,10 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
         if rank == 0:
             call_queue(queue, "resumed", work.name, start_step, wait=False)
 
-    batch_seed = train.seed + 1000 * rank + start_step
+    batch_seed = derived_seed(train.seed, rank, start_step)  # photo draws and prior order of this attempt
     priors = PriorPool(prior_latents, train.train_batch_size, batch_seed) if prior_latents is not None else None
     batches = BatchMaker(
-        images, worker.base.tokenizer, worker.base.vae, cfg.subject.instance_prompt, cfg.subject.class_prompt,
+        images, worker.base, cfg.subject.instance_prompt, cfg.subject.class_prompt,
         resolution=train.resolution, batch_size=train.train_batch_size, center_crop=train.center_crop,
         random_flip=train.random_flip, seed=batch_seed, priors=priors, device=device,
     )
@@ -278,79 +277,102 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
         raise SubjectFailed(f"export failed: {type(exc).__name__}: {exc}") from exc
 
 
+class StepReports:
+    """Where one subject's steps are reported: rank 0's attempt log (steps run, for the run record),
+    progress bar and experiment tracker; on the other ranks every outlet is a no-op."""
+
+    def __init__(self, worker: Worker, work: SubjectWork, start_step: int):
+        cfg = work.config
+        self.attempt = checkpoint.AttemptLog(cfg.output, start_step) if worker.rank == 0 else None
+        self.progress = None
+        self.tracker = tracking.Tracker()  # the base class logs nothing
+        if worker.rank == 0:
+            self.tracker = tracking.open_tracker(cfg.export.report_to, cfg.output, f"{work.name}-{cfg.subject.identifier}")
+            self.tracker.log_params(cfg.to_dict())
+            if worker.place.in_ray_worker:
+                from ray.experimental.tqdm_ray import tqdm
+            else:
+                from tqdm.auto import tqdm
+            self.progress = tqdm(total=cfg.train.max_train_steps, desc=f"train {work.name}")
+            self.progress.update(start_step)
+
+    def step_done(self, step: int, metrics: dict, seconds: float) -> None:
+        if self.attempt is not None:
+            self.attempt.reached(step)
+            self.progress.update(1)
+        self.tracker.log_scalars(step, {key: metrics[key] for key in LOSS_KEYS} | {"step_seconds": seconds})
+
+    def close(self) -> None:
+        if self.attempt is not None:
+            self.attempt.close()
+            self.progress.close()
+        self.tracker.close()
+
+
+LOSS_KEYS = ("loss", "instance_loss", "prior_loss", "lr")
+"""What each step records in the loss curve and the tracker."""
+
+
+def train_step(engine, noise_scheduler, batches: BatchMaker, train, rank: int, step: int,
+               phases: PhaseClock) -> dict[str, float]:
+    """One optimizer step of ``gradient_accumulation_steps`` micro-batches (DeepSpeed accumulates and
+    steps the optimizer at the boundary); returns the mean ``loss``, ``instance_loss`` and
+    ``prior_loss`` of all its micro-batches."""
+    sums = {"loss": 0.0, "instance_loss": 0.0, "prior_loss": 0.0}
+    for micro in range(train.gradient_accumulation_steps):
+        phases.start()
+        batch = batches.next()
+        phases.lap("batch")
+        loss = mixed_batch_loss(engine, noise_scheduler, batch.latents, batch.conditions, batch.num_instance,
+                                train.prior_loss_weight, step_generator(train.seed, rank, step, micro))
+        phases.lap("forward")
+        engine.backward(loss.total)
+        phases.lap("backward")
+        engine.step()
+        phases.lap("optimizer")
+        for key, value in (("loss", loss.total.item()), ("instance_loss", loss.instance), ("prior_loss", loss.prior)):
+            sums[key] += value
+    phases.end_step()
+    return {key: total / train.gradient_accumulation_steps for key, total in sums.items()}
+
+
 def _train_steps(worker: Worker, work: SubjectWork, engine, scheduler, batches: BatchMaker,
                  start_step: int) -> tuple[dict, dict[str, list]]:
     """Steps ``start_step + 1 .. max_train_steps``; returns the last step's metrics and the loss
     curve of these steps (``step``, ``loss``, ``instance_loss``, ``prior_loss``, ``lr`` lists)."""
     cfg, train = work.config, work.config.train
-    rank = worker.rank
-    noise_scheduler = worker.base.noise_scheduler
-    attempt = checkpoint.AttemptLog(cfg.output, start_step) if rank == 0 else None
-    progress = None
-    tracker = tracking.Tracker()  # rank 0 reports; the base class logs nothing
-    if rank == 0:
-        tracker = tracking.open_tracker(cfg.export.report_to, cfg.output, f"{work.name}-{cfg.subject.identifier}")
-        tracker.log_params(cfg.to_dict())
-        if worker.place.in_ray_worker:
-            from ray.experimental.tqdm_ray import tqdm
-        else:
-            from tqdm.auto import tqdm
-
-        progress = tqdm(total=train.max_train_steps, desc=f"train {work.name}")
-        progress.update(start_step)
+    reports = StepReports(worker, work, start_step)
     metrics: dict = {"step": start_step, "resumed_from": start_step}
-    curve: dict[str, list] = {key: [] for key in ("step", "loss", "instance_loss", "prior_loss", "lr")}
+    curve: dict[str, list] = {key: [] for key in ("step", *LOSS_KEYS)}
     step_seconds: list[float] = []  # each step since the last log line, checkpoint saves included
     phases = PhaseClock()
     last_lap = time.perf_counter()
     engine.train()
     for step in range(start_step + 1, train.max_train_steps + 1):
-        totals = instance = prior = 0.0
-        for micro in range(train.gradient_accumulation_steps):
-            phases.start()
-            batch = batches.next()
-            phases.lap("batch")
-            loss = mixed_batch_loss(engine, noise_scheduler, batch.latents, batch.input_ids, batch.num_instance,
-                                    train.prior_loss_weight, step_generator(train.seed, rank, step, micro))
-            phases.lap("forward")
-            engine.backward(loss.total)
-            phases.lap("backward")
-            engine.step()
-            phases.lap("optimizer")
-            totals, instance, prior = totals + loss.total.item(), instance + loss.instance, prior + loss.prior
-        phases.end_step()
-        micro_batches = train.gradient_accumulation_steps
-        metrics = {"step": step, "loss": totals / micro_batches, "instance_loss": instance / micro_batches,
-                   "prior_loss": prior / micro_batches, "lr": scheduler.get_last_lr()[0], "resumed_from": start_step}
+        losses = train_step(engine, worker.base.noise_scheduler, batches, train, worker.rank, step, phases)
+        metrics = {"step": step, **losses, "lr": scheduler.get_last_lr()[0], "resumed_from": start_step}
         for key, values in curve.items():
             values.append(metrics[key])
-        if attempt is not None:
-            attempt.reached(step)
-            progress.update(1)
         now = time.perf_counter()
         step_seconds.append(now - last_lap)
-        tracker.log_scalars(step, {key: metrics[key] for key in ("loss", "instance_loss", "prior_loss", "lr")}
-                            | {"step_seconds": now - last_lap})
+        reports.step_done(step, metrics, now - last_lap)
         last_lap = now
         if step % train.log_every == 0 or step == train.max_train_steps:
             # The mean is throughput; the median is robust to a noisy neighbour's bursts (benchmarks).
             metrics["step_seconds"] = statistics.fmean(step_seconds)
             metrics["step_seconds_median"] = statistics.median(step_seconds)
             step_seconds.clear()
-            if rank == 0:
+            if worker.rank == 0:
                 log.info("%s step %d/%d loss %.4f (instance %.4f, prior %.4f) lr %.2e %.3f s/step x%d workers",
                          work.name, step, train.max_train_steps, metrics["loss"], metrics["instance_loss"],
                          metrics["prior_loss"], metrics["lr"], metrics["step_seconds"], worker.world)
         if cfg.export.validation_steps and step % cfg.export.validation_steps == 0:
             grid = _render_validation(worker, work, engine, step)
             if grid is not None:
-                tracker.log_image(step, "validation", grid)
+                reports.tracker.log_image(step, "validation", grid)
         if train.checkpointing_steps and step % train.checkpointing_steps == 0 and step < train.max_train_steps:
             checkpoint.save_resumable(engine, cfg.output, step)
-    if attempt is not None:
-        attempt.close()
-        progress.close()
-    tracker.close()
+    reports.close()
     metrics["step_phases_s"] = phases.medians()
     return metrics, curve
 
@@ -364,18 +386,17 @@ def _render_validation(worker: Worker, work: SubjectWork, engine, step: int):
     copy of the base modules loaded with them.
     """
     started = time.perf_counter()
-    module = engine.module
-    unet, text_encoder = module.unet, module.text_encoder
+    trained = engine.module.parts()
     if engine.zero_optimization_stage() == 3:
         state = checkpoint.gathered_state_dict(engine)
         if worker.rank != 0:
             return None
-        unet, text_encoder = export.trained_modules(worker.base, state, worker.device)
+        trained = export.trained_modules(worker.base, state, worker.device)
     if worker.rank != 0:
         return None
     with torch.no_grad():
-        grid = export.write_validation_grid(work.config, worker.base, worker.sampling_scheduler, unet, text_encoder,
-                                            step, worker.device)
+        grid = export.write_validation_grid(work.config, worker.base, worker.sampling_scheduler, trained, step,
+                                            worker.device)
     log.info("%s step %d: validation grid in %.1f s", work.name, step, time.perf_counter() - started)
     return grid
 

@@ -1,38 +1,71 @@
 """The trainable model and the DreamBooth loss. Plain PyTorch: no Ray, no DeepSpeed.
 
-``DreamBoothModule`` holds the UNet *and* the text encoder in one ``nn.Module`` so that a single
-DeepSpeed engine (one optimizer, one ZeRO partitioning) fine-tunes all layers together.
+``DreamBoothModule`` holds the UNet *and* the text encoder(s) in one ``nn.Module`` so that a single
+DeepSpeed engine (one optimizer, one ZeRO partitioning) fine-tunes all layers together; its model
+family (``dreambooth.families``) turns a batch's conditioning inputs into what the UNet attends to.
+``mixed_batch_loss`` is the one per-step loss of the cluster loop, the in-process loop and pretraining.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dreambooth.families import SD, Components, Conditions, ModelFamily
+
 
 class DreamBoothModule(nn.Module):
-    """UNet + CLIP text encoder; ``forward`` predicts the scheduler's target for noisy latents.
+    """UNet + text encoder(s); ``forward`` predicts the scheduler's target for noisy latents.
+
+    Submodules are named as the pipeline's components (``unet``, ``text_encoder``, and
+    ``text_encoder_2`` for SDXL), so state-dict keys are ``<component>.<parameter>``.
 
     Args of ``forward``:
         noisy_latents: float [N, C, h, w], latents after ``scheduler.add_noise``
         timesteps:     int64 [N]
-        input_ids:     int64 [N, L], token ids of each example's prompt (L = tokenizer max length)
+        conditions:    the family's inputs (``families.base.Conditions``), e.g. ``input_ids`` int64
+                       [N, L] (L = tokenizer max length); SDXL adds ``input_ids_2`` and ``time_ids`` [N, 6]
     Returns: float [N, C, h, w], the prediction (ε or v, per the scheduler's ``prediction_type``).
     """
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, train_text_encoder: bool = True):
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, train_text_encoder: bool = True, *,
+                 family: ModelFamily = SD, text_encoder_2: Optional[nn.Module] = None,
+                 train_text_encoder_2: bool = True):
         super().__init__()
-        self.unet = unet
-        self.text_encoder = text_encoder
-        self.text_encoder.requires_grad_(train_text_encoder)
-        self.unet.requires_grad_(True)
+        self.family = family
+        self.unet = unet.requires_grad_(True)
+        self.text_encoder = text_encoder.requires_grad_(train_text_encoder)
+        if "text_encoder_2" in family.text_encoder_names:
+            self.text_encoder_2 = text_encoder_2.requires_grad_(train_text_encoder_2)
 
-    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        encoder_hidden_states = self.text_encoder(input_ids, return_dict=False)[0]
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    @classmethod
+    def from_components(cls, parts: Components, trained_encoders: Optional[dict[str, bool]] = None,
+                        modules: Optional[dict[str, nn.Module]] = None) -> "DreamBoothModule":
+        """Around ``parts``' trainable modules (or the given replacements by name, e.g. fresh copies);
+        ``trained_encoders`` says which text encoders train (default: all)."""
+        chosen = parts.trainable() | (modules or {})
+        trains = {name: True for name in parts.family.text_encoder_names} | (trained_encoders or {})
+        return cls(chosen["unet"], chosen["text_encoder"], trains["text_encoder"], family=parts.family,
+                   text_encoder_2=chosen.get("text_encoder_2"), train_text_encoder_2=trains.get("text_encoder_2", True))
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The trained modules by component name (``unet``, ``text_encoder``[, ``text_encoder_2``])."""
+        return {name: getattr(self, name) for name in self.family.trainable_names}
+
+    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditions: Conditions) -> torch.Tensor:
+        encoder_hidden_states, added = self.family.condition(self, conditions)
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def derived_seed(*keys: int) -> int:
+    """A 31-bit seed from integer keys (e.g. seed, rank, step, micro-batch): the same in every process
+    and Python version (numpy's ``SeedSequence`` mixing, not ``hash``), distinct keys → unrelated seeds."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0]) & 0x7FFF_FFFF
 
 
 @dataclass
@@ -69,12 +102,13 @@ def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor
     raise ValueError(f"unsupported prediction_type {kind!r}; expected 'epsilon' or 'v_prediction'")
 
 
-def mixed_batch_loss(model, noise_scheduler, latents: torch.Tensor, input_ids: torch.Tensor, num_instance: int,
+def mixed_batch_loss(model, noise_scheduler, latents: torch.Tensor, conditions: Conditions, num_instance: int,
                      prior_loss_weight: float, generator: torch.Generator) -> LossParts:
     """One DreamBooth loss evaluation: noise the latents at random timesteps, predict, compare.
 
     ``model`` is a ``DreamBoothModule`` or a DeepSpeed engine wrapping one; ``latents`` [N, C, h, w]
-    and ``input_ids`` [N, L] hold ``num_instance`` subject rows, then prior rows. Noise and
+    and every tensor of ``conditions`` (``input_ids`` [N, L], ...) hold ``num_instance`` subject rows,
+    then prior rows. Noise and
     timesteps come from ``generator`` (CPU), so a step's randomness is reproducible.
     """
     device = latents.device
@@ -83,7 +117,7 @@ def mixed_batch_loss(model, noise_scheduler, latents: torch.Tensor, input_ids: t
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction = model(noisy.to(dtype), timesteps, input_ids)
+    prediction = model(noisy.to(dtype), timesteps, conditions)
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     return dreambooth_loss(prediction, target, num_instance, prior_loss_weight)
 
