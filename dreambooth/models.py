@@ -1,8 +1,8 @@
-"""Base models: resolve a ``--model`` value, load its components, build the built-in ``tiny``.
+"""Base models: resolve a ``--model`` value, load its components, build the built-in ``tiny``/``tiny-sdxl``.
 
 Owns: what counts as a model (a local diffusers folder, a hub id, or a built-in name), the check
 that a model exists (run before any Ray work), and loading the components training and generation
-need. Knows nothing of Ray or DeepSpeed.
+need through the model's family (``dreambooth.families``). Knows nothing of Ray or DeepSpeed.
 
 Built-in models: ``tiny`` and ``tiny-sdxl`` (random weights, SD and SDXL layouts) are materialized once per machine into
 ``$DREAMBOOTH_CACHE/models/<name>`` (default ``~/.cache/dreambooth``) from a fixed seed, so every
