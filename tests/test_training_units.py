@@ -249,3 +249,62 @@ def test_text_encoder_steps_stop_the_encoder_after_that_many_steps(tiny_model_pa
     assert all(torch.equal(after_one.text_encoder.state_dict()[k], v)
                for k, v in limited.text_encoder.state_dict().items())
     assert any(not torch.equal(after_one.unet.state_dict()[k], v) for k, v in limited.unet.state_dict().items())
+
+
+def test_step_seeds_are_fixed_numbers_of_their_keys_in_any_process():
+    """A resumed run (another process, another PYTHONHASHSEED) must draw the same noise: the seed is a
+    pure function of (seed, rank, step, micro) — pinned here — and distinct keys give distinct seeds."""
+    import subprocess
+    import sys
+
+    from dreambooth.training.module import derived_seed
+
+    assert derived_seed(0, 1, 2, 3) == 1750788034 and derived_seed(7) == 2083679832
+    code = "from dreambooth.training.module import derived_seed; print(derived_seed(0, 1, 2, 3))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": "12345", "PATH": ""}).stdout.split()[-1]
+    assert int(other) == 1750788034
+    seeds = {derived_seed(0, rank, step, micro) for rank in range(4) for step in range(50) for micro in range(4)}
+    assert len(seeds) == 4 * 50 * 4
+
+
+class _CountingEngine(torch.nn.Module):
+    """Stands in for a DeepSpeed engine: predicts ``noisy * w * input_ids`` and counts backward/step calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.calls = []
+
+    def forward(self, noisy, timesteps, conditions):
+        return noisy * self.w * conditions["input_ids"].float().view(-1, 1, 1, 1)
+
+    def backward(self, loss):
+        loss.backward()
+        self.calls.append("backward")
+
+    def step(self):
+        self.calls.append("step")
+
+
+def test_train_step_reports_the_mean_of_all_its_micro_batches(tiny_model_path):
+    from dreambooth.training.batches import MixedBatch
+    from dreambooth.training.loop import PhaseClock, step_generator, train_step
+    from dreambooth.training.module import mixed_batch_loss
+
+    scheduler = load_components(tiny_model_path).noise_scheduler
+    micro_batches = [MixedBatch(torch.randn(2, 4, 2, 2), {"input_ids": torch.full((2, 1), scale)}, 1)
+                     for scale in (1, 5, 9)]
+    stream = iter(micro_batches)
+    stub = type("Batches", (), {"next": lambda self: next(stream)})()
+    train = TrainConfig(gradient_accumulation_steps=3, prior_loss_weight=0.5, seed=4)
+    engine = _CountingEngine()
+    losses = train_step(engine, scheduler, stub, train, rank=1, step=7, phases=PhaseClock())
+    with torch.no_grad():
+        each = [mixed_batch_loss(engine, scheduler, b.latents, b.conditions, 1, 0.5, step_generator(4, 1, 7, m))
+                for m, b in enumerate(micro_batches)]
+    assert losses["loss"] == pytest.approx(sum(p.total.item() for p in each) / 3)
+    assert losses["instance_loss"] == pytest.approx(sum(p.instance for p in each) / 3)
+    assert losses["prior_loss"] == pytest.approx(sum(p.prior for p in each) / 3)
+    assert losses["loss"] != pytest.approx(each[-1].total.item())  # not the last micro-batch's
+    assert engine.calls == ["backward", "step"] * 3  # DeepSpeed counts micro-batches to its boundary
