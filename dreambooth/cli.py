@@ -487,6 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--expect-gpu", action="store_true", help="a missing GPU, driver or CUDA build is a failure, not a warning")
     doctor.add_argument("--timeout", type=float, default=10.0, help="seconds each network check may take")
     doctor.set_defaults(func=cmd_doctor)
+
+    from dreambooth.planning.command import register_plan  # its flags and printing live in dreambooth/planning
+
+    register_plan(sub, _parser)
     return parser
 
 
