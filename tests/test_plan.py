@@ -127,11 +127,11 @@ def test_gradient_checkpointing_cuts_activations_of_tiny(tiny_activations):
 
 def _saved_tensor_bytes(arch, resolution: int, rows: int) -> int:
     """Bytes of distinct non-parameter storages autograd saves in one real forward of the training graph."""
-    from dreambooth.planning.activations import TEXT_LENGTH, TrainGraph
+    from dreambooth.planning.activations import example_conditions, training_module
 
     torch.manual_seed(0)
-    graph = TrainGraph(arch, checkpointing=False)
-    params = {p.untyped_storage().data_ptr() for p in graph.parameters()}
+    module = training_module(arch, checkpointing=False)
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -141,8 +141,9 @@ def _saved_tensor_bytes(arch, resolution: int, rows: int) -> int:
         return t
 
     side = resolution // arch.vae_scale_factor
+    conditions = example_conditions(module, rows, resolution, arch.text_encoders[0].config["vocab_size"])
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = graph(torch.randn(rows, 4, side, side), torch.randint(0, 1000, (rows,)), torch.randint(0, 49408, (rows, TEXT_LENGTH)))
+        out = module(torch.randn(rows, 4, side, side), torch.randint(0, 1000, (rows,)), conditions)
         torch.nn.functional.mse_loss(out.float(), torch.randn_like(out))
     return sum(seen.values())
 
@@ -173,6 +174,9 @@ def test_cheapest_option_is_the_first_that_fits(monkeypatch):
         picks.append(best.option.cost)
     assert picks == sorted(picks, reverse=True)
     assert picks[0][1] == 1  # one 24 GiB GPU: SDXL's optimizer states must leave the GPU
+    one_gpu = make_plan(PlanInputs(SDXL, 1, 80 * GiB, 1024, 1, "bf16", True, True, 1, None, GiB))
+    stages = {(row.option.zero_stage, row.option.offload_optimizer) for row in one_gpu.table}
+    assert (1, False) not in stages and (3, False) not in stages and (3, True) in stages  # one rank trains at 0 unless it offloads
 
 
 def test_cli_prints_table_and_flags(capsys):

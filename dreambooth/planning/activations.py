@@ -1,8 +1,8 @@
 """Activation memory of one training micro-batch, measured by running the step's graph.
 
-Owns: the training graph as planning sees it (every text encoder on the prompts at 77 tokens, their
-states concatenated into the UNet's cross-attention input, the UNet on noisy latents, an MSE loss
-in float32, backward), and the measurement of the live activation bytes while it runs. The same
+Owns: running the training module (``DreamBoothModule`` of the model's family: its text encoders on
+77-token prompts, their states into the UNet, the UNet on noisy latents), an MSE loss in float32
+and backward, built from configs alone, and the measurement of the live activation bytes while it runs. The same
 code runs on fake tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes only, no memory,
 any model size) for ``dreambooth plan``, and on real CPU tensors for the check against a measured
 peak (tests, benchmarks/memory.py).
@@ -33,9 +33,11 @@ from dreambooth.planning.architectures import Architecture, build_component, def
 TEXT_LENGTH = 77
 """Token positions of every CLIP prompt (the tokenizers pad to ``model_max_length``)."""
 
-SDXL_TIME_IDS = 6
-"""``add_time_ids`` per example under ``addition_embed_type="text_time"``: original size (2), crop
-top-left (2), target size (2)."""
+DEFAULT_LATENT_CHANNELS = 4
+"""UNet input channels when its config does not say (diffusers' default)."""
+
+NUM_TRAIN_TIMESTEPS = 1000
+"""Timesteps are drawn below this (Stable Diffusion's schedules; the value does not change memory)."""
 
 
 @dataclass(frozen=True)
@@ -74,40 +76,35 @@ class _ActivationTracker(MemTracker):
         return sum(s[_MemRefType.ACT] + s[_MemRefType.TEMP] for s in self._curr_mem_snap.values())
 
 
-class TrainGraph(nn.Module):
-    """UNet + text encoders wired as a DreamBooth step feeds them (shapes, not semantics).
+def training_module(arch: Architecture, checkpointing: bool, train_text_encoder: bool = True) -> nn.Module:
+    """The ``DreamBoothModule`` training runs (its model family wires encoders into the UNet), built
+    from ``arch``'s configs in the current device / dtype / fake-tensor context, in train mode."""
+    from dreambooth.families import FAMILIES
+    from dreambooth.training.module import DreamBoothModule
 
-    One text encoder (SD 1.x/2.x): its last hidden state is the cross-attention input. Several
-    (SDXL): their penultimate hidden states concatenated, and the last encoder's pooled projection
-    with the ``add_time_ids`` as the UNet's added conditioning.
-    """
+    family = FAMILIES.get(arch.pipeline_class)
+    if family is None:
+        raise ConfigError(f"--model {arch.model}: its pipeline {arch.pipeline_class!r} is not one this project trains "
+                          f"({', '.join(FAMILIES)})")
+    encoders = {c.name: build_component(c) for c in arch.text_encoders}
+    module = DreamBoothModule(build_component(arch.unet), encoders["text_encoder"], train_text_encoder, family=family,
+                              text_encoder_2=encoders.get("text_encoder_2"), train_text_encoder_2=train_text_encoder)
+    module.train()
+    if checkpointing:
+        module.unet.enable_gradient_checkpointing()
+        for encoder in encoders.values():
+            encoder.gradient_checkpointing_enable()
+    return module
 
-    def __init__(self, arch: Architecture, checkpointing: bool, train_text_encoder: bool = True):
-        super().__init__()
-        self.unet = build_component(arch.unet)
-        self.text_encoders = nn.ModuleList(build_component(c) for c in arch.text_encoders)
-        self.text_encoders.requires_grad_(train_text_encoder)
-        self.train()
-        if checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            for encoder in self.text_encoders:
-                encoder.gradient_checkpointing_enable()
-        self.added_conditioning = arch.unet.config.get("addition_embed_type") == "text_time"
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        several = len(self.text_encoders) > 1
-        states, pooled = [], None
-        for encoder in self.text_encoders:
-            out = encoder(input_ids, output_hidden_states=several)
-            states.append(out.hidden_states[-2] if several else out.last_hidden_state)
-            pooled = getattr(out, "text_embeds", None)
-        added = None
-        if self.added_conditioning:
-            if pooled is None:
-                raise ConfigError("a text_time UNet needs a text encoder with a projection (CLIPTextModelWithProjection) last")
-            time_ids = torch.zeros(latents.shape[0], SDXL_TIME_IDS, dtype=latents.dtype, device=latents.device)
-            added = {"text_embeds": pooled, "time_ids": time_ids}
-        return self.unet(latents, timesteps, torch.cat(states, dim=-1), added_cond_kwargs=added, return_dict=False)[0]
+def example_conditions(module: nn.Module, rows: int, resolution: int, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Random token ids for each of the family's tokenizers (77 positions) and its size conditions."""
+    from dreambooth.families.base import input_ids_key
+
+    family = module.family
+    conditions = {input_ids_key(name): torch.randint(0, vocab_size, (rows, TEXT_LENGTH)) for name in family.tokenizer_names}
+    sizes = family.size_conditions((resolution, resolution), (0, 0), (resolution, resolution))
+    return conditions | {key: value.expand(rows, -1).clone() for key, value in sizes.items()}
 
 
 @contextlib.contextmanager
@@ -135,16 +132,15 @@ def measure_activations(arch: Architecture, *, resolution: int, rows: int, dtype
     torch.manual_seed(seed)
     with _maybe_fake(fake):
         with default_dtype(dtype):
-            graph = TrainGraph(arch, checkpointing, train_text_encoder)
-        channels = arch.unet.config.get("in_channels", 4)
+            module = training_module(arch, checkpointing, train_text_encoder)
+        channels = arch.unet.config.get("in_channels", DEFAULT_LATENT_CHANNELS)
         latents = torch.randn(rows, channels, side, side, dtype=dtype)
         target = torch.randn(rows, arch.unet.config.get("out_channels", channels), side, side)
-        timesteps = torch.randint(0, 1000, (rows,))
-        vocab = arch.text_encoders[0].config.get("vocab_size", 49408) if arch.text_encoders else 1
-        input_ids = torch.randint(0, vocab, (rows, TEXT_LENGTH))
+        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (rows,))
+        conditions = example_conditions(module, rows, resolution, arch.text_encoders[0].config["vocab_size"])
         tracker = _ActivationTracker()
         with tracker:
-            prediction = graph(latents, timesteps, input_ids)
+            prediction = module(latents, timesteps, conditions)
             loss = F.mse_loss(prediction.float(), target)
             after_forward = tracker.activations_now()
             loss.backward()

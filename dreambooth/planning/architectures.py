@@ -64,6 +64,9 @@ class Architecture:
     vae: Optional[Component]
     """The autoencoder (always frozen; None if the pipeline has none)."""
 
+    pipeline_class: str
+    """``model_index.json``'s ``_class_name`` (which model family trains it)."""
+
     @property
     def vae_scale_factor(self) -> int:
         """Image side / latent side: 2 ** (VAE levels - 1), as diffusers pipelines compute it."""
@@ -160,7 +163,9 @@ def load_architecture(model: str) -> Architecture:
         raise ConfigError(f"--model {model!r}: planning needs exactly one UNet2DConditionModel in model_index.json, found {len(unets)}")
     encoders = tuple(c for c in found.values() if c.class_name in TEXT_ENCODER_CLASSES)
     vae = next((c for c in found.values() if c.class_name in VAE_CLASSES), None)
-    return Architecture(model, str(folder), unets[0], encoders, vae)
+    if not encoders:
+        raise ConfigError(f"--model {model!r}: model_index.json names no CLIP text encoder; planning needs one")
+    return Architecture(model, str(folder), unets[0], encoders, vae, str(index.get("_class_name", "")))
 
 
 @contextlib.contextmanager

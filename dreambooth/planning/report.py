@@ -35,6 +35,9 @@ SMALL_GPU = 4 * GIB
 DEFAULT_RESERVE = "1GiB"
 """Kept free per GPU by default: CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation."""
 
+ACTIVATION_CACHE_VERSION = 2
+"""Bump when the measured graph changes, so cached activation peaks are measured again."""
+
 TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
@@ -142,7 +145,8 @@ def _cache_file(arch: Architecture, **shape) -> Path:
     from dreambooth.models import cache_root
 
     key = json.dumps({"unet": arch.unet.config, "text": [c.config for c in arch.text_encoders],
-                      "versions": [torch.__version__, diffusers.__version__, transformers.__version__], **shape},
+                      "versions": [ACTIVATION_CACHE_VERSION, torch.__version__, diffusers.__version__, transformers.__version__],
+                      "pipeline": arch.pipeline_class, **shape},
                      sort_keys=True, default=str)
     return Path(cache_root()) / "plan" / f"activations-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
@@ -172,6 +176,16 @@ def check_inputs(inputs: PlanInputs) -> None:
         raise ConfigError(f"--gpus-per-node must be at least 1, got {inputs.gpus_per_node}")
 
 
+def _runs_as_another_stage(option: Option, gpus: int) -> bool:
+    """Whether ``dreambooth run`` would train ``option`` at another ZeRO stage (one rank without
+    offload trains at stage 0: ``training.engine.effective_zero_stage``), so its row would repeat that one."""
+    from dreambooth.config import TrainConfig
+    from dreambooth.training.engine import effective_zero_stage
+
+    train = TrainConfig(zero_stage=option.zero_stage, offload_optimizer=option.offload_optimizer)
+    return effective_zero_stage(train, gpus) != option.zero_stage
+
+
 def make_plan(inputs: PlanInputs) -> Plan:
     """Architecture → parameter counts → activations (with and without checkpointing) → every option."""
     check_inputs(inputs)
@@ -189,6 +203,8 @@ def make_plan(inputs: PlanInputs) -> Plan:
     ranks_per_node = min(inputs.gpus_per_node, inputs.gpus)
     table = []
     for option in all_options():
+        if _runs_as_another_stage(option, inputs.gpus):
+            continue
         memory = rank_memory(option, counts, precision, inputs.gpus, activations=activations[option.checkpointing].peak_bytes,
                              buckets=buckets, reserve=inputs.reserve)
         cpu = memory.cpu * ranks_per_node
