@@ -75,30 +75,10 @@ class Shapes:
 
 
 def sd15_shapes() -> Shapes:
-    """Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5 unet/ and text_encoder/ configs)."""
-    unet = dict(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    text = dict(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_attention_heads=12,
-        num_hidden_layers=12,
-        max_position_embeddings=TEXT_LENGTH,
-        hidden_act="quick_gelu",
-        projection_dim=768,
-    )
-    return Shapes("SD 1.5", unet, text, resolution=512, vae_factor=8)
+    """Stable Diffusion 1.5: the unet/ text_encoder/ vae/ configs the project ships for ``dreambooth plan``."""
+    from dreambooth.planning.architectures import ARCHITECTURES_DIR
+
+    return model_shapes("SD 1.5", str(ARCHITECTURES_DIR / "stable-diffusion-v1-5"), resolution=512)
 
 
 def model_shapes(name: str, model_path: str, resolution: int) -> Shapes:
