@@ -217,3 +217,28 @@ def count_parameters(arch: Architecture, *, train_text_encoder: bool = True, per
         else:
             frozen += sum(sizes)
     return ParameterCounts(per_component, trainable, frozen, largest, persistent)
+
+
+def narrowed(arch: Architecture, divisor: int, head_dim: int) -> Architecture:
+    """``arch`` with every UNet channel count and text-encoder width divided by ``divisor`` (rounded to
+    whole heads of ``head_dim``), depths unchanged: a model of the same shape that fits a small machine.
+    The UNet's cross-attention width and pooled-embedding input follow the narrower encoders."""
+    from dataclasses import replace
+
+    def narrower(width: int) -> int:
+        return max(head_dim, round(width / divisor / head_dim) * head_dim)
+
+    encoders = []
+    for encoder in arch.text_encoders:
+        hidden = narrower(encoder.config["hidden_size"])
+        ratio = encoder.config["intermediate_size"] // encoder.config["hidden_size"]
+        encoders.append(replace(encoder, config=dict(encoder.config, hidden_size=hidden, intermediate_size=ratio * hidden,
+                                                     num_attention_heads=hidden // head_dim, projection_dim=hidden)))
+    channels = [narrower(c) for c in arch.unet.config["block_out_channels"]]
+    unet = dict(arch.unet.config, block_out_channels=channels, attention_head_dim=[c // head_dim for c in channels],
+                cross_attention_dim=sum(e.config["hidden_size"] for e in encoders))
+    if unet.get("projection_class_embeddings_input_dim"):  # pooled projection + time ids (SDXL)
+        pooled_before = arch.text_encoders[-1].config["projection_dim"]
+        unet["projection_class_embeddings_input_dim"] += encoders[-1].config["projection_dim"] - pooled_before
+    return replace(arch, model=f"{arch.model} at 1/{divisor} width", unet=replace(arch.unet, config=unet),
+                   text_encoders=tuple(encoders))

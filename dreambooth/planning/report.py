@@ -13,11 +13,11 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-from dreambooth.config import ConfigError
+from dreambooth.config import ConfigError, validate_resolution
 from dreambooth.planning.activations import ActivationPeak, measure_activations
 from dreambooth.planning.architectures import Architecture, ParameterCounts, count_parameters, load_architecture
 from dreambooth.planning.memory import PRECISIONS, Option, RankMemory, all_options, deepspeed_defaults, rank_memory
@@ -166,6 +166,7 @@ def cached_activations(arch: Architecture, *, resolution: int, rows: int, dtype:
 
 
 def check_inputs(inputs: PlanInputs) -> None:
+    """ConfigError (exit 2) for values no plan can be made for."""
     if inputs.gpus < 1:
         raise ConfigError(f"--gpus must be at least 1, got {inputs.gpus}")
     if inputs.train_batch_size < 1:
@@ -174,6 +175,8 @@ def check_inputs(inputs: PlanInputs) -> None:
         raise ConfigError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {inputs.mixed_precision!r}")
     if inputs.gpus_per_node < 1:
         raise ConfigError(f"--gpus-per-node must be at least 1, got {inputs.gpus_per_node}")
+    if inputs.resolution is not None:
+        validate_resolution(inputs.resolution)
 
 
 def _runs_as_another_stage(option: Option, gpus: int) -> bool:
@@ -224,7 +227,7 @@ def run_flags(plan: Plan, row: PlanRow) -> str:
     flags += ["--" + name.replace("_", "-") for name, on in wanted.items() if on]
     flags += [f"--mixed-precision {i.mixed_precision}", f"--resolution {plan.resolution}", f"--train-batch-size {i.train_batch_size}"]
     if not i.train_text_encoder:
-        flags.append("--train-text-encoder false")
+        flags += [f"--train-{c.name.replace('_', '-')} false" for c in plan.arch.text_encoders]
     if not i.prior_preservation:
         flags.append("--prior-loss-weight 0")
     line = "dreambooth run " + " ".join(flags)
@@ -282,4 +285,36 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"Cheapest that fits ({best.option.describe}: {fmt(best.memory.gpu_total)} {unit} per GPU"
                      f"{', ' + fmt(best.cpu_per_node) + ' ' + unit + ' CPU per node' if best.cpu_per_node else ''}):")
         lines.append(run_flags(plan, best))
+    return "\n".join(lines)
+
+
+def format_plan_matrix(model: str, gpus: Sequence[int], memories_gib: Sequence[int], *, resolution: int,
+                       train_batch_size: int, mixed_precision: str = "bf16") -> str:
+    """Per-GPU totals of every option for each GPU count, and the cheapest that fits each GPU size."""
+    reserve = parse_size(DEFAULT_RESERVE, "--reserve")
+    plans = {(n, mem): make_plan(PlanInputs(model, n, mem * GIB, resolution, train_batch_size, mixed_precision, True, True,
+                                            n, None, reserve)) for n in gpus for mem in memories_gib}
+    widest = plans[(max(gpus), memories_gib[0])]
+    lines = ["| ZeRO | offload | checkpointing | " + " | ".join(f"{n} GPU(s): GiB per GPU (CPU per node)" for n in gpus) + " |",
+             "|---|---|---|" + "---|" * len(gpus)]
+    for row in widest.table:
+        cells = []
+        for n in gpus:
+            match = next((r for r in plans[(n, memories_gib[0])].table if r.option == row.option), None)
+            cells.append("(runs as ZeRO-0)" if match is None else f"{gib(match.memory.gpu_total)}"
+                         + (f" ({match.cpu_per_node / GIB:.0f})" if match.cpu_per_node else ""))
+        lines.append(f"| {row.option.label} | " + " | ".join(cells) + " |")
+    lines += ["", "| GPUs | GPU memory | cheapest that fits | GiB per GPU | `dreambooth run` flags |", "|---|---|---|---|---|"]
+    for (n, mem), plan in plans.items():
+        best = plan.cheapest
+        if best is None:
+            lines.append(f"| {n} | {mem} GiB | nothing fits | - | - |")
+            continue
+        flags = run_flags(plan, best).splitlines()[0].removeprefix(f"dreambooth run --model {model} ")
+        lines.append(f"| {n} | {mem} GiB | {best.option.describe} | {gib(best.memory.gpu_total)} | `{flags}` |")
+    a, c = widest.activations, widest.counts
+    lines += ["", f"{model}: {c.trainable / 1e6:,.0f} M trainable + {c.frozen / 1e6:,.0f} M frozen; activations of one rank "
+              f"({widest.rows} rows, {widest.resolution} px, {mixed_precision}) measured on fake tensors: "
+              f"{gib(a[False].peak_bytes)} GiB, {gib(a[True].peak_bytes)} GiB with gradient checkpointing. Totals include "
+              f"DeepSpeed's gradient bucket, the frozen weights and a {DEFAULT_RESERVE} reserve."]
     return "\n".join(lines)
