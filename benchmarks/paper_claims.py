@@ -1,6 +1,6 @@
 """The DreamBooth paper's claims, reproduced on the ``shapes`` base model.
 
-    python benchmarks/paper_claims.py             # 2 subjects x 2 seeds, 5 conditions (~15 min, 2 cores)
+    python benchmarks/paper_claims.py             # 2 subjects x 2 seeds, 5 conditions, the shapes recipe (~30 min, 2 cores)
     python benchmarks/paper_claims.py --quick     # CI: 1 subject, 1 seed, a few steps (proves it runs)
 
 For each shapes-world subject and seed, the base model is fine-tuned from scratch under each
@@ -15,7 +15,8 @@ seeds (the base model is scored on class prompts, identifier left out):
 
 Claims checked: (a) subject fidelity of dreambooth far above base; (b) prompt fidelity of
 dreambooth close to base's; (c) with prior preservation, PRES lower and DIV higher than without, at
-similar fidelity; (d) the rare token beats a common word and a random string on fidelity.
+similar fidelity; (d) the rare token beats a common word and a random string on fidelity; (e) class
+and other-prompt fidelity (collateral drift, ratios to the base) stay within 0.1 of the base.
 Fine-tunes run in one process (``dreambooth.training.inprocess``: the cluster loop's batches and
 loss without Ray/DeepSpeed), because the question is the method, not the distribution layer.
 Writes a markdown table (stdout and ``RESULTS.md``) and ``benchmarks/paper_claims.png``.
@@ -35,16 +36,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import append_results, environment  # noqa: E402
-from dreambooth.evaluation.shapes import evaluate_subject  # noqa: E402
+from dreambooth.evaluation.shapes import evaluate_drift, evaluate_subject  # noqa: E402
 from dreambooth.identifier import pick_identifiers  # noqa: E402
-from dreambooth.models import load_components, load_pipeline, quiet_libraries, resolve_model  # noqa: E402
+from dreambooth.models import load_components, load_pipeline, quiet_libraries, read_recipe, resolve_model  # noqa: E402
 from dreambooth.shapes import COLORS, SUBJECTS  # noqa: E402
 from dreambooth.subjects import load_subject_images  # noqa: E402
 from dreambooth.training.inprocess import FinetuneSettings, finetune  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURE = Path(__file__).resolve().parent / "paper_claims.png"
-MEASURES = ("subject_fidelity", "subject_match", "prompt_fidelity", "recontext_subject_match", "pres", "div")
+MEASURES = ("subject_fidelity", "subject_match", "prompt_fidelity", "recontext_shown", "pres", "div",
+            "class_fidelity", "other_prompt_fidelity")
 RANDOM_STRING = "xxy5syt00"
 CONDITIONS = ("base", "dreambooth", "no_prior", "common_word", "random_string")
 
@@ -92,11 +94,16 @@ def run(args) -> dict:
                         instance_prompt=f"a {identifier} {subject.class_noun}",
                         class_prompt=f"a {subject.class_noun}",
                         max_train_steps=args.steps, learning_rate=args.learning_rate,
+                        text_encoder_learning_rate=args.text_encoder_learning_rate,
                         prior_loss_weight=0.0 if condition == "no_prior" else 1.0,
                         resolution=args.resolution, seed=seed,
                     ), priors)
-                report = evaluate_subject(parts.pipeline(sampler_scheduler), subject, references,
-                                          identifier, seed=1000 * seed, **sample).as_dict()
+                pipe = parts.pipeline(sampler_scheduler)
+                report = evaluate_subject(pipe, subject, references, identifier, seed=1000 * seed, **sample).as_dict()
+                report |= evaluate_drift(pipe, subject.class_noun, seed=1000 * seed, **sample).as_dict()
+                base_drift = results["base"][-1] if condition != "base" else report
+                for ratio, measure in (("class_fidelity", "class_accuracy"), ("other_prompt_fidelity", "other_prompt_accuracy")):
+                    report[ratio] = report[measure] / base_drift[measure] if base_drift[measure] else 1.0
                 results[condition].append(report)
                 print(f"{name} seed {seed} {condition:<14} identifier {identifier!r:<12} "
                       + " ".join(f"{k} {v:.3f}" for k, v in report.items()) + f" ({time.time() - started:.0f} s)",
@@ -133,6 +140,10 @@ def claims(s: dict) -> list[tuple[str, bool, str]]:
          mean(db, "subject_match") >= max(mean("common_word", "subject_match"), mean("random_string", "subject_match")),
          f"subject match rare {mean(db, 'subject_match'):.2f}, common word {mean('common_word', 'subject_match'):.2f}, "
          f"random string {mean('random_string', 'subject_match'):.2f}"),
+        ("(e) little collateral drift: class and other-prompt fidelity of dreambooth within 0.1 of the base",
+         mean(db, "class_fidelity") >= 0.9 and mean(db, "other_prompt_fidelity") >= 0.9,
+         f"class fidelity {mean(db, 'class_fidelity'):.2f}, other-prompt fidelity {mean(db, 'other_prompt_fidelity'):.2f} "
+         f"(no prior: {mean(np_, 'class_fidelity'):.2f}, {mean(np_, 'other_prompt_fidelity'):.2f})"),
     ]
 
 
@@ -170,17 +181,27 @@ def main() -> None:
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--subjects", nargs="+", default=["two_tone_triangle", "striped_circle"], choices=list(SUBJECTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--steps", type=int, default=500, help="fine-tuning steps per run")
-    parser.add_argument("--learning-rate", type=float, default=5e-4)
-    parser.add_argument("--num-priors", type=int, default=64, help="class-prior images per subject")
+    # Unset: the model's recipe (dreambooth.yaml), what `dreambooth run --model shapes` trains with.
+    parser.add_argument("--steps", type=int, help="fine-tuning steps per run (default: the recipe's)")
+    parser.add_argument("--learning-rate", type=float, help="default: the recipe's")
+    parser.add_argument("--text-encoder-learning-rate", type=float, help="default: the recipe's")
+    parser.add_argument("--num-priors", type=int, help="class-prior images per subject (default: the recipe's)")
     parser.add_argument("--images-per-prompt", type=int, default=8)
-    parser.add_argument("--sampling-steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--sampling-steps", type=int, help="default: the recipe's")
+    parser.add_argument("--guidance", type=float, help="of priors and evaluation images (default: the recipe's)")
+    parser.add_argument("--resolution", type=int, help="default: the recipe's")
     parser.add_argument("--quick", action="store_true", help="CI: 1 subject, 1 seed, 4 steps, 2 images per prompt")
     parser.add_argument("--figure", default=str(FIGURE), help="PNG to write")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
+    recipe = read_recipe(resolve_model(args.model))
+    for arg, key in (("steps", "max_train_steps"), ("learning_rate", "learning_rate"), ("sampling_steps", "num_inference_steps"),
+                     ("text_encoder_learning_rate", "text_encoder_learning_rate"), ("guidance", "guidance_scale"),
+                     ("num_priors", "num_class_images"), ("resolution", "resolution")):
+        if getattr(args, arg) is None:
+            setattr(args, arg, recipe.get(key))
+    print("recipe: " + ", ".join(f"{k} {v}" for k, v in vars(args).items() if k in (
+        "steps", "learning_rate", "text_encoder_learning_rate", "num_priors", "guidance", "sampling_steps", "resolution")))
     if args.quick:
         args.subjects, args.seeds, args.steps, args.num_priors, args.images_per_prompt = \
             args.subjects[:1], args.seeds[:1], 4, 4, 2

@@ -90,6 +90,14 @@ VARIANTS: dict[str, Recipe] = {
     "priors 128": dataclasses.replace(START, num_priors=128),
     "prior guidance 1.5": dataclasses.replace(START, prior_guidance=1.5),
     "λ 0": dataclasses.replace(START, prior_loss_weight=0.0),
+    # Second round: the levers that helped one measure each, together.
+    "te 0 + priors 128": dataclasses.replace(START, text_encoder_learning_rate=0.0, num_priors=128),
+    "lr 3e-4 + te 0 + priors 128": dataclasses.replace(START, learning_rate=3e-4, text_encoder_learning_rate=0.0,
+                                                       num_priors=128),
+    "lr 2e-4 + te 0 + priors 128, 800 steps": dataclasses.replace(START, learning_rate=2e-4, steps=800,
+                                                                  text_encoder_learning_rate=0.0, num_priors=128),
+    "lr 2e-4 + te 5e-5 + priors 128, 800 steps": dataclasses.replace(START, learning_rate=2e-4, steps=800,
+                                                                     text_encoder_learning_rate=5e-5, num_priors=128),
 }
 CHOSEN = "te lr 5e-5"
 """The recipe ``dreambooth/data/shapes/dreambooth.yaml`` ships (chosen on the tuning subjects)."""

@@ -63,12 +63,24 @@ def test_memory_quick_reports_zero0_and_zero3_per_rank(exclusive_ray):
 def test_paper_claims_quick_prints_every_condition_and_verdict(tmp_path):
     """CI mode of the shapes-model claims benchmark: 1 subject, 1 seed, 4 fine-tuning steps."""
     figure = tmp_path / "claims.png"
-    out = run_benchmark("paper_claims.py", "--quick", "--figure", str(figure), timeout=600)
+    out = run_benchmark("paper_claims.py", "--quick", "--figure", str(figure), timeout=900)
     rows = table_rows(out)
     assert [r[0] for r in rows] == ["base", "dreambooth", "no_prior", "common_word", "random_string"]
-    assert all(len(r) == 7 for r in rows)
+    assert all(len(r) == 9 for r in rows)  # condition + 8 measures, drift ratios included
+    base = rows[0]
+    assert base[7].startswith("1.000") and base[8].startswith("1.000")  # the base's own drift ratios
     verdicts = [line for line in out.splitlines() if line.startswith(("- reproduced", "- NOT reproduced"))]
-    assert [v.split(": ", 1)[1][:3] for v in verdicts] == ["(a)", "(b)", "(c)", "(d)"]
+    assert [v.split(": ", 1)[1][:3] for v in verdicts] == ["(a)", "(b)", "(c)", "(d)", "(e)"]
     from PIL import Image
 
     assert Image.open(figure).size[0] > 600
+
+
+def test_recipe_search_quick_scores_each_variant_with_drift_and_the_vae_ceiling():
+    """CI mode of the recipe lever study: 1 subject, 2 variants, 4 fine-tuning steps."""
+    out = run_benchmark("recipe_search.py", "--quick", timeout=600)
+    rows = [r for r in table_rows(out) if len(r) == 9]  # the per-(variant, subject) table
+    assert [r[0] for r in rows] == ["start", "te lr 5e-5"] and {r[1] for r in rows} == {"two_tone_triangle"}
+    ceiling = float(rows[0][7])
+    assert 0.7 < ceiling <= 1.0  # the shipped VAE carries the shipped subject
+    assert all(r[8] in ("yes", "no") for r in rows)
