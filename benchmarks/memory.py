@@ -32,8 +32,17 @@ The model is DreamBoothModule with the SD 1.5 UNet structure at 1/5 of the width
 (block_out_channels 64/128/256/256, 2 layers per block, SD 1.5's block types) and a CLIP text
 encoder of SD 1.5's depth at width 256, so it fits this machine.
 
+``--sdxl``: SDXL base's shipped architecture at 1/5 of every width (``planning.architectures.narrowed``:
+3 UNet levels with transformer depth 1/2/10, both text encoders at full depth; 149 M parameters), built
+as training builds it (``DreamBoothModule`` of the SDXL family). Model states at ZeRO 0/2/3 are counted
+in the workers as above; activations of one micro-batch with gradient checkpointing off and on are
+measured on real CPU tensors. Each sits next to ``dreambooth plan``'s prediction for the same shapes;
+then plan's table for full-size SDXL on 1/2/4/8 GPUs of 24 and 80 GiB (~15 min on 2 shared cores).
+
     python benchmarks/memory.py            # scaled SD 1.5, ZeRO 0/1/2/3 + offload at 2 and 3 (~5 min)
     python benchmarks/memory.py --quick    # CI: tiny model, ZeRO 0 and 3, no offload
+    python benchmarks/memory.py --sdxl     # SDXL at 1/5 width: ZeRO 0/2/3 x checkpointing, measured vs
+                                           # `dreambooth plan`; then plan's SDXL table on 1/2/4/8 x 24/80 GiB
 
 Prints a table and appends it to benchmarks/RESULTS.md with the machine, versions and command.
 """
@@ -183,6 +192,7 @@ def measure_worker(config: dict) -> None:
 
     from dreambooth.config import TrainConfig
     from dreambooth.models import quiet_libraries
+    from dreambooth.planning.activations import example_conditions, training_module
     from dreambooth.training.engine import build_engine
 
     quiet_libraries()
@@ -197,7 +207,8 @@ def measure_worker(config: dict) -> None:
     rss_before = process.memory_info().rss
     torch.manual_seed(0)
     shapes: Shapes = config["shapes"]
-    module = build_module(shapes)
+    arch = config.get("arch")  # an Architecture (SDXL-shaped runs): built as training builds it, family and all
+    module = build_module(shapes) if arch is None else training_module(arch, checkpointing=False)
     train = TrainConfig(
         zero_stage=config["zero"], offload_optimizer=config["offload"], mixed_precision=config["precision"],
         train_batch_size=1, max_train_steps=2, learning_rate=1e-5, cpus_per_worker=1.0,
@@ -212,6 +223,8 @@ def measure_worker(config: dict) -> None:
     start = time.perf_counter()
     for step in range(2):
         latents, noise, timesteps, conditions = make_batch(2, latent, torch.device("cpu"), generator)
+        if arch is not None:  # the family's conditions (SDXL: both tokenizers' ids and time_ids)
+            conditions = example_conditions(engine.module, 2, shapes.resolution, CLIP_VOCAB_SIZE)
         prediction = engine(latents.to(dtype) + noise.to(dtype), timesteps, conditions)
         loss = torch.nn.functional.mse_loss(prediction.float(), noise)
         engine.backward(loss)
@@ -240,7 +253,7 @@ def measure_worker(config: dict) -> None:
 # --------------------------------------------------------------------------- driver
 
 
-def run_config(shapes: Shapes, zero: int, offload: bool, precision: str, storage: str) -> list[dict]:
+def run_config(shapes: Shapes, zero: int, offload: bool, precision: str, storage: str, arch=None) -> list[dict]:
     import ray.train
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -250,7 +263,7 @@ def run_config(shapes: Shapes, zero: int, offload: bool, precision: str, storage
     env.update(DS_ACCELERATOR="cpu", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     trainer = TorchTrainer(
         measure_worker,
-        train_loop_config={"shapes": shapes, "zero": zero, "offload": offload, "precision": precision},
+        train_loop_config={"shapes": shapes, "arch": arch, "zero": zero, "offload": offload, "precision": precision},
         scaling_config=ScalingConfig(num_workers=WORKERS, use_gpu=False, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="gloo"),
         run_config=ray.train.RunConfig(
@@ -284,10 +297,107 @@ def estimates(total: int, largest_layer: int, zero: int, offload: bool) -> dict[
     return {"deepspeed": ds, "paper": "-" if offload else f"{paper / MB:.1f}"}  # the rule has no offload form
 
 
+# --------------------------------------------------------------------------- SDXL-shaped (--sdxl)
+
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+WIDTH_DIVISOR = 5  # channels and hidden sizes at 1/5 (parameters ~1/25): SDXL's states fit this machine
+HEAD_DIM = 64  # SDXL's attention head width, kept: widths round to multiples of it
+STATES_RESOLUTION = 64  # px for the model-state runs (8x8 latents: the smallest SDXL's 3 levels take)
+ACTIVATION_RESOLUTION = 512  # px for the activation runs (64x64 latents)
+ROWS = 2  # one subject + one prior example, as a DreamBooth micro-batch of 1
+ACTIVATION_DTYPE = torch.float32  # this CPU has no bf16 units (bf16 convolutions run ~50x slower); bytes scale by 2
+PLAN_GPUS = (1, 2, 4, 8)
+PLAN_MEMORY_GIB = (24, 80)
+
+
+def scaled_sdxl():
+    """SDXL base (its shipped configs: 3 UNet levels, transformer depth 1/2/10, text_time conditioning,
+    CLIP ViT-L 12 layers + OpenCLIP bigG 32 layers) with every width / 5, in 64-wide heads."""
+    from dreambooth.planning.architectures import load_architecture, narrowed
+
+    return narrowed(load_architecture(SDXL), WIDTH_DIVISOR, HEAD_DIM)
+
+
+def run_sdxl(args) -> None:
+    """Scaled SDXL on 2 ranks: model states at ZeRO 0/2/3 (measured in DeepSpeed workers) and activations
+    with checkpointing off/on (measured on real CPU tensors), each next to ``plan``'s prediction."""
+    from dataclasses import replace
+
+    import ray
+
+    from dreambooth.planning.activations import measure_activations
+    from dreambooth.planning.architectures import count_parameters
+    from dreambooth.planning.memory import MIXED, Option, deepspeed_defaults, rank_memory
+
+    arch = scaled_sdxl()
+    buckets = deepspeed_defaults()
+    counts = count_parameters(arch, persistence_threshold=buckets.persistence_threshold)
+    sizes = ", ".join(f"{name} {n / 1e6:.2f} M" for name, n in counts.per_component.items())
+    print(f"{arch.model}: {sizes}; trainable {counts.trainable / 1e6:.2f} M; {WORKERS} ranks, bf16")
+    shapes = Shapes(arch.model, arch.unet.config, arch.text_encoders[0].config, resolution=STATES_RESOLUTION,
+                    vae_factor=arch.vae_scale_factor)
+    after_backward = replace(MIXED, fp32_grads=0)  # measured before the step makes the fp32 gradient partition
+    from dreambooth.training.engine import prebuild_deepspeed_ops
+
+    prebuild_deepspeed_ops()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    states = {}
+    try:
+        with tempfile.TemporaryDirectory() as storage:
+            for zero in (0, 2, 3):
+                ranks = run_config(shapes, zero, False, "bf16", storage, arch=arch)
+                worst = max(ranks, key=lambda r: sum(r[k] for k in KINDS if k != "buffers"))
+                planned = rank_memory(Option(zero, False, False, False), counts, after_backward, WORKERS, activations=0,
+                                      buckets=buckets, reserve=0)
+                states[zero] = (worst, planned)
+    finally:
+        ray.shutdown()
+    acts = {}
+    for checkpointing in (False, True):
+        shape = dict(resolution=ACTIVATION_RESOLUTION, rows=ROWS, dtype=ACTIVATION_DTYPE, checkpointing=checkpointing)
+        acts[checkpointing] = (measure_activations(arch, fake=True, **shape), measure_activations(arch, fake=False, **shape))
+
+    def mb(n: float) -> str:
+        return f"{n / MB:.1f}"
+
+    lines = ["| ZeRO | checkpointing | params MB (measured / plan) | grads MB | fp32 master + Adam MB | model states MB "
+             "| activations MB (measured / plan) | states + activations MB (measured / plan) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for zero, (r, planned) in states.items():
+        measured_states = r["params"] + r["grads"] + r["fp32 master"] + r["Adam state"]
+        planned_states = planned.params + planned.grads + planned.optimizer
+        for checkpointing, (predicted, measured) in acts.items():
+            lines.append(
+                f"| {zero} | {'on' if checkpointing else 'off'} | {mb(r['params'])} / {mb(planned.params)} "
+                f"| {mb(r['grads'])} / {mb(planned.grads)} | {mb(r['fp32 master'] + r['Adam state'])} / {mb(planned.optimizer)} "
+                f"| {mb(measured_states)} / {mb(planned_states)} | {mb(measured.peak_bytes)} / {mb(predicted.peak_bytes)} "
+                f"| {mb(measured_states + measured.peak_bytes)} / {mb(planned_states + predicted.peak_bytes)} |")
+    table = "\n".join(lines)
+    summary = (
+        f"{arch.model} ({sizes}; {counts.trainable / 1e6:.2f} M trainable), {WORKERS} ranks, bf16. Model states: the "
+        f"largest rank of DeepSpeed workers after backward (before the step's fp32 gradient copy, which plan adds on "
+        f"top), at {STATES_RESOLUTION} px. Activations: one micro-batch of {ROWS} rows at {ACTIVATION_RESOLUTION} px in fp32, "
+        f"measured on real CPU tensors (MemTracker's live tensor bytes, activations + backward temporaries) next to "
+        f"plan's fake-tensor prediction (bf16 halves both). Process RSS is no check here: glibc keeps freed blocks "
+        f"and reuses the model build's, so its growth over one step ranged from 0.4x to 15x the live bytes across runs here."
+    )
+    from dreambooth.planning.report import format_plan_matrix
+
+    matrix = format_plan_matrix(SDXL, PLAN_GPUS, PLAN_MEMORY_GIB, resolution=1024, train_batch_size=1)
+    print(table, summary, "", matrix, sep="\n")
+    if not args.no_write:
+        append_results("SDXL-shaped memory, measured vs `dreambooth plan`, and the SDXL plan (memory.py --sdxl)",
+                       f"{table}\n\n{summary}\n\n### `dreambooth plan` for SDXL base, 1024 px, batch 1 + 1 prior, bf16\n\n{matrix}",
+                       environment(), " ".join(sys.argv))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, ZeRO 0 and 3, no offload (CI)")
     parser.add_argument("--precision", choices=("bf16", "no"), default="bf16", help="bf16 (default, as on GPUs) or no = fp32")
+    parser.add_argument("--sdxl", action="store_true",
+                        help="SDXL-shaped model at 1/5 width: ZeRO 0/2/3 x checkpointing off/on next to `dreambooth plan`, "
+                             "and the full-size SDXL plan on 1/2/4/8 x 24/80 GiB GPUs")
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -296,6 +406,9 @@ def main() -> None:
     from dreambooth.models import quiet_libraries
 
     quiet_libraries()
+    if args.sdxl:
+        run_sdxl(args)
+        return
     shapes = tiny_shapes() if args.quick else scaled_sd15_shapes()
     grid = [(0, False), (3, False)] if args.quick else [(0, False), (1, False), (2, False), (3, False), (2, True), (3, True)]
 

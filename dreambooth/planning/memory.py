@@ -81,6 +81,7 @@ class Option:
 
     @property
     def offload(self) -> str:
+        """What is offloaded to CPU memory: ``-``, ``optim`` or ``params+optim``."""
         return "params+optim" if self.offload_params else "optim" if self.offload_optimizer else "-"
 
     @property
@@ -90,6 +91,7 @@ class Option:
 
     @property
     def describe(self) -> str:
+        """The option in words, for the verdict line."""
         offload = "no offload" if self.offload == "-" else f"{self.offload} offloaded"
         return f"ZeRO-{self.zero_stage}, {offload}, gradient checkpointing {'on' if self.checkpointing else 'off'}"
 
@@ -165,6 +167,7 @@ class RankMemory:
 
     @property
     def gpu_total(self) -> int:
+        """Everything on the GPU: model states, activations, buffers, frozen weights and the reserve."""
         return self.model_states + self.activations + self.buffers + self.frozen + self.reserve
 
 
