@@ -165,6 +165,10 @@ class TrainConfig:
     offload_optimizer: bool = False
     """Keep optimizer state in CPU memory (DeepSpeed CPU Adam; builds its extension once)."""
 
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (UNet blocks and trained text encoder layers)
+    instead of keeping them: much less activation memory for about a third more step time."""
+
     checkpointing_steps: int = 100
     """Save a resumable checkpoint every this many optimizer steps; 0: none (a lost worker restarts the subject)."""
 

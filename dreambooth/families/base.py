@@ -167,6 +167,20 @@ class ModelFamily(ABC):
         flags = (train.train_text_encoder, train.train_text_encoder_2)
         return dict(zip(self.text_encoder_names, flags))
 
+    def enable_gradient_checkpointing(self, modules: Mapping[str, nn.Module]) -> None:
+        """Recompute activations in the backward pass instead of keeping them, in each of ``modules``
+        (trainable components by name): the UNet through diffusers' ``enable_gradient_checkpointing``
+        (per down/mid/up block), each text encoder through transformers' ``activation_checkpointing_enable``
+        (per transformer layer). Both use torch's non-reentrant checkpoint, which DeepSpeed ZeRO's
+        parameter hooks (stage 3 gathers) run under again during the recompute."""
+        for name, module in modules.items():
+            if name == "unet":
+                module.enable_gradient_checkpointing()
+            elif name in self.text_encoder_names:
+                module.activation_checkpointing_enable()
+            else:
+                raise ValueError(f"{name!r} is not a trainable component of {self!r} ({', '.join(self.trainable_names)})")
+
     def tokenize(self, tokenizers: Sequence, prompt: str) -> Conditions:
         """``prompt`` padded/truncated to each tokenizer's max length, as at inference: int64 [1, L] each."""
         return {

@@ -236,6 +236,8 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
     worker.base.vae.to(device)
     fresh = {name: copy.deepcopy(base_module).to(device) for name, base_module in worker.base.trainable().items()}
     module = DreamBoothModule.from_components(worker.base, worker.base.family.trained_encoders(train), fresh)
+    if train.gradient_checkpointing:
+        module.enable_gradient_checkpointing()
     engine, scheduler = build_engine(module, train, cuda=device.type == "cuda")
     laps.lap("reset_and_initialize")  # deepcopy of the base weights + deepspeed.initialize
     start_step = checkpoint.restore(engine, cfg.output)

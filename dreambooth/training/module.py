@@ -57,6 +57,17 @@ class DreamBoothModule(nn.Module):
         """The trained modules by component name (``unet``, ``text_encoder``[, ``text_encoder_2``])."""
         return {name: getattr(self, name) for name in self.family.trainable_names}
 
+    def trained_parts(self) -> dict[str, nn.Module]:
+        """The parts with parameters that train (a frozen text encoder is left out)."""
+        return {name: part for name, part in self.parts().items() if any(p.requires_grad for p in part.parameters())}
+
+    def enable_gradient_checkpointing(self) -> "DreamBoothModule":
+        """Activation checkpointing in every trained part (``ModelFamily.enable_gradient_checkpointing``):
+        less activation memory for a second forward pass in backward; the same loss and gradients.
+        A frozen text encoder keeps no activations for backward, so it has nothing to checkpoint."""
+        self.family.enable_gradient_checkpointing(self.trained_parts())
+        return self
+
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditions: Conditions) -> torch.Tensor:
         encoder_hidden_states, added = self.family.condition(self, conditions)
         return self.unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
