@@ -119,6 +119,14 @@ def test_tiny_saved_tensors_equal_predicted_forward_activations(tiny_activations
     assert _saved_tensor_bytes(arch, TINY_RESOLUTION, TINY_ROWS) == pytest.approx(predicted.after_forward_bytes, rel=0.01)
 
 
+def test_frozen_text_encoders_save_no_activations_for_backward():
+    """tiny-sdxl with both encoders frozen: their activations are not kept, so the step's are smaller."""
+    arch = load_architecture("tiny-sdxl")
+    shape = dict(resolution=TINY_RESOLUTION, rows=TINY_ROWS, dtype=torch.float32, checkpointing=False)
+    trained, frozen = (measure_activations(arch, train_text_encoder=t, **shape) for t in (True, False))
+    assert 0 < frozen.after_forward_bytes < trained.after_forward_bytes
+
+
 def test_gradient_checkpointing_cuts_activations_of_tiny(tiny_activations):
     _, runs = tiny_activations
     (off, _), (on, _) = runs[False], runs[True]

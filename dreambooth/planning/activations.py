@@ -72,7 +72,14 @@ class _ActivationTracker(MemTracker):
         # every op (minutes for SDXL's ~2,000 modules); only the whole-step peak is needed here.
         self.activation_peak = max(self.activation_peak, self.activations_now())
 
+    def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True) -> tuple[int, int]:
+        # MemTracker hooks every parameter's gradient, which raises for frozen ones (a frozen text
+        # encoder): modules holding any skip the hooks; their trainable leaves install their own.
+        trainable = all(p.requires_grad for p in module.parameters())
+        return super()._track_module_params_and_buffers(module, install_grad_hooks and trainable)
+
     def activations_now(self) -> int:
+        """Live activation + temporary bytes at this moment, over all devices."""
         return sum(s[_MemRefType.ACT] + s[_MemRefType.TEMP] for s in self._curr_mem_snap.values())
 
 

@@ -254,7 +254,7 @@ def format_plan(plan: Plan) -> str:
         f"{i.model}: {sizes}; trainable {c.trainable / 1e6:,.1f} M, frozen {c.frozen / 1e6:,.1f} M "
         f"(largest layer {c.largest_layer / 1e6:.1f} M, ZeRO-3 persistent {c.persistent / 1e6:.2f} M)",
         f"{i.gpus} GPU(s) x {i.gpu_memory / GIB:.1f} GiB, {i.mixed_precision}, {plan.resolution} px "
-        f"(latents {plan.resolution // plan.arch.vae_scale_factor}^2), {plan.rows} rows per micro-batch "
+        f"(latents {plan.resolution // plan.arch.vae_scale_factor}^2), {plan.rows} row{'s' if plan.rows > 1 else ''} per micro-batch "
         f"({i.train_batch_size} subject{' + ' + str(i.train_batch_size) + ' prior' if i.prior_preservation else ''}); "
         f"activations measured on fake tensors: {fmt(plan.activations[False].peak_bytes)} {unit}, "
         f"{fmt(plan.activations[True].peak_bytes)} {unit} with gradient checkpointing",
