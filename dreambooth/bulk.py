@@ -39,6 +39,7 @@ from dreambooth import cluster, export, models, pipeline, priors, storage
 from dreambooth.config import ConfigError, RunConfig, build_config, flatten, validate
 from dreambooth.inputs import MAX_MANIFEST_BYTES, InputError, load_yaml_file
 from dreambooth.subjects import SubjectError
+from dreambooth.training.engine import require_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +311,7 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
     for name, prepared in ready:  # a subject whose worker group can never start fails now, not after a wait
         try:
             cluster.check_feasible(prepared.config.train, use_gpu)
+            require_optimizer(prepared.config.train, cuda=use_gpu)
             startable.append((name, prepared))
         except ConfigError as exc:
             results[name].status, results[name].error = "failed", f"ConfigError: {exc}"

@@ -41,6 +41,7 @@ Launcher = Literal["auto", "ray-train", "in-process"]
 UseGpu = Literal["auto", "true", "false"]
 SaveDtype = Literal["fp16", "bf16", "fp32"]
 ReportTo = Literal["none", "tensorboard", "mlflow", "wandb"]
+OptimizerName = Literal["adamw", "adafactor", "adamw8bit"]
 """The string options' choices: read as text, checked by ``validate`` against ``typing.get_args``."""
 
 
@@ -114,7 +115,7 @@ class TrainConfig:
     """Micro-batches accumulated before each optimizer step."""
 
     learning_rate: float = 5e-6
-    """Peak AdamW learning rate (the paper uses 5e-6 for Stable Diffusion)."""
+    """Peak learning rate of every optimizer (the paper uses 5e-6 for Stable Diffusion)."""
 
     text_encoder_learning_rate: Optional[float] = None
     """Peak learning rate of the text encoder(s); unset: ``learning_rate``. A lower one keeps what
@@ -130,7 +131,13 @@ class TrainConfig:
     """Gradient clipping norm; 0 disables clipping."""
 
     adam_weight_decay: float = 1e-2
-    """AdamW weight decay."""
+    """Decoupled weight decay of the optimizer (AdamW's, also applied by adafactor and adamw8bit)."""
+
+    optimizer: OptimizerName = "adamw"
+    """adamw (torch AdamW, two fp32 moments per parameter), adafactor (transformers' Adafactor at
+    ``learning_rate``, no first moment: at most half of AdamW's optimizer memory, less at ZeRO-0 where it
+    factors each matrix's second moment) or adamw8bit (bitsandbytes' 8-bit AdamW, a quarter of AdamW's
+    optimizer memory; CUDA GPUs only, needs ``pip install bitsandbytes``)."""
 
     prior_loss_weight: float = 1.0
     """λ: weight of the prior-preservation term; 0 trains on the subject alone (no priors needed)."""
@@ -482,6 +489,7 @@ SAVE_DTYPES = typing.get_args(SaveDtype)
 LAUNCHERS = typing.get_args(Launcher)
 REPORT_TO = typing.get_args(ReportTo)
 USE_GPU = typing.get_args(UseGpu)
+OPTIMIZERS = typing.get_args(OptimizerName)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -616,6 +624,18 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(
         not (t.offload_optimizer and t.zero_stage == 0),
         "--offload-optimizer needs --zero-stage 1, 2 or 3 (ZeRO owns the optimizer state it offloads)",
+    )
+    _check(t.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {shorten(t.optimizer)}")
+    _check(
+        not (t.offload_optimizer and t.optimizer != "adamw"),
+        f"--offload-optimizer runs DeepSpeed's CPU AdamW, so it works with --optimizer adamw only, got --optimizer "
+        f"{t.optimizer}; drop --offload-optimizer (--optimizer {t.optimizer} already needs less optimizer memory) "
+        "or use --optimizer adamw",
+    )
+    _check(
+        not (t.optimizer == "adamw8bit" and t.use_gpu == "false"),
+        "--optimizer adamw8bit runs on CUDA GPUs only (bitsandbytes), got --use-gpu false; "
+        "use --optimizer adafactor to save optimizer memory on CPUs",
     )
     check_range(t.checkpointing_steps, 0, 10_000_000, "--checkpointing-steps", " (0 = no checkpoints)")
     check_range(t.max_failures, 0, 1000, "--max-failures")

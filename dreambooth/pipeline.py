@@ -18,6 +18,7 @@ from typing import Collection, Optional
 from dreambooth import cluster, export, identifier, models, priors, storage
 from dreambooth.config import ConfigError, RunConfig, validate
 from dreambooth.subjects import SubjectImage, load_subject_images
+from dreambooth.training.engine import require_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ def preflight(
         from dreambooth import tracking
 
         tracking.check_report_to(cfg.export.report_to)  # installed and configured, before any cluster time
+    require_optimizer(cfg.train)  # installed (the workers run this image), before any cluster time
     model_path = models.resolve_model(cfg.model, cfg.revision)
     images = load_subject_images(cfg.subject.instance_dir, cfg.train.resolution)
     was_auto, warnings = resolve_identifier(cfg, model_path, taken_identifiers, drawers)
@@ -146,6 +148,7 @@ def execute(prepared: Prepared) -> RunOutcome:
         use_gpu = cluster.resolve_use_gpu(cfg.train.use_gpu)
         cluster.check_feasible(cfg.train, use_gpu)
         cluster.require_cuda(use_gpu)
+    require_optimizer(cfg.train, cuda=use_gpu)  # where training runs is known now
     if complete:  # --overwrite, once the run is known to be able to start
         removed = export.remove_run_outputs(cfg.output)
         log.info("--overwrite: removed the earlier run's %s from %s (nothing else)", ", ".join(removed), cfg.output)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from dreambooth.config import TrainConfig
+from dreambooth.config import ConfigError, OptimizerName, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,46 @@ def adamw(params, learning_rate: float, weight_decay: float) -> torch.optim.Adam
     small ops per parameter (the optimizer phase of a shapes-model step went from 22 to 6 ms on 2
     CPU cores). Same update rule as the default implementation, to float rounding."""
     return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=True)
+
+
+ADAMW_8BIT_NEEDS = "--optimizer adamw8bit needs CUDA GPUs and bitsandbytes (pip install bitsandbytes)"
+"""The start of every refusal of ``adamw8bit``: what it needs."""
+ADAMW_8BIT_INSTEAD = "use --optimizer adafactor, which also saves optimizer memory and runs anywhere"
+
+
+def require_optimizer(train: TrainConfig, *, cuda: Optional[bool] = None) -> None:
+    """Refuse an optimizer that cannot run here, before any cluster time: ``adamw8bit`` needs
+    bitsandbytes importable (the driver runs the workers' image) and, once known (``cuda``: whether
+    training gets CUDA devices), CUDA GPUs. A ConfigError says what to install or use instead."""
+    if train.optimizer != "adamw8bit":
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{ADAMW_8BIT_NEEDS}, and bitsandbytes is not installed; "
+                          f"install it in the image, or {ADAMW_8BIT_INSTEAD}")
+    if cuda is False:
+        raise ConfigError(f"{ADAMW_8BIT_NEEDS}, and this run has no CUDA devices to train on; "
+                          f"train on CUDA GPUs (--use-gpu true), or {ADAMW_8BIT_INSTEAD}")
+
+
+def make_optimizer(name: OptimizerName, params, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The ``--optimizer`` over ``params`` (tensors or ``parameter_groups``; a group's own ``lr`` wins).
+
+    Under ZeRO 1-3, DeepSpeed hands the optimizer flat 1-D partitions, so Adafactor cannot factor a
+    matrix's second moment there; it still keeps no first moment (half of AdamW's state)."""
+    if name == "adamw":
+        return adamw(params, learning_rate, weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # A fixed learning rate, as given (no relative step, no scaling by each parameter's RMS), so
+        # --learning-rate, the LR schedule and the text encoder's group rate mean what they say.
+        return Adafactor(params, lr=learning_rate, weight_decay=weight_decay, relative_step=False,
+                         scale_parameter=False, warmup_init=False)
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=learning_rate, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")
 
 
 def parameter_groups(module: torch.nn.Module, learning_rate: float,
@@ -61,7 +102,7 @@ def deepspeed_config(train: TrainConfig, *, cuda: bool, world_size: int = 2) -> 
     ``cuda``: whether the ranks train on CUDA devices (else on CPU); ``world_size``: the ranks
     (one rank trains at stage 0 unless it offloads, see ``effective_zero_stage``).
     With optimizer offload DeepSpeed builds its CPU Adam (a one-time JIT build); otherwise the
-    engine receives a torch AdamW object, which builds no extension.
+    engine receives the ``--optimizer`` object (``make_optimizer``), which builds no extension.
     """
     stage = effective_zero_stage(train, world_size)
     zero: dict[str, Any] = {
@@ -170,7 +211,7 @@ def build_engine(module: torch.nn.Module, train: TrainConfig, *, cuda: bool | No
     params = parameter_groups(module, train.learning_rate, train.text_encoder_learning_rate)
     optimizer = None
     if not train.offload_optimizer:
-        optimizer = adamw(params, train.learning_rate, train.adam_weight_decay)
+        optimizer = make_optimizer(train.optimizer, params, train.learning_rate, train.adam_weight_decay)
 
     def make_scheduler(opt):
         return get_scheduler(

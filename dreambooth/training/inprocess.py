@@ -15,7 +15,8 @@ import torch
 
 from dreambooth.subjects import SubjectImage
 from dreambooth.training.batches import BatchMaker, PriorPool
-from dreambooth.training.engine import adamw, parameter_groups
+from dreambooth.config import OptimizerName
+from dreambooth.training.engine import make_optimizer, parameter_groups
 from dreambooth.training.module import DreamBoothModule, mixed_batch_loss
 
 
@@ -38,7 +39,9 @@ class FinetuneSettings:
     text_encoder_steps: int | None = None
     """Train the text encoder for the first this many steps only, then the UNet alone; None: every step."""
     adam_weight_decay: float = 0.0
-    """AdamW weight decay (``TrainConfig.adam_weight_decay`` is the cluster loop's)."""
+    """Weight decay (``TrainConfig.adam_weight_decay`` is the cluster loop's)."""
+    optimizer: OptimizerName = "adamw"
+    """``TrainConfig.optimizer``: adamw, adafactor or adamw8bit (CUDA only)."""
     prior_loss_weight: float = 1.0
     """λ of the prior-preservation term; 0 trains on the subject alone."""
     resolution: int = 32
@@ -64,8 +67,8 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
     encoder_rate = settings.text_encoder_learning_rate
     if encoder_rate is None and settings.text_encoder_steps is not None:
         encoder_rate = settings.learning_rate  # a group of its own, to stop at text_encoder_steps
-    optimizer = adamw(parameter_groups(module, settings.learning_rate, encoder_rate),
-                      settings.learning_rate, settings.adam_weight_decay)
+    optimizer = make_optimizer(settings.optimizer, parameter_groups(module, settings.learning_rate, encoder_rate),
+                               settings.learning_rate, settings.adam_weight_decay)
     batches = BatchMaker(
         images, parts, settings.instance_prompt, settings.class_prompt,
         resolution=settings.resolution, batch_size=settings.train_batch_size, center_crop=False,
@@ -78,7 +81,7 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
     for step in range(settings.max_train_steps):
         started = time.perf_counter()
         if step == settings.text_encoder_steps:
-            optimizer.param_groups[1]["lr"] = 0.0  # AdamW scales its step and its decay by lr: frozen
+            optimizer.param_groups[1]["lr"] = 0.0  # every optimizer scales its step and its decay by lr: frozen
         batch = batches.next()
         loss = mixed_batch_loss(module, parts.noise_scheduler, batch.latents, batch.conditions,
                                 batch.num_instance, settings.prior_loss_weight, generator)
