@@ -172,6 +172,11 @@ class TrainConfig:
     offload_optimizer: bool = False
     """Keep optimizer state in CPU memory (DeepSpeed CPU Adam; builds its extension once)."""
 
+    offload_params: bool = False
+    """Keep the parameters in CPU memory between uses (ZeRO-3 parameter offload; needs --zero-stage 3):
+    each layer's weights are fetched to the GPU for its forward and backward. Slower steps, for models
+    whose weights do not fit even sharded."""
+
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (UNet blocks and trained text encoder layers)
     instead of keeping them: much less activation memory for about a third more step time."""
@@ -636,6 +641,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         not (t.optimizer == "adamw8bit" and t.use_gpu == "false"),
         "--optimizer adamw8bit runs on CUDA GPUs only (bitsandbytes), got --use-gpu false; "
         "use --optimizer adafactor to save optimizer memory on CPUs",
+    )
+    _check(
+        not (t.offload_params and t.zero_stage != 3),
+        f"--offload-params needs --zero-stage 3 (only ZeRO-3 partitions the parameters it offloads), got "
+        f"--zero-stage {t.zero_stage}; add --zero-stage 3, or drop --offload-params",
     )
     check_range(t.checkpointing_steps, 0, 10_000_000, "--checkpointing-steps", " (0 = no checkpoints)")
     check_range(t.max_failures, 0, 1000, "--max-failures")

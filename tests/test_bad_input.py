@@ -175,6 +175,7 @@ CASES = [
     Case("resolution-not-multiple-of-8", "config", lambda t, d: run_args(t, d, "--resolution", "100"), "multiple of 8"),
     Case("learning-rate-out-of-range", "config", lambda t, d: run_args(t, d, "--learning-rate", "5"), "--learning-rate must be in (0, 1)"),
     Case("offload-without-zero", "config", lambda t, d: run_args(t, d, "--zero-stage", "0", "--offload-optimizer"), "--offload-optimizer needs --zero-stage"),
+    Case("offload-params-without-zero3", "config", lambda t, d: run_args(t, d, "--offload-params"), "--offload-params needs --zero-stage 3"),
     Case("optimizer-unknown", "config", lambda t, d: run_args(t, d, "--optimizer", "sgd"), "--optimizer must be one of adamw, adafactor, adamw8bit"),
     Case("offload-optimizer-with-adafactor", "config", lambda t, d: run_args(t, d, "--optimizer", "adafactor", "--offload-optimizer"), "works with --optimizer adamw only"),
     Case("adamw8bit-without-cuda-or-bitsandbytes", "config", lambda t, d: run_args(t, d, "--optimizer", "adamw8bit"), "--optimizer adamw8bit needs CUDA GPUs and bitsandbytes"),

@@ -173,3 +173,47 @@ def test_optimizer_offload_is_adamw_only_and_adamw8bit_needs_cuda():
     require_optimizer(TrainConfig(optimizer="adafactor"), cuda=False)  # runs anywhere
     with pytest.raises(ConfigError, match="adamw8bit needs CUDA GPUs and bitsandbytes.*--optimizer adafactor"):
         require_optimizer(TrainConfig(optimizer="adamw8bit"), cuda=False)
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_offload_params_puts_zero3_parameters_on_the_cpu(cuda):
+    from dreambooth.training.engine import effective_zero_stage
+
+    zero = deepspeed_config(TrainConfig(zero_stage=3, offload_params=True), cuda=cuda, world_size=2)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_param"] == {"device": "cpu", "pin_memory": cuda}
+    assert "offload_optimizer" not in zero
+    assert "offload_param" not in deepspeed_config(TrainConfig(zero_stage=3), cuda=cuda, world_size=2)["zero_optimization"]
+    # One rank keeps stage 3 when it offloads parameters (without offload it would train at stage 0).
+    assert effective_zero_stage(TrainConfig(zero_stage=3, offload_params=True), 1) == 3
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_offload_params_is_refused_below_zero3(stage):
+    from dreambooth.config import ConfigError, RunConfig, validate
+
+    cfg = RunConfig(model="tiny", output="/tmp/x")
+    cfg.subject.instance_dir, cfg.subject.class_noun = "/tmp/dog", "dog"
+    cfg.train.offload_params, cfg.train.zero_stage = True, stage
+    with pytest.raises(ConfigError, match=f"--offload-params needs --zero-stage 3 .* got --zero-stage {stage}; add --zero-stage 3"):
+        validate(cfg)
+    cfg.train.zero_stage = 3
+    validate(cfg)
+
+
+def test_offload_params_trains_one_step_at_zero3(tiny_parts, one_rank_group):
+    import deepspeed
+
+    from dreambooth.training import checkpoint
+
+    latents, conditions = _batch(tiny_parts)
+    module = _module(tiny_parts, checkpointing=False)
+    before = _state(module.unet)
+    config = deepspeed_config(TrainConfig(zero_stage=3, offload_params=True, max_grad_norm=0), cuda=False, world_size=1)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.AdamW(module.parameters(), lr=1e-3),
+                                      config=config, dist_init_required=False)
+    assert engine.zero_optimization_stage() == 3 and engine.zero_offload_param()
+    engine.backward(_loss(engine, tiny_parts, latents, conditions))
+    engine.step()
+    state = checkpoint.gathered_state_dict(engine)
+    engine.destroy()
+    assert any(not torch.equal(before[k], state[f"unet.{k}"]) for k in before)

@@ -90,14 +90,16 @@ def effective_zero_stage(train: TrainConfig, world_size: int) -> int:
     """The ZeRO stage a run trains with: ``--zero-stage``, except that one rank without offload has
     nothing to partition, and stages 1-3 would only add their gradient bucketing and parameter
     gather hooks to every step (3.7x the step time at ZeRO-3 on the shapes model here,
-    benchmarks/train_step.py): the same training runs at stage 0. Optimizer offload needs stage >= 1."""
-    if world_size == 1 and not train.offload_optimizer:
+    benchmarks/train_step.py): the same training runs at stage 0. Offload needs its stage (optimizer
+    offload >= 1, parameter offload 3), so an offloading run keeps it."""
+    if world_size == 1 and not (train.offload_optimizer or train.offload_params):
         return 0
     return train.zero_stage
 
 
 def deepspeed_config(train: TrainConfig, *, cuda: bool, world_size: int = 2) -> dict[str, Any]:
-    """The DeepSpeed JSON config for a run (ZeRO stage, offload, precision, accumulation, clipping).
+    """The DeepSpeed JSON config for a run (ZeRO stage, optimizer and parameter offload, precision,
+    accumulation, clipping).
 
     ``cuda``: whether the ranks train on CUDA devices (else on CPU); ``world_size``: the ranks
     (one rank trains at stage 0 unless it offloads, see ``effective_zero_stage``).
@@ -114,6 +116,8 @@ def deepspeed_config(train: TrainConfig, *, cuda: bool, world_size: int = 2) -> 
     }
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+    if train.offload_params:  # validate() allows it at stage 3 only
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
     if stage == 3:
         # Full weights are gathered for export through GatheredParameters; this lets
         # engine.save_16bit_model work too.
