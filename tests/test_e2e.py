@@ -73,6 +73,7 @@ def test_zero2_end_to_end_then_second_subject_zero3_reuses_priors(ray_cluster, t
     assert record["identifier_auto"] is True
     assert record["priors"]["generated"] == 4 and record["priors"]["images"] == 4
     assert record["metrics"]["step"] == 3 and record["metrics"]["loss"] > 0
+    assert record["metrics"]["attention_backend"] == {"processors": ["AttnProcessor2_0"], "sdpa_backends": ["cpu"]}
     assert not (out / "validation").exists()  # --validation-steps 0: none
 
     # --report-to mlflow: a file store in the output, read back with MLflow's own client.

@@ -37,7 +37,7 @@ from dreambooth.subjects import load_subject_images
 from dreambooth.training import checkpoint
 from dreambooth.training.batches import BatchMaker, PriorPool
 from dreambooth.training.engine import build_engine, skip_shared_memory_comm_for_one_rank
-from dreambooth.training.module import DreamBoothModule, derived_seed, mixed_batch_loss
+from dreambooth.training.module import DreamBoothModule, attention_backend, derived_seed, mixed_batch_loss
 from dreambooth.training.subject_queue import SubjectQueue, SubjectWork
 
 log = logging.getLogger("dreambooth.train")
@@ -262,6 +262,7 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
 
     gather_started = time.perf_counter()
     metrics["zero_stage"] = engine.zero_optimization_stage()  # what trained (see effective_zero_stage)
+    metrics["attention_backend"] = attention_backend(engine.module.unet, device)
     state = checkpoint.gathered_state_dict(engine)
     metrics["setup_gather_weights_s"] = time.perf_counter() - gather_started  # ZeRO-3: all-gather of the shards
     engine.destroy()

@@ -73,6 +73,33 @@ class DreamBoothModule(nn.Module):
         return self.unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
+def sdpa_backends(device: torch.device) -> list[str]:
+    """The kernels torch's ``scaled_dot_product_attention`` may dispatch to on ``device``: on CUDA the
+    enabled ones of flash (when this torch build has it), memory-efficient, cuDNN and math, in torch's
+    order of preference (it takes the first one the inputs' dtype, shape and GPU allow); on the CPU,
+    torch's one CPU path (a fused flash-style kernel, or math where it does not apply)."""
+    if device.type != "cuda":
+        return ["cpu"]
+    cuda = torch.backends.cuda
+    enabled = {
+        "flash": cuda.flash_sdp_enabled() and cuda.is_flash_attention_available(),
+        "memory_efficient": cuda.mem_efficient_sdp_enabled(),
+        "cudnn": cuda.cudnn_sdp_enabled(),
+        "math": cuda.math_sdp_enabled(),
+    }
+    return [name for name, on in enabled.items() if on]
+
+
+def attention_backend(unet: nn.Module, device: torch.device) -> dict[str, list[str]]:
+    """What computes the UNet's attention, for the run record: ``processors``, the attention processor
+    classes its layers use (diffusers' ``attn_processors``; ``AttnProcessor2_0`` calls torch's
+    ``scaled_dot_product_attention``, plain ``AttnProcessor`` materializes the attention matrix), and
+    ``sdpa_backends``, the kernels SDPA may choose from on ``device`` (see ``sdpa_backends``)."""
+    processors = getattr(unet, "attn_processors", {})
+    return {"processors": sorted({type(p).__name__ for p in processors.values()}),
+            "sdpa_backends": sdpa_backends(device)}
+
+
 def derived_seed(*keys: int) -> int:
     """A 31-bit seed from integer keys (e.g. seed, rank, step, micro-batch): the same in every process
     and Python version (numpy's ``SeedSequence`` mixing, not ``hash``), distinct keys → unrelated seeds."""
