@@ -116,6 +116,7 @@ def cmd_prior(args: argparse.Namespace) -> int:
         raise ConfigError("--output is empty; pass where the prior shards should go")
     validate_generation(cfg)
     model_path = models.resolve_model(cfg.model, cfg.revision)
+    models.fill_native_resolution(cfg)
     from dreambooth.storage import check_writable
 
     check_writable(cfg.prior_root)

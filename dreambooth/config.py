@@ -102,8 +102,10 @@ class PriorConfig:
 class TrainConfig:
     """Fine-tuning all layers on Ray Train + DeepSpeed ZeRO."""
 
-    resolution: int = 512
-    """Training (and prior) image side in pixels; subject photos are resized and cropped to it."""
+    resolution: Optional[int] = None
+    """Training (and prior) image side in pixels; subject photos are resized and cropped to it. Unset:
+    the model's native size, UNet ``sample_size`` × VAE scale factor from its configs (512 for SD 1.5,
+    768 for SD 2.1 768-v, 1024 for SDXL), filled in before anything runs."""
 
     max_train_steps: int = 400
     """Optimizer steps to train for (each may accumulate several micro-batches)."""
@@ -587,7 +589,8 @@ def validate_generation(cfg: RunConfig) -> None:
     )
     cfg.subject.class_noun = validate_class_noun(cfg.subject.class_noun)
     t, p = cfg.train, cfg.prior
-    validate_resolution(t.resolution)
+    if t.resolution is not None:  # None: the model's native size, filled in once the model resolves
+        validate_resolution(t.resolution)
     check_range(p.num_class_images, 0, 100_000, "--num-class-images")
     check_range(p.prior_actors, 0, 4096, "--prior-actors", " (0 = auto)")
     check_range(p.prior_batch_size, 1, 1024, "--prior-batch-size")

@@ -288,9 +288,33 @@ def _recipe_of(model: str, revision: Optional[str]) -> dict:
     return read_recipe(resolve_model(model, revision), revision)
 
 
+NATIVE_RESOLUTION_SOURCE = "the {model} model's native size (UNet sample_size x VAE scale factor)"
+"""``config_sources`` entry of a resolution that no layer set."""
+
+
+def native_resolution_layer(model: str) -> tuple[dict, str]:
+    """``({"resolution": native}, source)``: the image side ``model`` was trained at, read from its UNet
+    and VAE ``config.json`` without loading weights (``planning.architectures``)."""
+    from dreambooth.config import validate_resolution
+    from dreambooth.planning.architectures import load_architecture
+
+    resolution = load_architecture(model).native_resolution
+    validate_resolution(resolution, f"the native size of {model}")
+    return {"resolution": resolution}, NATIVE_RESOLUTION_SOURCE.format(model=model)
+
+
+def fill_native_resolution(cfg) -> None:
+    """Set an unset ``--resolution`` of ``cfg`` (a ``RunConfig`` whose model resolves) to the model's
+    native size and record where it came from; a set one stays."""
+    if cfg.train.resolution is None:
+        values, source = native_resolution_layer(cfg.model)
+        cfg.train.resolution = values["resolution"]
+        cfg.sources["resolution"] = source
+
+
 def with_recipe(*layers: tuple[dict, str]) -> list[tuple[dict, str]]:
-    """``layers`` with the model's recipe under them (recipe < config file < flags), when the model
-    they name has one. A model that cannot be resolved adds nothing here: preflight reports it."""
+    """``layers`` with the model's recipe under them (native resolution < recipe < config file < flags),
+    when the model they name has one. A model that cannot be resolved adds nothing here: preflight reports it."""
     from dreambooth.config import build_config
 
     probe = build_config(*layers)
@@ -302,7 +326,11 @@ def with_recipe(*layers: tuple[dict, str]) -> list[tuple[dict, str]]:
         if RECIPE_FILE in str(exc):
             raise
         return list(layers)
-    return ([(recipe, f"the {probe.model} model's recipe ({RECIPE_FILE})")] if recipe else []) + list(layers)
+    try:
+        native = [native_resolution_layer(probe.model)]
+    except ConfigError:  # configs unreadable here (preflight tries again, once the model resolves)
+        native = []
+    return native + ([(recipe, f"the {probe.model} model's recipe ({RECIPE_FILE})")] if recipe else []) + list(layers)
 
 
 def scheduler_class_name(model_path: str) -> str:

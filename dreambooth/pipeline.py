@@ -108,6 +108,7 @@ def preflight(
         tracking.check_report_to(cfg.export.report_to)  # installed and configured, before any cluster time
     require_optimizer(cfg.train)  # installed (the workers run this image), before any cluster time
     model_path = models.resolve_model(cfg.model, cfg.revision)
+    models.fill_native_resolution(cfg)  # before anything reads cfg.train.resolution
     images = load_subject_images(cfg.subject.instance_dir, cfg.train.resolution)
     was_auto, warnings = resolve_identifier(cfg, model_path, taken_identifiers, drawers)
     if not keep_images:

@@ -217,3 +217,49 @@ def test_offload_params_trains_one_step_at_zero3(tiny_parts, one_rank_group):
     state = checkpoint.gathered_state_dict(engine)
     engine.destroy()
     assert any(not torch.equal(before[k], state[f"unet.{k}"]) for k in before)
+
+
+def test_attention_backend_names_the_unets_processors_and_sdpa_kernels(tiny_parts, monkeypatch):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from dreambooth.training.module import attention_backend
+
+    unet = copy.deepcopy(tiny_parts.unet)
+    assert attention_backend(unet, torch.device("cpu")) == {"processors": ["AttnProcessor2_0"], "sdpa_backends": ["cpu"]}
+    unet.set_attn_processor(AttnProcessor())
+    assert attention_backend(unet, torch.device("cpu"))["processors"] == ["AttnProcessor"]
+    # On CUDA: the enabled kernels, in torch's order; flash only where this build has it.
+    cuda = torch.backends.cuda
+    for flag in ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled", "is_flash_attention_available"):
+        monkeypatch.setattr(cuda, flag, lambda: True)
+    monkeypatch.setattr(cuda, "cudnn_sdp_enabled", lambda: False)
+    assert attention_backend(unet, torch.device("cuda", 0))["sdpa_backends"] == ["flash", "memory_efficient", "math"]
+    monkeypatch.setattr(cuda, "is_flash_attention_available", lambda: False)
+    assert attention_backend(unet, torch.device("cuda", 0))["sdpa_backends"] == ["memory_efficient", "math"]
+
+
+@pytest.mark.parametrize("model, native", [
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5", 512),
+    ("stabilityai/stable-diffusion-2-1", 768),
+    ("stabilityai/stable-diffusion-xl-base-1.0", 1024),
+    ("tiny", 32),
+    ("shapes", 32),
+])
+def test_native_resolution_is_read_from_the_model_configs(model, native):
+    from dreambooth.models import NATIVE_RESOLUTION_SOURCE, native_resolution_layer
+
+    assert native_resolution_layer(model) == ({"resolution": native}, NATIVE_RESOLUTION_SOURCE.format(model=model))
+
+
+def test_preflight_fills_an_unset_resolution_from_the_model_and_keeps_a_set_one(tmp_path, dog_dir):
+    from dreambooth import pipeline
+    from dreambooth.config import build_config
+
+    run = {"model": "tiny", "instance_dir": str(dog_dir), "class_noun": "dog", "output": str(tmp_path / "o")}
+    cfg = build_config((run, "test"))  # no recipe layer: as a program builds it
+    assert cfg.train.resolution is None
+    pipeline.preflight(cfg)
+    assert cfg.train.resolution == 32 and cfg.sources["resolution"].startswith("the tiny model's native size")
+    cfg = build_config(({**run, "resolution": 48}, "test"))
+    pipeline.preflight(cfg)
+    assert cfg.train.resolution == 48 and cfg.sources["resolution"] == "test"

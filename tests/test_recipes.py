@@ -7,8 +7,8 @@ import pytest
 
 from dreambooth import pipeline
 from dreambooth.cli import build_parser, config_from_args
-from dreambooth.config import ConfigError, all_fields
-from dreambooth.models import RECIPE_FILE
+from dreambooth.config import ConfigError, TrainConfig, all_fields
+from dreambooth.models import NATIVE_RESOLUTION_SOURCE, RECIPE_FILE
 
 REPO_SUBJECT = "examples/subjects/two_tone_triangle"
 
@@ -50,7 +50,9 @@ def test_a_recipe_may_not_name_a_subject_or_an_output(model_with_recipe):
 
 def test_a_model_without_recipe_keeps_the_defaults(tmp_path):
     cfg = _config(["--model", "tiny", "--output", str(tmp_path / "o")])
-    assert cfg.train.resolution == 512 and "resolution" not in cfg.sources
+    # The resolution default is the model's native size: tiny's UNet sample_size 16 x VAE factor 2.
+    assert cfg.train.resolution == 32 and cfg.sources["resolution"] == NATIVE_RESOLUTION_SOURCE.format(model="tiny")
+    assert cfg.train.learning_rate == TrainConfig().learning_rate and "learning_rate" not in cfg.sources
 
 
 def test_shapes_runs_with_nothing_but_subject_and_output(tmp_path):
