@@ -181,7 +181,8 @@ class TrainConfig:
 
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (UNet blocks and trained text encoder layers)
-    instead of keeping them: much less activation memory for about a third more step time."""
+    instead of keeping them: much less activation memory, paid for with a second forward pass of each
+    block in every backward pass (slower steps)."""
 
     checkpointing_steps: int = 100
     """Save a resumable checkpoint every this many optimizer steps; 0: none (a lost worker restarts the subject)."""
