@@ -99,8 +99,9 @@ VARIANTS: dict[str, Recipe] = {
     "lr 2e-4 + te 5e-5 + priors 128, 800 steps": dataclasses.replace(START, learning_rate=2e-4, steps=800,
                                                                      text_encoder_learning_rate=5e-5, num_priors=128),
 }
-CHOSEN = "te lr 5e-5"
-"""The recipe ``dreambooth/data/shapes/dreambooth.yaml`` ships (chosen on the tuning subjects)."""
+CHOSEN = "te 0 + priors 128"
+"""The best variant on the tuning subjects (better than ``start`` on every measure of both), checked unchanged
+on the held-out and scripted subjects. It does not meet the drift bound: see RESULTS.md."""
 
 MEASURES = ("subject_fidelity", "subject_match", "recontext_shown", "class_fidelity", "other_prompt_fidelity")
 
