@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import append_results, environment  # noqa: E402
+from dreambooth.evaluation.runner import SHAPES_DRIFT, drift_ratios  # noqa: E402
 from dreambooth.evaluation.shapes import evaluate_drift, evaluate_subject  # noqa: E402
 from dreambooth.identifier import pick_identifiers  # noqa: E402
 from dreambooth.models import load_components, load_pipeline, quiet_libraries, read_recipe, resolve_model  # noqa: E402
@@ -101,9 +102,8 @@ def run(args) -> dict:
                 pipe = parts.pipeline(sampler_scheduler)
                 report = evaluate_subject(pipe, subject, references, identifier, seed=1000 * seed, **sample).as_dict()
                 report |= evaluate_drift(pipe, subject.class_noun, seed=1000 * seed, **sample).as_dict()
-                base_drift = results["base"][-1] if condition != "base" else report
-                for ratio, measure in (("class_fidelity", "class_accuracy"), ("other_prompt_fidelity", "other_prompt_accuracy")):
-                    report[ratio] = report[measure] / base_drift[measure] if base_drift[measure] else 1.0
+                scores = {"base": results["base"][-1] if condition != "base" else dict(report), "personalized": report}
+                drift_ratios(scores, SHAPES_DRIFT)  # as `dreambooth eval` reports them
                 results[condition].append(report)
                 print(f"{name} seed {seed} {condition:<14} identifier {identifier!r:<12} "
                       + " ".join(f"{k} {v:.3f}" for k, v in report.items()) + f" ({time.time() - started:.0f} s)",

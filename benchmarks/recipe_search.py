@@ -43,6 +43,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import append_results, environment  # noqa: E402
+from benchmarks.paper_claims import prior_latents  # noqa: E402
+from dreambooth.evaluation.runner import SHAPES_DRIFT, drift_ratios  # noqa: E402
 from dreambooth.evaluation.shapes import evaluate_drift, evaluate_subject, vae_ceiling  # noqa: E402
 from dreambooth.identifier import pick_identifiers  # noqa: E402
 from dreambooth.models import load_components, load_pipeline, quiet_libraries, resolve_model  # noqa: E402
@@ -127,14 +129,11 @@ class Study:
         return parts.pipeline(self.sampler_scheduler)
 
     def priors(self, class_noun: str, count: int, guidance: float) -> torch.Tensor:
-        """Class-prior latents as the prior cache holds them (scaled, sampler output), seeds 0..count-1."""
+        """Class-prior latents of ``paper_claims.prior_latents``, once per (class, count, guidance)."""
         key = (class_noun, count, guidance)
         if key not in self._priors:
-            generators = [torch.Generator().manual_seed(s) for s in range(count)]
-            with torch.no_grad():
-                self._priors[key] = self.pipe(self.base)([f"a {class_noun}"] * count, generator=generators,
-                                                         num_inference_steps=self.args.sampling_steps,
-                                                         guidance_scale=guidance, output_type="latent").images
+            self._priors[key] = prior_latents(self.pipe(self.base), f"a {class_noun}", count,
+                                              self.args.sampling_steps, guidance)
         return self._priors[key]
 
     def base_drift(self, class_noun: str) -> dict:
@@ -143,13 +142,12 @@ class Study:
         return self._drift[class_noun]
 
     def score(self, parts, subject, references, identifier: str) -> dict:
-        report = evaluate_subject(self.pipe(parts), subject, references, identifier, **self.sample).as_dict()
-        drift = evaluate_drift(self.pipe(parts), subject.class_noun, **self.sample).as_dict()
-        base = self.base_drift(subject.class_noun)
-        ratio = {"class_fidelity": ("class_accuracy"), "other_prompt_fidelity": "other_prompt_accuracy"}
-        for name, measure in ratio.items():
-            report[name] = drift[measure] / base[measure] if base[measure] > 0 else float(drift[measure] == 0)
-        return report
+        pipe = self.pipe(parts)
+        report = evaluate_subject(pipe, subject, references, identifier, **self.sample).as_dict()
+        scores = {"base": self.base_drift(subject.class_noun),
+                  "personalized": report | evaluate_drift(pipe, subject.class_noun, **self.sample).as_dict()}
+        drift_ratios(scores, SHAPES_DRIFT)
+        return scores["personalized"]
 
     def run(self, subject, folder: Path, recipe: Recipe, seed: int) -> dict:
         images = load_subject_images(str(folder), self.args.resolution)

@@ -104,6 +104,18 @@ def _tiny_clip_config(hidden_size: int, **extra):
                           bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **extra)
 
 
+TINY_UNET_LAYOUT = dict(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=32,
+    norm_num_groups=32,
+)
+"""The UNet blocks of ``tiny`` and ``tiny-sdxl`` (their conditioning differs)."""
+
+
 def build_tiny(target: Path) -> None:
     """A tiny Stable-Diffusion-layout pipeline with random weights, fast on 2 CPU cores.
 
@@ -114,16 +126,7 @@ def build_tiny(target: Path) -> None:
     from transformers import CLIPTextModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=32,
-        norm_num_groups=32,
-    )
+    unet = UNet2DConditionModel(**TINY_UNET_LAYOUT, cross_attention_dim=32)
     vae = _tiny_vae()
     text_encoder = CLIPTextModel(_tiny_clip_config(32))
     pipe = StableDiffusionPipeline(
@@ -158,14 +161,8 @@ def build_tiny_sdxl(target: Path) -> None:
     torch.manual_seed(0)
     encoder_1, encoder_2 = _tiny_clip_config(32), _tiny_clip_config(64, projection_dim=32)
     unet = UNet2DConditionModel(
-        sample_size=16,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **TINY_UNET_LAYOUT,
         cross_attention_dim=encoder_1.hidden_size + encoder_2.hidden_size,
-        attention_head_dim=32,
-        norm_num_groups=32,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=TINY_SDXL_TIME_EMBED_DIM,
