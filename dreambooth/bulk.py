@@ -296,9 +296,10 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
         except (SubjectError, ConfigError, storage.StorageError, PermissionError) as exc:
             results[name] = SubjectResult(name, "failed", cfg.output, error=f"{type(exc).__name__}: {exc}")
             continue
+        chosen = prepared.config.subject.identifier
         if distinct:
-            taken.add(cfg.subject.identifier)
-        results[name].identifier = cfg.subject.identifier
+            taken.add(chosen)
+        results[name].identifier = chosen
         ready.append((name, prepared))
 
     publish()
@@ -457,21 +458,25 @@ def format_table(report: BulkReport) -> str:
     return "\n".join(lines)
 
 
-def resolve_identifiers(planned: list[tuple[str, RunConfig]], distinct: bool = True) -> None:
-    """Draw every ``auto`` identifier now, from the CLIP vocabulary every Stable Diffusion 1.x/2.x model
-    and both SDXL tokenizers share, unique across the manifest when ``distinct`` (before any job
-    starts, on any cluster, without loading the models)."""
+def resolve_identifiers(planned: list[tuple[str, RunConfig]], distinct: bool = True) -> list[tuple[str, RunConfig]]:
+    """``planned`` with every ``auto`` identifier drawn, from the CLIP vocabulary every Stable Diffusion
+    1.x/2.x model and both SDXL tokenizers share, unique across the manifest when ``distinct`` (before
+    any job starts, on any cluster, without loading the models). The given configs are not written."""
     from dreambooth.identifier import drawer_for
     from dreambooth.models import load_clip_tokenizer
+    from dreambooth.pipeline import with_identifier
 
     taken = {cfg.subject.identifier for _, cfg in planned if cfg.subject.identifier != "auto"} if distinct else set()
     drawer = None
-    for _, cfg in planned:
+    resolved = []
+    for name, cfg in planned:
         if cfg.subject.identifier == "auto":
             drawer = drawer or drawer_for(load_clip_tokenizer())
-            cfg.subject.identifier = drawer.draw(cfg.subject.identifier_seed, taken)
+            cfg = with_identifier(cfg, drawer.draw(cfg.subject.identifier_seed, taken))
             if distinct:
                 taken.add(cfg.subject.identifier)
+        resolved.append((name, cfg))
+    return resolved
 
 
 def flat_config(cfg: RunConfig) -> dict[str, Any]:
@@ -496,9 +501,8 @@ def subject_jobs(planned: list[tuple[str, RunConfig]], distinct: bool = True) ->
     """
     from dreambooth.kube import SubjectJob
 
-    resolve_identifiers(planned, distinct)
     jobs = []
-    for name, cfg in planned:
+    for name, cfg in resolve_identifiers(planned, distinct):
         args: dict[str, Any] = {}
         for key, value in flat_config(cfg).items():
             if key == "sample_prompts":
@@ -513,6 +517,5 @@ def manifest_for_cluster(planned: list[tuple[str, RunConfig]], distinct: bool = 
     """The manifest the in-cluster bulk driver runs: each subject's whole resolved config, identifiers drawn."""
     from dreambooth.kube_layouts import manifest_document
 
-    resolve_identifiers(planned, distinct)
     return manifest_document([(name, {k: v for k, v in flat_config(cfg).items() if k != "output"})
-                              for name, cfg in planned])
+                              for name, cfg in resolve_identifiers(planned, distinct)])

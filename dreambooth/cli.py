@@ -86,6 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, list(all_fields()))
     prepared = pipeline.preflight(cfg)
+    cfg = prepared.config  # resolved: native resolution and identifier filled in
     for warning in prepared.identifier_warnings:
         log.warning(warning)
     if prepared.identifier_was_auto:
@@ -116,7 +117,7 @@ def cmd_prior(args: argparse.Namespace) -> int:
         raise ConfigError("--output is empty; pass where the prior shards should go")
     validate_generation(cfg)
     model_path = models.resolve_model(cfg.model, cfg.revision)
-    models.fill_native_resolution(cfg)
+    cfg = models.with_native_resolution(cfg)
     from dreambooth.storage import check_writable
 
     check_writable(cfg.prior_root)

@@ -12,6 +12,8 @@ package data in ``dreambooth/data/shapes``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import shutil
 import tempfile
@@ -300,13 +302,14 @@ def native_resolution_layer(model: str) -> tuple[dict, str]:
     return {"resolution": resolution}, NATIVE_RESOLUTION_SOURCE.format(model=model)
 
 
-def fill_native_resolution(cfg) -> None:
-    """Set an unset ``--resolution`` of ``cfg`` (a ``RunConfig`` whose model resolves) to the model's
-    native size and record where it came from; a set one stays."""
-    if cfg.train.resolution is None:
-        values, source = native_resolution_layer(cfg.model)
-        cfg.train.resolution = values["resolution"]
-        cfg.sources["resolution"] = source
+def with_native_resolution(cfg):
+    """``cfg`` (a ``RunConfig`` whose model resolves), or a copy whose unset ``--resolution`` is the
+    model's native size, with where it came from in ``sources``; ``cfg`` is not written."""
+    if cfg.train.resolution is not None:
+        return cfg
+    values, source = native_resolution_layer(cfg.model)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resolution=values["resolution"]),
+                               sources={**cfg.sources, "resolution": source})
 
 
 def with_recipe(*layers: tuple[dict, str]) -> list[tuple[dict, str]]:

@@ -9,9 +9,10 @@ process (``training.local``, ``--launcher``).
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Collection, Optional
 
@@ -45,9 +46,9 @@ def resolve_identifier(
     model_path: str,
     taken: Collection[str] = frozenset(),
     drawers: Optional[dict[str, identifier.IdentifierDrawer]] = None,
-) -> tuple[bool, list[str]]:
-    """Fill in ``identifier: auto`` from the model's tokenizer (one token in each of its tokenizers), or
-    check a user-given one.
+) -> tuple[str, bool, list[str]]:
+    """``(identifier, drawn, warnings)``: ``identifier: auto`` drawn from the model's tokenizer (one token
+    in each of its tokenizers), or a user-given one checked. ``cfg`` is not written.
 
     ``drawers`` (one per model path) carries the draw's position from subject to subject of a bulk run.
     """
@@ -55,11 +56,19 @@ def resolve_identifier(
     if cfg.subject.identifier == "auto":
         drawer = identifier.drawer_for(*tokenizers) if drawers is None else drawers.setdefault(
             model_path, identifier.drawer_for(*tokenizers))
-        cfg.subject.identifier = drawer.draw(cfg.subject.identifier_seed, taken)
-        return True, []
+        return drawer.draw(cfg.subject.identifier_seed, taken), True, []
     if cfg.subject.identifier in taken:
         raise ConfigError(f"--identifier {cfg.subject.identifier!r} is already used by another subject; pick another")
-    return False, identifier.check_identifier(tokenizers[0], cfg.subject.identifier, *tokenizers[1:]).warnings
+    return cfg.subject.identifier, False, identifier.check_identifier(
+        tokenizers[0], cfg.subject.identifier, *tokenizers[1:]).warnings
+
+
+def with_identifier(cfg: RunConfig, chosen: str) -> RunConfig:
+    """A copy of ``cfg`` whose identifier is ``chosen`` (drawn ones say so in ``sources``)."""
+    if chosen == cfg.subject.identifier:
+        return cfg
+    sources = {**cfg.sources, "identifier": f"drawn from the tokenizer (identifier_seed {cfg.subject.identifier_seed})"}
+    return replace(cfg, subject=replace(cfg.subject, identifier=chosen), sources=sources)
 
 
 def check_output_location(cfg: RunConfig) -> None:
@@ -97,10 +106,12 @@ def preflight(
 ) -> Prepared:
     """Validate config, model, photos, identifier and output; raise ConfigError/SubjectError/PermissionError.
 
-    ``keep_images=False`` checks the photos but does not keep them (bulk runs of thousands of
-    subjects load each subject's photos again when it starts).
+    ``cfg`` is not written: ``Prepared.config`` is a resolved copy (class noun normalized, native
+    resolution and ``auto`` identifier filled in, each recorded in ``sources``), and it is the only
+    config the stages after this read. ``keep_images=False`` checks the photos but does not keep them
+    (bulk runs of thousands of subjects load each subject's photos again when it starts).
     """
-    validate(cfg)
+    cfg = validate(copy.deepcopy(cfg))
     check_output_location(cfg)
     if cfg.export.report_to != "none":
         from dreambooth import tracking
@@ -108,9 +119,10 @@ def preflight(
         tracking.check_report_to(cfg.export.report_to)  # installed and configured, before any cluster time
     require_optimizer(cfg.train)  # installed (the workers run this image), before any cluster time
     model_path = models.resolve_model(cfg.model, cfg.revision)
-    models.fill_native_resolution(cfg)  # before anything reads cfg.train.resolution
+    cfg = models.with_native_resolution(cfg)  # before anything reads cfg.train.resolution
     images = load_subject_images(cfg.subject.instance_dir, cfg.train.resolution)
-    was_auto, warnings = resolve_identifier(cfg, model_path, taken_identifiers, drawers)
+    chosen, was_auto, warnings = resolve_identifier(cfg, model_path, taken_identifiers, drawers)
+    cfg = with_identifier(cfg, chosen)
     if not keep_images:
         images = []
     if not export.is_complete(cfg.output) or cfg.overwrite:

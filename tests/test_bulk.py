@@ -54,6 +54,26 @@ def test_layers_defaults_flags_and_subject_keys(tmp_path, dog_dir):
     assert planned["a"].output == "s3://bucket/runs/a" and planned["a"].prior_root == "s3://bucket/runs/priors"
 
 
+
+def test_validated_configs_are_not_written_afterwards(tmp_path, dog_dir):
+    """Identifiers drawn for the cluster's jobs and by preflight land in copies; the planned configs
+    (validated once) stay as they were, and the copies agree with each other."""
+    import copy
+
+    from dreambooth import pipeline
+
+    subjects = [{"name": n, "instance_dir": str(dog_dir), "class_noun": "dog"} for n in ("a", "b")]
+    planned = bulk.plan(bulk.BulkOptions(_manifest(tmp_path, subjects), str(tmp_path / "runs")), {"model": "tiny"})
+    before = copy.deepcopy(planned)
+    drawn = [cfg.subject.identifier for _, cfg in bulk.resolve_identifiers(planned)]
+    jobs = bulk.subject_jobs(planned)
+    prepared = pipeline.preflight(planned[0][1])
+    assert planned == before and all(cfg.subject.identifier == "auto" for _, cfg in planned)
+    assert "auto" not in drawn and len(set(drawn)) == 2
+    assert [job.args["identifier"] for job in jobs] == drawn  # the same draw, however often it is asked
+    assert prepared.config.subject.identifier == drawn[0] and prepared.config.train.resolution == 32
+    assert prepared.config.sources["identifier"].startswith("drawn from the tokenizer")
+
 @pytest.mark.ray
 @pytest.mark.e2e
 def test_bulk_shares_priors_isolates_failures_and_skips_finished(ray_cluster, tmp_path, dog_dir, capsys):

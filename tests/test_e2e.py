@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import signal
@@ -67,9 +68,12 @@ def test_zero2_end_to_end_then_second_subject_zero3_reuses_priors(ray_cluster, t
     out = runs / "dog"
     cfg = _config(instance_dir=str(dog_dir), output=str(out), zero_stage=2, report_to="mlflow")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    outcome = pipeline.execute(pipeline.preflight(cfg))
+    before = copy.deepcopy(cfg)
+    prepared = pipeline.preflight(cfg)
+    outcome = pipeline.execute(prepared)
+    assert cfg == before and cfg.subject.identifier == "auto"  # validation resolves a copy; the caller's is not written
     record = storage.read_json(str(out / RUN_RECORD))
-    assert not outcome.skipped and record["identifier"] == cfg.subject.identifier != "auto"
+    assert not outcome.skipped and record["identifier"] == prepared.config.subject.identifier != "auto"
     assert record["identifier_auto"] is True
     assert record["priors"]["generated"] == 4 and record["priors"]["images"] == 4
     assert record["metrics"]["step"] == 3 and record["metrics"]["loss"] > 0

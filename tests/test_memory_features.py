@@ -258,8 +258,8 @@ def test_preflight_fills_an_unset_resolution_from_the_model_and_keeps_a_set_one(
     run = {"model": "tiny", "instance_dir": str(dog_dir), "class_noun": "dog", "output": str(tmp_path / "o")}
     cfg = build_config((run, "test"))  # no recipe layer: as a program builds it
     assert cfg.train.resolution is None
-    pipeline.preflight(cfg)
-    assert cfg.train.resolution == 32 and cfg.sources["resolution"].startswith("the tiny model's native size")
-    cfg = build_config(({**run, "resolution": 48}, "test"))
-    pipeline.preflight(cfg)
-    assert cfg.train.resolution == 48 and cfg.sources["resolution"] == "test"
+    resolved = pipeline.preflight(cfg).config
+    assert resolved.train.resolution == 32 and resolved.sources["resolution"].startswith("the tiny model's native size")
+    assert cfg.train.resolution is None and "resolution" not in cfg.sources  # the caller's config is not written
+    resolved = pipeline.preflight(build_config(({**run, "resolution": 48}, "test"))).config
+    assert resolved.train.resolution == 48 and resolved.sources["resolution"] == "test"

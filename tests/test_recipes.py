@@ -62,7 +62,7 @@ def test_shapes_runs_with_nothing_but_subject_and_output(tmp_path):
                    "--output", str(tmp_path / "out")])
     assert (cfg.train.resolution, cfg.train.learning_rate, cfg.prior.guidance_scale) == (32, 5e-4, 4.0)
     prepared = pipeline.preflight(cfg)
-    assert len(prepared.images) >= 3 and cfg.sources["resolution"].startswith("the shapes model's recipe")
+    assert len(prepared.images) >= 3 and prepared.config.sources["resolution"].startswith("the shapes model's recipe")
 
 
 def test_sample_and_eval_take_their_sampler_from_flags_then_the_run_then_the_recipe(tmp_path, model_with_recipe):

@@ -24,7 +24,8 @@ def test_demo_personalizes_two_tone_triangle_and_eval_beats_the_base(ray_cluster
     cfg = build_config((load_yaml(str(demo)), str(demo)),
                        ({"output": str(out), "prior_output": str(tmp_path / "priors"),
                          "instance_dir": str(REPO / "examples" / "subjects" / "two_tone_triangle")}, "test"))
-    outcome = pipeline.execute(pipeline.preflight(cfg))
+    prepared = pipeline.preflight(cfg)
+    outcome = pipeline.execute(prepared)
     assert not outcome.skipped and (out / "run.json").is_file()
     samples, before_after = Image.open(out / "samples.png"), Image.open(out / "before_after.png")
     assert before_after.height > samples.height and before_after.width > 2 * samples.width  # + headers
@@ -33,6 +34,6 @@ def test_demo_personalizes_two_tone_triangle_and_eval_beats_the_base(ray_cluster
     report = json.loads((out / "eval.json").read_text())
     tuned, base = report["scores"]["personalized"], report["scores"]["base"]
     print(json.dumps(report["scores"], indent=1))
-    assert report["suite"] == "shapes" and report["identifier"] == cfg.subject.identifier
+    assert report["suite"] == "shapes" and report["identifier"] == prepared.config.subject.identifier
     assert tuned["subject_match"] >= base["subject_match"] + 0.3  # measured here: 0.50 vs 0.00
     assert tuned["subject_fidelity"] >= base["subject_fidelity"] + 0.3  # measured: 0.71 vs 0.17
