@@ -34,17 +34,42 @@ def table_rows(output: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
 
 
+def table_cells(output: str) -> list[dict[str, str]]:
+    """The markdown table's data rows as {header: cell}."""
+    lines = [line for line in output.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, row)) for row in table_rows(output)]
+
+
 def test_gpu_step_tiny_prints_step_time_and_flops():
     out = run_benchmark("gpu_step.py", "--tiny", timeout=300)
     assert "UNet 985,444 params, text encoder 1,597,162 params" in out
     assert "| model | device | precision | ZeRO |" in out
-    rows = table_rows(out)
+    rows = table_cells(out)
     assert len(rows) == 1, out
-    model, device, precision, zero, batch, params, gflop, step_s, samples_s, tflops, mfu, mem = rows[0]
-    assert model == "tiny 32 px" and zero == "2" and batch == "1+1"
-    assert float(gflop) > 0 and float(step_s) > 0 and float(samples_s) > 0
-    if device.startswith("CPU"):
-        assert mfu == "n/a" and mem == "n/a" and precision == "float32"
+    row = rows[0]
+    assert row["model"] == "tiny 32 px" and row["ZeRO"] == "2" and row["rows/step (subject+prior)"] == "1+1"
+    assert float(row["GFLOP/step"]) > 0 and float(row["s/step (median)"]) > 0 and float(row["UNet samples/s"]) > 0
+    if row["device"].startswith("CPU"):
+        assert row["MFU"] == "n/a" and row["peak GPU mem GiB"] == "n/a" and row["precision"] == "float32"
+
+
+def test_gpu_step_tiny_sdxl_zero3_with_checkpointing_prints_a_row_with_the_plan_prediction():
+    """The SDXL path (both text encoders, pooled embeds + time_ids) at ZeRO-3 with checkpointing, on tiny-sdxl."""
+    out = run_benchmark("gpu_step.py", "--tiny", "--model", "sdxl", "--zero-stage", "3", "--gradient-checkpointing",
+                        timeout=300)
+    assert re.search(r"tiny-sdxl: UNet [\d,]+ params, text encoder [\d,]+ params, text encoder 2 [\d,]+ params", out), out
+    rows = table_cells(out)
+    assert len(rows) == 1, out
+    row = rows[0]
+    assert row["model"] == "tiny-sdxl 32 px" and row["ZeRO"] == "3" and row["checkpointing"] == "on"
+    assert len(row["params (UNet + text)"].split(" + ")) == 3  # UNet + both text encoders
+    assert float(row["GFLOP/step"]) > 0 and float(row["s/step (median)"]) > 0 and float(row["UNet samples/s"]) > 0
+    assert float(row["plan GiB"]) > 0  # dreambooth plan's per-rank prediction for this configuration
+    if row["device"].startswith("CPU"):
+        assert row["peak GPU mem GiB"] == "n/a" and row["measured / plan"] == "n/a"
+    else:
+        assert float(row["measured / plan"]) > 0
 
 
 @pytest.mark.e2e
