@@ -39,6 +39,7 @@ from benchmarks.common import append_results, environment  # noqa: E402
 from dreambooth.evaluation.runner import SHAPES_DRIFT, drift_ratios  # noqa: E402
 from dreambooth.evaluation.shapes import evaluate_drift, evaluate_subject  # noqa: E402
 from dreambooth.identifier import pick_identifiers  # noqa: E402
+from dreambooth.priors import prompt_at  # noqa: E402
 from dreambooth.models import load_components, load_pipeline, quiet_libraries, read_recipe, resolve_model  # noqa: E402
 from dreambooth.shapes import COLORS, SUBJECTS  # noqa: E402
 from dreambooth.subjects import load_subject_images  # noqa: E402
@@ -62,11 +63,14 @@ def identifier_for(condition: str, subject, tokenizer, seed: int) -> str:
     return ""
 
 
-def prior_latents(pipe, class_prompt: str, count: int, steps: int, guidance: float) -> torch.Tensor:
-    """Class-prior latents as the prior cache holds them (scaled, sampler output), seeds 0..count-1."""
+def prior_latents(pipe, prompt: str | list[str], count: int, steps: int, guidance: float) -> torch.Tensor:
+    """Class-prior latents as the prior cache holds them (scaled, sampler output), seeds 0..count-1.
+
+    ``prompt``: the class prompt, or one prompt per prior (``count`` of them)."""
+    prompts = [prompt] * count if isinstance(prompt, str) else list(prompt)
     generators = [torch.Generator().manual_seed(s) for s in range(count)]
     with torch.no_grad():
-        return pipe([class_prompt] * count, num_inference_steps=steps, guidance_scale=guidance,
+        return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
                     generator=generators, output_type="latent").images
 
 
@@ -82,7 +86,9 @@ def run(args) -> dict:
         images = load_subject_images(str(folder), args.resolution)
         references = [image.to_pil() for image in images]
         base_pipe = base.pipeline(sampler_scheduler)
-        priors = prior_latents(base_pipe, f"a {subject.class_noun}", args.num_priors, args.sampling_steps, args.guidance)
+        prior_prompts = [prompt_at(i, f"a {subject.class_noun}", args.extra_prior_prompts, args.extra_prior_share)
+                         for i in range(args.num_priors)]
+        priors = prior_latents(base_pipe, prior_prompts, args.num_priors, args.sampling_steps, args.guidance)
         for seed in args.seeds:
             for condition in CONDITIONS:
                 started = time.time()
@@ -98,7 +104,7 @@ def run(args) -> dict:
                         text_encoder_learning_rate=args.text_encoder_learning_rate,
                         prior_loss_weight=0.0 if condition == "no_prior" else 1.0,
                         resolution=args.resolution, seed=seed,
-                    ), priors)
+                    ), priors, prior_prompts)
                 pipe = parts.pipeline(sampler_scheduler)
                 report = evaluate_subject(pipe, subject, references, identifier, seed=1000 * seed, **sample).as_dict()
                 report |= evaluate_drift(pipe, subject.class_noun, seed=1000 * seed, **sample).as_dict()
@@ -200,8 +206,11 @@ def main() -> None:
                      ("num_priors", "num_class_images"), ("resolution", "resolution")):
         if getattr(args, arg) is None:
             setattr(args, arg, recipe.get(key))
+    args.extra_prior_prompts = recipe.get("extra_prior_prompts", [])  # priors of other captions, as the recipe makes them
+    args.extra_prior_share = recipe.get("extra_prior_share", 0.0)
     print("recipe: " + ", ".join(f"{k} {v}" for k, v in vars(args).items() if k in (
-        "steps", "learning_rate", "text_encoder_learning_rate", "num_priors", "guidance", "sampling_steps", "resolution")))
+        "steps", "learning_rate", "text_encoder_learning_rate", "num_priors", "guidance", "sampling_steps", "resolution",
+        "extra_prior_share")) + f", {len(args.extra_prior_prompts)} extra prior prompts")
     if args.quick:
         args.subjects, args.seeds, args.steps, args.num_priors, args.images_per_prompt = \
             args.subjects[:1], args.seeds[:1], 4, 4, 2

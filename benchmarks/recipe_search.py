@@ -45,8 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import append_results, environment  # noqa: E402
 from benchmarks.paper_claims import prior_latents  # noqa: E402
 from dreambooth.evaluation.runner import SHAPES_DRIFT, drift_ratios  # noqa: E402
-from dreambooth.evaluation.shapes import evaluate_drift, evaluate_subject, vae_ceiling  # noqa: E402
+from dreambooth.evaluation.shapes import (evaluate_drift, evaluate_subject, extra_prior_captions,  # noqa: E402
+                                         vae_ceiling)
 from dreambooth.identifier import pick_identifiers  # noqa: E402
+from dreambooth.priors import prompt_at  # noqa: E402
 from dreambooth.models import load_components, load_pipeline, quiet_libraries, resolve_model  # noqa: E402
 from dreambooth.shapes import SUBJECTS, new_subjects, write_subject_images  # noqa: E402
 from dreambooth.subjects import load_subject_images  # noqa: E402
@@ -78,6 +80,10 @@ class Recipe:
     """Class-prior images."""
     prior_guidance: float = 4.0
     """Guidance scale the priors were generated with."""
+    caption_priors: int = 0
+    """Priors generated from base-grammar captions of any shape, colour and background
+    (``extra_prior_captions``: none of them is scored by the drift measure), added to the ``num_priors`` class priors, each trained on its
+    caption: ``--extra-prior-prompts`` with ``--extra-prior-share`` caption_priors / all priors."""
 
 
 START = Recipe()
@@ -100,6 +106,17 @@ VARIANTS: dict[str, Recipe] = {
                                                                   text_encoder_learning_rate=0.0, num_priors=128),
     "lr 2e-4 + te 5e-5 + priors 128, 800 steps": dataclasses.replace(START, learning_rate=2e-4, steps=800,
                                                                      text_encoder_learning_rate=5e-5, num_priors=128),
+    # Third round: priors of other captions (the class prior alone only regularizes "a [class]").
+    "caption priors 96": dataclasses.replace(START, caption_priors=96),
+    "te 0 + priors 128 + caption priors 128": dataclasses.replace(START, text_encoder_learning_rate=0.0,
+                                                                   num_priors=128, caption_priors=128),
+    "te 5e-5 + priors 64 + caption priors 64": dataclasses.replace(START, text_encoder_learning_rate=5e-5,
+                                                                    num_priors=64, caption_priors=64),
+    # Fourth round: with caption priors holding the other prompts, push the subject harder.
+    "caption priors 96, 800 steps": dataclasses.replace(START, caption_priors=96, steps=800),
+    "te 5e-5 + priors 64 + caption priors 64, 800 steps": dataclasses.replace(
+        START, text_encoder_learning_rate=5e-5, num_priors=64, caption_priors=64, steps=800),
+    "priors 64 + caption priors 64": dataclasses.replace(START, num_priors=64, caption_priors=64),
 }
 CHOSEN = "te 0 + priors 128"
 """The best variant on the tuning subjects (better than ``start`` on every measure of both), checked unchanged
@@ -128,12 +145,15 @@ class Study:
     def pipe(self, parts):
         return parts.pipeline(self.sampler_scheduler)
 
-    def priors(self, class_noun: str, count: int, guidance: float) -> torch.Tensor:
-        """Class-prior latents of ``paper_claims.prior_latents``, once per (class, count, guidance)."""
-        key = (class_noun, count, guidance)
+    def priors(self, class_noun: str, recipe: Recipe) -> tuple[torch.Tensor, list[str]]:
+        """Prior latents (``paper_claims.prior_latents``) and their prompts, once per recipe's prior levers."""
+        key = (class_noun, recipe.num_priors, recipe.prior_guidance, recipe.caption_priors)
         if key not in self._priors:
-            self._priors[key] = prior_latents(self.pipe(self.base), f"a {class_noun}", count,
-                                              self.args.sampling_steps, guidance)
+            count = recipe.num_priors + recipe.caption_priors
+            captions = extra_prior_captions(recipe.caption_priors)
+            prompts = [prompt_at(i, f"a {class_noun}", captions, recipe.caption_priors / count) for i in range(count)]
+            self._priors[key] = (prior_latents(self.pipe(self.base), prompts, count,
+                                               self.args.sampling_steps, recipe.prior_guidance), prompts)
         return self._priors[key]
 
     def base_drift(self, class_noun: str) -> dict:
@@ -155,13 +175,13 @@ class Study:
         identifier = pick_identifiers(self.base.tokenizer, 1, seed)[0]
         parts = copy.copy(self.base)
         parts.unet, parts.text_encoder = copy.deepcopy(self.base.unet), copy.deepcopy(self.base.text_encoder)
-        priors = self.priors(subject.class_noun, recipe.num_priors, recipe.prior_guidance)
+        priors, prior_prompts = self.priors(subject.class_noun, recipe)
         finetune(parts, images, FinetuneSettings(
             instance_prompt=f"a {identifier} {subject.class_noun}", class_prompt=f"a {subject.class_noun}",
             max_train_steps=self.args.steps_override or recipe.steps, learning_rate=recipe.learning_rate,
             text_encoder_learning_rate=recipe.text_encoder_learning_rate,
             text_encoder_steps=recipe.text_encoder_steps, prior_loss_weight=recipe.prior_loss_weight,
-            resolution=self.args.resolution, seed=seed), priors)
+            resolution=self.args.resolution, seed=seed), priors, prior_prompts)
         return self.score(parts, subject, references, identifier)
 
 

@@ -234,6 +234,8 @@ def subject_work(name: str, prepared: Prepared, prior_set: Optional[priors.Prior
             "cache": prior_set.uri if prior_set else None,
             "images": len(prior_set.seeds) if prior_set else 0,
             "generated": prior_set.generated if prior_set else 0,
+            "extra_prompts": len(cfg.prior.extra_prior_prompts),
+            "extra_share": cfg.prior.extra_prior_share if cfg.prior.extra_prior_prompts else 0.0,
         },
         "timings": dict(timings or {}),
         "use_gpu": use_gpu,

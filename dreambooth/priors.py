@@ -6,7 +6,9 @@ Owns the prior cache. Layout under ``<prior root>/<class-slug>-<key>/``::
     manifest.json                              written last: its presence means "complete"
 
 ``key`` hashes everything that changes the images (model, revision, prompt, resolution, scheduler,
-steps, guidance, first seed), so every subject of the same class and model shares one cache. Image
+steps, guidance, first seed, extra prompts), so every subject of the same class and model shares one
+cache. With extra prompts (``--extra-prior-prompts``), image ``i``'s prompt is ``prompt_for``'s
+answer for ``i``: the class prompt or, for a share spread evenly over the seeds, an extra prompt. Image
 ``i`` always uses seed ``first_seed + i`` and its own ``torch.Generator``, so an image depends on its
 seed alone, not on batching: an interrupted run resumes by generating only the seeds that no committed
 shard holds, and a larger ``--num-class-images`` extends the cache.
@@ -35,6 +37,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -76,13 +79,33 @@ class PriorSpec:
     num_inference_steps: int
     guidance_scale: float
     first_seed: int
+    extra_prompts: tuple[str, ...] = ()
+    extra_share: float = 0.0
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = asdict(self)
+        if not self.extra_prompts:  # class priors only: the key caches made before extra prompts existed
+            del fields["extra_prompts"], fields["extra_share"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+    def prompt_for(self, seed: int) -> str:
+        """The prompt of the image with ``seed``."""
+        return prompt_at(seed - self.first_seed, self.prompt, self.extra_prompts, self.extra_share)
 
     def cache_uri(self, root: str) -> str:
         slug = re.sub(r"[^a-z0-9]+", "-", self.prompt.lower()).strip("-")
         return storage.join(root, f"{slug}-{self.key()}")
+
+
+def prompt_at(index: int, class_prompt: str, extra_prompts: tuple[str, ...] | list[str], extra_share: float) -> str:
+    """The prompt of prior image ``index``: the class prompt, except for a share ``extra_share`` of the
+    indices, spread evenly (a Bresenham line: any prefix of the seeds holds the share), which cycle
+    through ``extra_prompts``. Depends on the index alone, so a cache extends without changing."""
+    if not extra_prompts:
+        return class_prompt
+    if math.floor((index + 1) * extra_share) == math.floor(index * extra_share):
+        return class_prompt
+    return extra_prompts[math.floor(index * extra_share) % len(extra_prompts)]
 
 
 def spec_from_config(cfg: RunConfig, scheduler_name: str) -> PriorSpec:
@@ -95,6 +118,8 @@ def spec_from_config(cfg: RunConfig, scheduler_name: str) -> PriorSpec:
         num_inference_steps=cfg.prior.num_inference_steps,
         guidance_scale=cfg.prior.guidance_scale,
         first_seed=cfg.prior.prior_seed,
+        extra_prompts=tuple(cfg.prior.extra_prior_prompts),
+        extra_share=cfg.prior.extra_prior_share if cfg.prior.extra_prior_prompts else 0.0,
     )
 
 
@@ -141,8 +166,9 @@ class PriorGenerator:
         seeds = [int(s) for s in cell_seeds]
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         with torch.no_grad():
+            prompts = [spec.prompt_for(s) for s in seeds]
             latents = pipe(
-                [spec.prompt] * len(seeds),
+                prompts,
                 height=spec.resolution,
                 width=spec.resolution,
                 num_inference_steps=spec.num_inference_steps,
@@ -153,11 +179,11 @@ class PriorGenerator:
             decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
             images = pipe.image_processor.postprocess(decoded, output_type="pil")
         rows = {name: [] for name in SCHEMA.names}
-        for seed, image, latent in zip(seeds, images, latents.float().cpu().numpy()):
+        for seed, prompt, image, latent in zip(seeds, prompts, images, latents.float().cpu().numpy()):
             buf = io.BytesIO()
             image.save(buf, format="PNG")
             rows["image"].append(buf.getvalue())
-            rows["prompt"].append(spec.prompt)
+            rows["prompt"].append(prompt)
             rows["seed"].append(seed)
             rows["height"].append(image.height)
             rows["width"].append(image.width)
@@ -329,25 +355,31 @@ def _actor_resources(use_gpu: bool, actors: int, num_batches: int) -> tuple[int,
 
 
 def read_prior_latents(prior_set: PriorSet, rank: int = 0, world_size: int = 1):
-    """This rank's share of the prior latents: float32 [P, C, h, w] (every ``world_size``-th seed).
+    """This rank's share of the prior latents: float32 [P, C, h, w] (``read_priors`` without prompts)."""
+    return read_priors(prior_set, rank, world_size)[0]
 
-    Read straight from the Parquet shards (latent columns only, a few KiB per image): a warm
-    training worker reads each subject's class priors itself, without a Ray Dataset per subject.
+
+def read_priors(prior_set: PriorSet, rank: int = 0, world_size: int = 1) -> tuple["torch.Tensor", list[str]]:
+    """This rank's share of the priors (every ``world_size``-th seed): latents float32 [P, C, h, w] and
+    the prompt each was generated from (P strings, in seed order).
+
+    Read straight from the Parquet shards (latent and prompt columns only, a few KiB per image): a
+    warm training worker reads each subject's priors itself, without a Ray Dataset per subject.
     """
-    import numpy as np
-    import pyarrow.parquet as pq
     import torch
 
     mine = set(prior_set.seeds[rank::world_size])
-    latents: dict[int, "np.ndarray"] = {}
+    found: dict[int, tuple[np.ndarray, str]] = {}
+    columns = ("seed", "latents", "latent_shape", "prompt")
     for uri in prior_set.shard_uris:
         fs, path = storage.filesystem(uri)
         with storage.guard(uri), fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=["seed", "latents", "latent_shape"])
-        for seed, flat, shape in zip(*(table.column(c).to_pylist() for c in ("seed", "latents", "latent_shape"))):
+            table = pq.read_table(handle, columns=list(columns))
+        for seed, flat, shape, prompt in zip(*(table.column(c).to_pylist() for c in columns)):
             if seed in mine:
-                latents[seed] = np.asarray(flat, dtype=np.float32).reshape(tuple(shape))
-    if not latents:
+                found[seed] = np.asarray(flat, dtype=np.float32).reshape(tuple(shape)), prompt
+    if not found:
         raise RuntimeError(f"rank {rank} of {world_size} found no prior latents in {prior_set.uri}; "
                            "generate more class images (--num-class-images) than there are workers")
-    return torch.from_numpy(np.stack([latents[s] for s in sorted(latents)]))
+    order = sorted(found)
+    return torch.from_numpy(np.stack([found[s][0] for s in order])), [found[s][1] for s in order]

@@ -82,6 +82,8 @@ def test_wrong_types_name_the_field(key, value, message):
         ({"lr_scheduler": "exp"}, "--lr-scheduler must be one of"),
         ({"identifier": "one two three four"}, "has 4 words"),
         ({"sample_prompts": ["a {subject}"]}, "may only use"),
+        ({"extra_prior_prompts": ["a cat", " "]}, "--extra-prior-prompts has an empty prompt"),
+        ({"extra_prior_prompts": ["a cat"], "extra_prior_share": 1.0}, r"--extra-prior-share must be in \(0, 1\)"),
     ],
 )
 def test_validation_messages(overrides, message):

@@ -71,6 +71,48 @@ def test_batch_mixes_subject_and_prior_rows_with_their_prompts(tiny_model_path, 
     assert not torch.equal(sks, dog)
 
 
+def test_prior_rows_are_trained_on_the_prompt_each_prior_was_generated_from(tiny_model_path, dog_dir):
+    """Extra prior prompts (--extra-prior-prompts): a prior row's token ids are its own prompt's."""
+    parts = load_components(tiny_model_path)
+    prompts = ["a dog", "a red car", "a dog", "a cat on a sofa"]
+    pool = PriorPool(_numbered_priors(4).expand(4, 4, 16, 16).clone(), batch_size=2, seed=1, prompts=prompts)
+    maker = BatchMaker(
+        load_subject_images(str(dog_dir), 32), parts, "a sks dog", "a dog", resolution=32, batch_size=2,
+        center_crop=False, random_flip=False, seed=0, priors=pool, device=torch.device("cpu"),
+    )
+    seen = set()
+    for _ in range(4):
+        batch = maker.next()
+        for latent, ids in zip(batch.latents[2:], batch.input_ids[2:]):
+            prompt = prompts[int(latent[0, 0, 0])]
+            assert torch.equal(ids, tokenize(parts.tokenizer, prompt)[0]), prompt
+            seen.add(prompt)
+    assert seen == set(prompts)
+    with pytest.raises(ValueError, match="3 prior prompts for 4 prior latents"):
+        PriorPool(_numbered_priors(4), batch_size=2, seed=1, prompts=prompts[:3])
+
+
+def test_extra_prior_prompts_take_their_share_of_every_prefix_of_the_seeds():
+    from dreambooth.priors import PriorSpec, prompt_at
+
+    extras = ["a red car", "a cat", "a tree"]
+    for share in (0.25, 0.5, 0.75):
+        prompts = [prompt_at(i, "a dog", extras, share) for i in range(48)]
+        for n in (4, 12, 48):  # a cache extended from n images keeps its first n prompts and their share
+            assert sum(p != "a dog" for p in prompts[:n]) == int(n * share)
+        assert [p for p in prompts if p != "a dog"][:6] == extras * 2  # cycled in order
+    assert {prompt_at(i, "a dog", [], 0.5) for i in range(10)} == {"a dog"}
+
+    plain = PriorSpec("tiny", None, "a dog", 32, "DDIMScheduler", 4, 7.5, 0)
+    extra = PriorSpec("tiny", None, "a dog", 32, "DDIMScheduler", 4, 7.5, 0, tuple(extras), 0.5)
+    assert plain.key() != extra.key() and plain.prompt_for(7) == "a dog"
+    assert [extra.prompt_for(s) for s in range(4)] == ["a dog", "a red car", "a dog", "a cat"]
+    legacy = {k: v for k, v in vars(plain).items() if k not in ("extra_prompts", "extra_share")}
+    import hashlib
+    import json
+    assert plain.key() == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]  # old caches stay valid
+
+
 def _numbered_priors(count: int) -> torch.Tensor:
     """Prior latents [count, 1, 1, 1] that hold their own number."""
     return torch.arange(count, dtype=torch.float32).view(count, 1, 1, 1)
@@ -172,11 +214,11 @@ def test_subject_latents_sample_the_cached_posterior_of_each_view(tiny_model_pat
 
 
 def test_each_rank_reads_its_own_share_of_the_prior_cache(tmp_path):
-    from dreambooth.priors import PriorSet, read_prior_latents
+    from dreambooth.priors import PriorSet, read_prior_latents, read_priors
 
     uris = []
     for part, seeds in enumerate(([0, 1, 2], [3, 4])):
-        table = pa.table({"seed": seeds, "latents": [[float(s)] * 4 for s in seeds],
+        table = pa.table({"seed": seeds, "latents": [[float(s)] * 4 for s in seeds], "prompt": [f"p{s}" for s in seeds],
                           "latent_shape": [[1, 2, 2]] * len(seeds), "image": [b""] * len(seeds)})
         uris.append(str(tmp_path / f"part-{part}.parquet"))
         pq.write_table(table, uris[-1])
@@ -184,6 +226,8 @@ def test_each_rank_reads_its_own_share_of_the_prior_cache(tmp_path):
     shares = [read_prior_latents(prior_set, rank, 2) for rank in range(2)]
     assert [s[:, 0, 0, 0].tolist() for s in shares] == [[0.0, 2.0], [1.0, 3.0]]
     assert shares[0].shape == (2, 1, 2, 2)
+    latents, prompts = read_priors(prior_set, 1, 2)
+    assert latents[:, 0, 0, 0].tolist() == [1.0, 3.0] and prompts == ["p1", "p3"]  # each latent with its prompt
     with pytest.raises(RuntimeError, match="--num-class-images"):
         read_prior_latents(PriorSet(str(tmp_path), uris, seeds=[0], generated=0, seconds=0.0), 1, 2)
 

@@ -182,6 +182,18 @@ def other_prompt_scenes(class_noun: str, n: int = OTHER_PROMPTS, seed: int = OTH
     return sample_scenes(n, seed, shapes=others)
 
 
+EXTRA_PRIOR_SEED = 77
+"""Seeds ``extra_prior_captions`` (the shapes recipe's ``extra_prior_prompts``)."""
+
+
+def extra_prior_captions(n: int, seed: int = EXTRA_PRIOR_SEED) -> list[str]:
+    """``n`` base-grammar captions for ``--extra-prior-prompts`` that the drift measure never scores:
+    the (shape, colour, background) of every class's ``other_prompt_scenes`` are left out, so
+    other-prompt fidelity stays a measure on captions the fine-tune never saw."""
+    scored = {(s.shape, s.color, s.background) for noun in SHAPES for s in other_prompt_scenes(noun)}
+    return [caption(scene, "short") for scene in sample_scenes(n, seed, exclude=scored)]
+
+
 @dataclass
 class DriftReport:
     """Does the model still draw what prompts other than the subject's ask (all in [0, 1])?

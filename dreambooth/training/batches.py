@@ -7,7 +7,9 @@ A micro-batch of a worker (``B`` = ``--train-batch-size``) is a ``MixedBatch``::
                                           ``vae.config.scaling_factor``;
                                           rows B..B+P-1: cached prior latents (already scaled)
     conditions                            the model family's inputs (``families.base.Conditions``):
-      input_ids  int64 [B + P, L]         "a [V] [class]" for subject rows, "a [class]" for prior rows
+      input_ids  int64 [B + P, L]         "a [V] [class]" for subject rows; for prior rows the prompt
+                                          each prior was generated from ("a [class]" unless the
+                                          pool carries prompts of its own)
                                           (SDXL: also ``input_ids_2`` from its second tokenizer)
       time_ids   float [B + P, 6]         SDXL only: (photo h, w; crop top, left; target h, w) of each
                                           subject view, (R, R, 0, 0, R, R) for prior rows
@@ -16,7 +18,7 @@ A micro-batch of a worker (``B`` = ``--train-batch-size``) is a ``MixedBatch``::
 where ``h = w = resolution / vae_scale_factor`` (R = resolution) and ``L`` is the tokenizer's max
 length (77 for CLIP).
 Prior rows come from this worker's ``PriorPool``, filled once from the prior cache
-(``priors.read_prior_latents``: this rank's share of the seeds).
+(``priors.read_priors``: this rank's share of the seeds, with the prompt of each).
 
 The VAE is frozen, so the posterior (mean, std) of one augmented view — photo, crop offset, flip —
 never changes: ``BatchMaker`` encodes each view once and then only draws ``mean + std * ε``, which
@@ -92,14 +94,20 @@ class PriorPool:
     in memory and never re-reads the cache.
 
     ``latents``: float32 [P, C, h, w], already scaled by the VAE's ``scaling_factor``.
+    ``prompts``: the prompt each prior was generated from (P strings), or None when every prior
+    was generated from the class prompt.
     ``next()``: float32 [batch_size, C, h, w]; an epoch that does not divide evenly continues into
-    the next epoch's order, so every prior is used equally often.
+    the next epoch's order, so every prior is used equally often. ``next_with_prompts()`` also
+    returns the drawn priors' prompts (None without ``prompts``).
     """
 
-    def __init__(self, latents: torch.Tensor, batch_size: int, seed: int):
+    def __init__(self, latents: torch.Tensor, batch_size: int, seed: int, prompts: Optional[list[str]] = None):
         if latents.shape[0] == 0:
             raise RuntimeError("this worker's prior dataset shard is empty; generate more class images")
+        if prompts is not None and len(prompts) != latents.shape[0]:
+            raise ValueError(f"{len(prompts)} prior prompts for {latents.shape[0]} prior latents")
         self.latents = latents.float()
+        self.prompts = prompts
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.long)
@@ -108,10 +116,14 @@ class PriorPool:
         return self.latents.shape[0]
 
     def next(self) -> torch.Tensor:
+        return self.next_with_prompts()[0]
+
+    def next_with_prompts(self) -> tuple[torch.Tensor, Optional[list[str]]]:
         while self._order.numel() < self.batch_size:
             self._order = torch.cat([self._order, torch.randperm(len(self), generator=self.generator)])
         take, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
-        return self.latents[take]
+        prompts = None if self.prompts is None else [self.prompts[i] for i in take.tolist()]
+        return self.latents[take], prompts
 
 
 @dataclass
@@ -151,6 +163,8 @@ class BatchMaker:
         self.family = parts.family
         self.instance_inputs = parts.prompt_inputs(instance_prompt)
         self.class_inputs = parts.prompt_inputs(class_prompt)
+        self._prompt_inputs = {class_prompt: self.class_inputs}
+        self.parts = parts
         square = (resolution, resolution)
         self.prior_sizes = self.family.size_conditions(square, (0, 0), square)  # generated at R x R, uncropped
         self.resolution, self.batch_size = resolution, batch_size
@@ -179,6 +193,12 @@ class BatchMaker:
             self._posteriors[key] = posterior
         return posterior
 
+    def _inputs_of(self, prompt: str) -> Conditions:
+        """A prior prompt's token ids, tokenized once (a pool holds few distinct prompts)."""
+        if prompt not in self._prompt_inputs:
+            self._prompt_inputs[prompt] = self.parts.prompt_inputs(prompt)
+        return self._prompt_inputs[prompt]
+
     def next(self) -> MixedBatch:
         views, sizes = [], []
         square = (self.resolution, self.resolution)
@@ -194,9 +214,12 @@ class BatchMaker:
         latents = [(mean + std * noise) * self.vae.config.scaling_factor]
         rows = [_rows(self.instance_inputs, self.batch_size) | _stacked(sizes)]
         if self.priors is not None:
-            prior = self.priors.next().to(self.device)
-            latents.append(prior)
-            rows.append(_rows(self.class_inputs | self.prior_sizes, prior.shape[0]))
+            prior, prompts = self.priors.next_with_prompts()
+            latents.append(prior.to(self.device))
+            if prompts is None:
+                rows.append(_rows(self.class_inputs | self.prior_sizes, prior.shape[0]))
+            else:
+                rows.append(_stacked([self._inputs_of(p) | self.prior_sizes for p in prompts]))
         conditions = {key: torch.cat([part[key] for part in rows]).to(self.device) for key in rows[0]}
         return MixedBatch(torch.cat(latents), conditions, self.batch_size)
 

@@ -53,11 +53,12 @@ class FinetuneSettings:
 
 
 def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
-             prior_latents: torch.Tensor | None = None) -> list[dict]:
+             prior_latents: torch.Tensor | None = None, prior_prompts: list[str] | None = None) -> list[dict]:
     """Fine-tune ``parts``' UNet and text encoder(s) (a ``models.Components``) in place.
 
     ``prior_latents`` [P, C, h, w] are the class-prior examples (scaled, as the prior cache stores
-    them); needed when ``prior_loss_weight`` > 0. Returns per-step losses and seconds.
+    them); needed when ``prior_loss_weight`` > 0. ``prior_prompts`` (one per prior) are the prompts
+    they were generated from; None: all from ``settings.class_prompt``. Returns per-step losses and seconds.
     """
     with_priors = settings.prior_loss_weight > 0
     if with_priors and prior_latents is None:
@@ -73,7 +74,7 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
         images, parts, settings.instance_prompt, settings.class_prompt,
         resolution=settings.resolution, batch_size=settings.train_batch_size, center_crop=False,
         random_flip=settings.random_flip, seed=settings.seed,
-        priors=PriorPool(prior_latents, settings.train_batch_size, settings.seed) if with_priors else None,
+        priors=PriorPool(prior_latents, settings.train_batch_size, settings.seed, prior_prompts) if with_priors else None,
         device=torch.device("cpu"),
     )
     generator = torch.Generator().manual_seed(settings.seed)

@@ -32,7 +32,7 @@ import torch
 
 from dreambooth import export, storage, tracking
 from dreambooth.models import Components, load_components, load_sampling_scheduler, quiet_libraries
-from dreambooth.priors import read_prior_latents
+from dreambooth.priors import read_priors
 from dreambooth.subjects import load_subject_images
 from dreambooth.training import checkpoint
 from dreambooth.training.batches import BatchMaker, PriorPool
@@ -224,11 +224,11 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
     rank, device = worker.rank, worker.device
     laps = Laps()
     started = time.monotonic()
-    failure, images, prior_latents = None, [], None
+    failure, images, prior_latents, prior_prompts = None, [], None, None
     try:  # what can fail for this subject alone, before any collective
         images = work.images or load_subject_images(cfg.subject.instance_dir, train.resolution)
         if work.prior_set is not None:
-            prior_latents = read_prior_latents(work.prior_set, rank, worker.world)
+            prior_latents, prior_prompts = read_priors(work.prior_set, rank, worker.world)
     except Exception as exc:
         failure = f"{type(exc).__name__}: {exc}"
     _agreed(failure)
@@ -248,7 +248,8 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
             call_queue(queue, "resumed", work.name, start_step, wait=False)
 
     batch_seed = derived_seed(train.seed, rank, start_step)  # photo draws and prior order of this attempt
-    priors = PriorPool(prior_latents, train.train_batch_size, batch_seed) if prior_latents is not None else None
+    priors = (PriorPool(prior_latents, train.train_batch_size, batch_seed, prior_prompts)
+              if prior_latents is not None else None)
     batches = BatchMaker(
         images, worker.base, cfg.subject.instance_prompt, cfg.subject.class_prompt,
         resolution=train.resolution, batch_size=train.train_batch_size, center_crop=train.center_crop,
