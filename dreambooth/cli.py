@@ -47,7 +47,10 @@ def _add_field_flag(parser: argparse.ArgumentParser, info: FieldInfo, flag: Opti
         parser.add_argument(flag, dest=info.name, nargs="?", const="true", default=None, metavar="true|false", help=help_text)
         parser.add_argument("--no-" + flag[2:], dest=info.name, action="store_const", const="false", help=argparse.SUPPRESS)
     elif typing.get_origin(tp) is list:
-        parser.add_argument(flag, dest=info.name, nargs="+", default=None, metavar="TEXT", help=help_text)
+        # `*`, not `+`: a bare flag is the empty list, so a RayJob carrying the whole config can say
+        # "none" where the model's recipe lists some (e.g. --extra-prior-prompts).
+        parser.add_argument(flag, dest=info.name, nargs="*", default=None, metavar="TEXT",
+                            help=f"{help_text}; the flag alone means none")
     else:
         parser.add_argument(flag, dest=info.name, default=None, metavar=info.name.upper(), help=help_text)
 

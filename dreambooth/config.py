@@ -684,6 +684,8 @@ def validate(cfg: RunConfig) -> RunConfig:
            f"--report-to must be one of {', '.join(REPORT_TO)}, got {shorten(cfg.export.report_to)}")
     _check(cfg.export.save_dtype in SAVE_DTYPES, f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, "
            f"got {shorten(cfg.export.save_dtype)}")
+    _check(bool(cfg.export.sample_prompts), "sample_prompts is empty; give at least one prompt, or set "
+           "--num-sample-images 0 to skip the sample grid")
     for prompt in cfg.export.sample_prompts:
         validate_prompt_template(prompt)
     return cfg

@@ -3,13 +3,15 @@ API-server double (which validates every RayJob against the KubeRay v1.7.0 CRD a
 against the strict Kubernetes schema). Both layouts: one bulk driver per manifest (the default) and
 one RayJob per subject (shared cluster with gated drivers, or dedicated clusters admitted by Kueue)."""
 
+import dataclasses
 import shlex
 
 import pytest
 import yaml
 
-from dreambooth import kube_layouts
-from dreambooth.cli import main
+from dreambooth import bulk, kube_layouts
+from dreambooth.cli import build_parser, config_from_args, main
+from dreambooth.config import validate
 from kube_double import KubeApiDouble
 
 NS = "ml"
@@ -38,7 +40,8 @@ def _manifest(tmp_path) -> str:
         "defaults": {"max_train_steps": 800},
         "subjects": [
             {"name": "dog", "instance_dir": "s3://bucket/subjects/dog", "class_noun": "dog"},
-            {"name": "teapot", "instance_dir": "s3://bucket/subjects/teapot", "class_noun": "teapot", "identifier": "sks"},
+            {"name": "teapot", "instance_dir": "s3://bucket/subjects/teapot", "class_noun": "teapot", "identifier": "sks",
+             "extra_prior_prompts": ["a teapot on a kitchen table", "a teapot in a garden"]},
             {"name": "cat", "instance_dir": "s3://bucket/subjects/cat", "class_noun": "cat", "train_text_encoder": False},
         ],
     }))
@@ -76,7 +79,7 @@ def test_submit_is_idempotent_and_status_reads_kuberay_state(cluster_api, tmp_pa
     argv = {n: shlex.split(j["spec"]["entrypoint"]) for n, j in jobs.items()}
     flags = {n: dict(zip(a[3::2], a[4::2])) for n, a in argv.items()}
     assert argv["dog"][:3] == ["python", "-m", "ray_jobs.personalize"]
-    flags = {n: {k: v[0] for k, v in _flags(j["spec"]["entrypoint"]).items()} for n, j in jobs.items()}
+    flags = {n: {k: v[0] for k, v in _flags(j["spec"]["entrypoint"]).items() if v} for n, j in jobs.items()}
     assert flags["dog"]["--output"] == "s3://bucket/runs/dog" and flags["dog"]["--max-train-steps"] == "800"
     assert flags["teapot"]["--identifier"] == "sks"
     assert flags["cat"]["--train-text-encoder"] == "false"
@@ -95,6 +98,20 @@ def test_submit_is_idempotent_and_status_reads_kuberay_state(cluster_api, tmp_pa
     assert not unset & {flag[2:].replace("-", "_") for flag in full}
     assert full["--use-gpu"] == ["true"] and full["--model"] == ["tiny"]
     assert full["--sample-prompts"][0] == f"a {flags['dog']['--identifier']} dog on the beach"  # filled in
+    assert full["--extra-prior-prompts"] == []  # a bare flag: none, whatever a model's recipe lists
+
+    # What `dreambooth run` on the head parses from each entrypoint is the config planned here.
+    planned = dict(bulk.plan(bulk.BulkOptions(manifest=manifest, output="s3://bucket/runs"), {"model": "tiny"},
+                             check_paths=False, base={"use_gpu": "true"}))
+    for name, job in jobs.items():
+        parsed = config_from_args(build_parser().parse_args(["run", *shlex.split(job["spec"]["entrypoint"])[3:]]),
+                                  list(all_fields()))
+        expected = dataclasses.replace(planned[name], subject=dataclasses.replace(
+            planned[name].subject, identifier=flags[name]["--identifier"]))  # drawn at submit
+        expected.export = dataclasses.replace(expected.export, sample_prompts=validate(expected).sample_prompts())
+        assert validate(parsed).to_dict() == validate(expected).to_dict(), name
+    assert parsed.prior.extra_prior_prompts == [] and planned["dog"].prior.extra_prior_prompts == []
+    assert planned["teapot"].prior.extra_prior_prompts == ["a teapot on a kitchen table", "a teapot in a garden"]
     submitter = jobs["dog"]["spec"]["submitterPodTemplate"]["spec"]
     assert submitter["containers"][0]["image"] == IMAGE
     assert RESTRICTED_CONTAINER.items() <= submitter["containers"][0]["securityContext"].items()

@@ -7,7 +7,7 @@ import pytest
 
 from dreambooth import pipeline
 from dreambooth.cli import build_parser, config_from_args
-from dreambooth.config import ConfigError, TrainConfig, all_fields
+from dreambooth.config import ConfigError, TrainConfig, all_fields, validate
 from dreambooth.models import NATIVE_RESOLUTION_SOURCE, RECIPE_FILE
 
 REPO_SUBJECT = "examples/subjects/two_tone_triangle"
@@ -63,6 +63,18 @@ def test_shapes_runs_with_nothing_but_subject_and_output(tmp_path):
     assert (cfg.train.resolution, cfg.train.learning_rate, cfg.prior.guidance_scale) == (32, 5e-4, 4.0)
     prepared = pipeline.preflight(cfg)
     assert len(prepared.images) >= 3 and prepared.config.sources["resolution"].startswith("the shapes model's recipe")
+    assert len(cfg.prior.extra_prior_prompts) > 0  # the recipe's caption priors
+
+
+def test_a_bare_list_flag_empties_what_the_recipe_lists(tmp_path):
+    """`--extra-prior-prompts` alone means none: how a RayJob carrying a whole config says that the
+    user removed the recipe's caption priors."""
+    cfg = _config(["--model", "shapes", "--instance-dir", REPO_SUBJECT, "--class-noun", "triangle",
+                   "--output", str(tmp_path / "out"), "--extra-prior-prompts"])
+    assert cfg.prior.extra_prior_prompts == [] and cfg.sources["extra_prior_prompts"] == "command-line flags"
+    with pytest.raises(ConfigError, match="sample_prompts is empty; give at least one prompt, or set --num-sample-images 0"):
+        validate(_config(["--model", "shapes", "--instance-dir", REPO_SUBJECT, "--class-noun", "triangle",
+                          "--output", str(tmp_path / "out"), "--sample-prompts"]))
 
 
 def test_sample_and_eval_take_their_sampler_from_flags_then_the_run_then_the_recipe(tmp_path, model_with_recipe):
