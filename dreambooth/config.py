@@ -50,7 +50,8 @@ class SubjectConfig:
     """The subject to personalize: its photos and the words that will name it."""
 
     instance_dir: str = ""
-    """Folder (local path or fsspec URI) holding 1-50 photos of the subject (JPEG, PNG, WebP, ...)."""
+    """Folder (local path or fsspec URI) holding 1-50 photos of the subject (JPEG, PNG, WebP, ...); a
+    ``.txt`` named like a photo is its own prompt, e.g. ``a {identifier} {class_noun} on a sofa``."""
 
     class_noun: str = ""
     """Coarse class of the subject, e.g. ``dog`` or ``backpack``; anchors it to the model's prior."""
@@ -101,7 +102,8 @@ class PriorConfig:
     """Prompts besides the class prompt whose frozen-model images join the priors, each trained on its
     own prompt (e.g. captions of other things the model draws). The class prompt alone keeps only
     "a [class]"; these keep what the model's other prompts mean (shapes: other-prompt fidelity
-    0.57 → 0.91 of the base, benchmarks/recipe_search.py). Empty: class priors only, as in the paper."""
+    0.57 → 0.89 of the base over 8 subjects, benchmarks/recipe_search.py). Empty: class priors only, as
+    in the paper."""
 
     extra_prior_share: float = 0.5
     """Share of the ``num_class_images`` priors made from ``extra_prior_prompts`` (cycled through,

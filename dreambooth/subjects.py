@@ -5,6 +5,12 @@ RGBA/LA/P with transparency (composited on white), grayscale, CMYK, 16-bit. Refu
 saying what to fix: a missing or empty folder, too few or too many images, files that are not
 images, corrupt or truncated files, images smaller than the training resolution.
 
+A photo may carry its own training prompt: a ``.txt`` file named like it (``dog_01.txt`` beside
+``dog_01.jpg``), one line with ``{identifier}`` where the subject is named and ``{class_noun}``
+optional, e.g. ``a {identifier} {class_noun} on a red sofa``. Captions that say what else the photo
+shows (background, place, pose) keep those things out of what the identifier means, so "a [V] dog
+on the beach" can change them. Photos without one train on ``--instance-prompt`` ("a [V] [class]").
+
 The result is a list of ``SubjectImage`` (name + RGB PNG bytes), small enough to ship to every
 training worker inside the train-loop config.
 """
@@ -15,12 +21,13 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from dreambooth import storage
-from dreambooth.config import MAX_INSTANCE_IMAGES
+from dreambooth.config import MAX_INSTANCE_IMAGES, ConfigError, validate_prompt_template
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic", ".heif")
 HEIF_SUFFIXES = (".heic", ".heif")
@@ -31,6 +38,11 @@ MAX_IMAGE_BYTES = 64 << 20
 MAX_IMAGE_PIXELS = 100_000_000
 """Largest photo accepted, in pixels (10000 x 10000), checked from the header before decoding."""
 
+CAPTION_SUFFIX = ".txt"
+MAX_CAPTION_BYTES = 4096
+"""Largest caption file read (a prompt is at most 1,000 characters)."""
+
+
 class SubjectError(ValueError):
     """A subject's photos cannot be used; the message says which file and what to do."""
 
@@ -40,9 +52,43 @@ class SubjectImage:
     name: str
     png: bytes  # RGB, upright, at the original size
     size: tuple[int, int]  # (width, height)
+    caption: Optional[str] = None  # the photo's own prompt template (``{identifier}``, ``{class_noun}``)
 
     def to_pil(self) -> Image.Image:
         return Image.open(io.BytesIO(self.png)).convert("RGB")
+
+
+def instance_prompts(images: list[SubjectImage], instance_prompt: str, identifier: str, class_noun: str) -> list[str]:
+    """The training prompt of each photo: its caption filled in, else ``instance_prompt``."""
+    return [instance_prompt if image.caption is None
+            else image.caption.format(identifier=identifier, class_noun=class_noun) for image in images]
+
+
+def _stem(name: str) -> str:
+    return name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def _read_caption(fs, path: str, shown: str, size: Optional[int]) -> str:
+    """One caption file → its template, checked: one line, names the subject, only known fields."""
+    if size is not None and size > MAX_CAPTION_BYTES:
+        raise SubjectError(f"{shown} is {size:,} bytes; a caption is one prompt of at most 1,000 characters")
+    with storage.guard(shown):
+        data = fs.cat_file(path)
+    try:
+        text = " ".join(data.decode("utf-8-sig").split())
+    except UnicodeDecodeError:
+        raise SubjectError(f"{shown} is not UTF-8 text; save the caption as UTF-8") from None
+    example = "e.g. 'a {identifier} {class_noun} on a red sofa'"
+    if not text:
+        raise SubjectError(f"{shown} is empty; write the photo's prompt in it ({example}) or delete it")
+    try:
+        validate_prompt_template(text, flag=f"caption {shown}")
+    except ConfigError as exc:
+        raise SubjectError(str(exc)) from None
+    if "{identifier}" not in text:
+        raise SubjectError(f"{shown} ({text!r}) does not name the subject: write {{identifier}} where it is "
+                           f"named, {example}")
+    return text
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -148,14 +194,24 @@ def load_subject_images(instance_dir: str, resolution: int) -> list[SubjectImage
         hint = hint or (f" (only subfolders: {', '.join(f.rsplit('/', 1)[-1] + '/' for f in folders[:5])}); "
                         "put 3-5 photos of your subject in it")
         raise SubjectError(f"--instance-dir {instance_dir} has no photos at its top level{hint}")
-    files = [e["name"] for e in entries]
     sizes = {e["name"]: e.get("size") for e in entries}
-    not_images = [p.rsplit("/", 1)[-1] for p in files if not p.lower().endswith(IMAGE_SUFFIXES)]
+    files = [e["name"] for e in entries if e["name"].lower().endswith(IMAGE_SUFFIXES)]
+    photo_stems = {_stem(p) for p in files}
+    captions = {_stem(e["name"]): e["name"] for e in entries
+                if e["name"].lower().endswith(CAPTION_SUFFIX) and _stem(e["name"]) in photo_stems}
+    not_images = [e["name"].rsplit("/", 1)[-1] for e in entries
+                  if e["name"] not in files and e["name"] not in captions.values()]
     if not_images:
         raise SubjectError(
             f"--instance-dir {instance_dir} holds files that are not images: {', '.join(not_images[:5])}"
-            f"{' ...' if len(not_images) > 5 else ''}; move them out (accepted: {', '.join(IMAGE_SUFFIXES)})"
+            f"{' ...' if len(not_images) > 5 else ''}; move them out (accepted: {', '.join(IMAGE_SUFFIXES)}, and "
+            f"a photo's caption named like it: dog_01{CAPTION_SUFFIX} beside dog_01.jpg)"
         )
+    if len(set(map(_stem, files))) < len(files):
+        twins = sorted(p.rsplit("/", 1)[-1] for p in files if [_stem(f) for f in files].count(_stem(p)) > 1)
+        if any(_stem(t) in captions for t in twins):
+            raise SubjectError(f"--instance-dir {instance_dir}: {', '.join(twins[:4])} share a name, so their "
+                               f"caption is ambiguous; rename one of them")
     if len(files) > MAX_INSTANCE_IMAGES:
         raise SubjectError(
             f"--instance-dir {instance_dir} has {len(files)} images; DreamBooth needs 3-5 and accepts at most "
@@ -180,7 +236,10 @@ def load_subject_images(instance_dir: str, resolution: int) -> list[SubjectImage
                 f"{name} is {image.size[0]}x{image.size[1]}, smaller than --resolution {resolution} on its short "
                 f"side; use larger photos or a lower --resolution"
             )
+        caption_path = captions.get(_stem(path))
+        caption = None if caption_path is None else _read_caption(
+            fs, caption_path, f"{instance_dir.rstrip('/')}/{caption_path.rsplit('/', 1)[-1]}", sizes.get(caption_path))
         buf = io.BytesIO()
         image.save(buf, format="PNG")
-        images.append(SubjectImage(name=name, png=buf.getvalue(), size=image.size))
+        images.append(SubjectImage(name=name, png=buf.getvalue(), size=image.size, caption=caption))
     return images

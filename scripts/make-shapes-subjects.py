@@ -4,6 +4,7 @@
     python scripts/make-shapes-subjects.py --new 4 --seed 7 --output /tmp/new-subjects
                                                                         # 4 subjects unlike the shipped ones, each with a
                                                                         # subject.json that `dreambooth eval` reads
+    ... --captions                                                      # and a caption beside each photo
 
 Deterministic: tests/test_shapes_model.py checks the committed files equal what the first form writes.
 """
@@ -23,12 +24,14 @@ if __name__ == "__main__":
     parser.add_argument("--new", type=int, default=0, help="write this many new subjects instead of the shipped ones")
     parser.add_argument("--seed", type=int, default=SEED, help="which new subjects, and their photos")
     parser.add_argument("--output", type=Path, default=ROOT, help="parent folder of the subject folders")
+    parser.add_argument("--captions", action="store_true",
+                        help="also a caption beside each photo (size, place, background), which `run` trains on")
     args = parser.parse_args()
     if args.new:
         for subject in new_subjects(args.new, args.seed):
             folder = args.output / subject.name
             paths = write_subject_images(subject, folder, n=IMAGES, resolution=RESOLUTION, seed=args.seed,
-                                         sizes=tuple(SIZES))
+                                         sizes=tuple(SIZES), captions=args.captions)
             (folder / "subject.json").write_text(json.dumps(asdict(subject), indent=1) + "\n")
             print(f"{subject.name}: a {subject.color} {subject.class_noun} with {subject.secondary} "
                   f"{subject.pattern.replace('_', ' ')}, {len(paths)} images in {folder}\n"
@@ -36,5 +39,6 @@ if __name__ == "__main__":
                   f"--output runs/{subject.name}")
     else:
         for subject in SUBJECTS.values():
-            paths = write_subject_images(subject, args.output / subject.name, n=IMAGES, resolution=RESOLUTION, seed=SEED)
+            paths = write_subject_images(subject, args.output / subject.name, n=IMAGES, resolution=RESOLUTION, seed=SEED,
+                                         captions=args.captions)
             print(f"{subject.name}: {len(paths)} images in {paths[0].parent}")

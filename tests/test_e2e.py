@@ -66,6 +66,7 @@ def test_zero2_end_to_end_then_second_subject_zero3_reuses_priors(ray_cluster, t
     from diffusers import StableDiffusionPipeline
 
     out = runs / "dog"
+    (dog_dir / "03.txt").write_text("a {identifier} {class_noun} on a sofa")  # that photo's own prompt
     cfg = _config(instance_dir=str(dog_dir), output=str(out), zero_stage=2, report_to="mlflow")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     before = copy.deepcopy(cfg)
@@ -75,6 +76,7 @@ def test_zero2_end_to_end_then_second_subject_zero3_reuses_priors(ray_cluster, t
     record = storage.read_json(str(out / RUN_RECORD))
     assert not outcome.skipped and record["identifier"] == prepared.config.subject.identifier != "auto"
     assert record["identifier_auto"] is True
+    assert record["instance_captions"] == {"03.jpg": f"a {record['identifier']} dog on a sofa"}
     assert record["priors"]["generated"] == 4 and record["priors"]["images"] == 4
     assert record["metrics"]["step"] == 3 and record["metrics"]["loss"] > 0
     assert record["metrics"]["attention_backend"] == {"processors": ["AttnProcessor2_0"], "sdpa_backends": ["cpu"]}

@@ -43,4 +43,4 @@ def test_demo_personalizes_two_tone_triangle_and_eval_beats_the_base(ray_cluster
     # Collateral drift (#13): "a triangle" and captions of other shapes, colours and backgrounds (none
     # of them among the recipe's extra prior captions) are drawn within 0.1 of the base model.
     assert tuned["class_fidelity"] >= 0.9 and tuned["other_prompt_fidelity"] >= 0.9  # measured: 1.14, 0.95
-    assert json.loads((out / "run.json").read_text())["priors"]["extra_prompts"] == 96  # the recipe's captions
+    assert json.loads((out / "run.json").read_text())["priors"]["extra_prompts"] == 32  # the recipe's captions

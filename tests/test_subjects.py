@@ -47,6 +47,30 @@ def test_non_image_file_is_named(dog_dir):
         load_subject_images(str(dog_dir), 32)
 
 
+def test_a_txt_named_like_a_photo_is_its_caption(dog_dir):
+    (dog_dir / "01.txt").write_bytes("\ufeffa {identifier} {class_noun}\n  on a red   sofa\n".encode("utf-8"))
+    images = load_subject_images(str(dog_dir), 32)
+    assert [img.caption for img in images] == [None, "a {identifier} {class_noun} on a red sofa", None, None, None]
+
+
+@pytest.mark.parametrize(
+    "caption,message",
+    [
+        ("a dog on a sofa", r"01\.txt \('a dog on a sofa'\) does not name the subject: write \{identifier\}"),
+        ("a {subject} on a sofa", r"may only use \{identifier\} and \{class_noun\}"),
+        ("a {identifier:>999999} dog", "no format specs"),
+        ("  \n", r"01\.txt is empty; write the photo's prompt in it"),
+        (b"a {identifier} \xff dog", r"01\.txt is not UTF-8 text"),
+        ("a {identifier} " + "dog " * 2000, r"01\.txt is 8,015 bytes; a caption is one prompt"),
+    ],
+)
+def test_bad_captions_are_refused_before_training(dog_dir, caption, message):
+    path = dog_dir / "01.txt"
+    path.write_bytes(caption if isinstance(caption, bytes) else caption.encode())
+    with pytest.raises(SubjectError, match=message):
+        load_subject_images(str(dog_dir), 32)
+
+
 def test_corrupt_file_is_named(dog_dir):
     (dog_dir / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(SubjectError, match=r"bad\.jpg is corrupt or truncated"):

@@ -11,7 +11,7 @@ import torch
 
 from dreambooth.config import TrainConfig
 from dreambooth.models import load_components
-from dreambooth.subjects import load_subject_images
+from dreambooth.subjects import instance_prompts, load_subject_images
 from dreambooth.training.batches import BatchMaker, PriorPool, augment, tokenize
 from dreambooth.training.engine import deepspeed_config
 from dreambooth.training.module import DreamBoothModule, diffusion_target, dreambooth_loss
@@ -69,6 +69,29 @@ def test_batch_mixes_subject_and_prior_rows_with_their_prompts(tiny_model_path, 
     assert all(torch.equal(row, sks) for row in batch.input_ids[:2])
     assert all(torch.equal(row, dog) for row in batch.input_ids[2:])
     assert not torch.equal(sks, dog)
+
+
+def test_subject_rows_are_trained_on_each_photos_own_caption(tiny_model_path, dog_dir):
+    """Captions beside photos (``02.txt``): that photo's rows carry its caption, the others the instance prompt."""
+    (dog_dir / "02.txt").write_text("a {identifier} {class_noun} on a red sofa\n")
+    (dog_dir / "04.txt").write_text("a {identifier} {class_noun} in the snow")
+    images = load_subject_images(str(dog_dir), 32)
+    prompts = instance_prompts(images, "a sks dog", "sks", "dog")
+    assert prompts == ["a sks dog", "a sks dog", "a sks dog on a red sofa", "a sks dog", "a sks dog in the snow"]
+    parts = load_components(tiny_model_path)
+    maker = BatchMaker(images, parts, prompts, "a dog", resolution=32, batch_size=2, center_crop=True,
+                       random_flip=False, seed=0, priors=None, device=torch.device("cpu"))
+    drawn = []
+    posterior = maker._posterior
+    maker._posterior = lambda index, crop: drawn.append(index) or posterior(index, crop)
+    for _ in range(12):
+        batch = maker.next()
+        for index, ids in zip(drawn[-2:], batch.input_ids):
+            assert torch.equal(ids, tokenize(parts.tokenizer, prompts[index])[0]), prompts[index]
+    assert {2, 4} <= set(drawn) and set(drawn) - {2, 4}  # both kinds of rows were checked
+    with pytest.raises(ValueError, match="4 instance prompts for 5 photos"):
+        BatchMaker(images, parts, prompts[:4], "a dog", resolution=32, batch_size=2, center_crop=True,
+                   random_flip=False, seed=0, priors=None, device=torch.device("cpu"))
 
 
 def test_prior_rows_are_trained_on_the_prompt_each_prior_was_generated_from(tiny_model_path, dog_dir):

@@ -393,9 +393,17 @@ def render_subject(subject: Subject, background: str, position: str = "center",
     return compose(background, [(primary, subject.color), (second, subject.secondary)])
 
 
+def subject_caption(size: str, position: str, background: str) -> str:
+    """A subject photo's caption (``dreambooth.subjects``): the base grammar with ``{identifier}
+    {class_noun}`` for colour and shape, e.g. "a large {identifier} {class_noun} in the top left on
+    a blue background"."""
+    return f"a {size} {{identifier}} {{class_noun}} {PLACE_PHRASES[position]} on {article(background)} {background} background"
+
+
 def write_subject_images(subject: Subject, folder: str | Path, n: int = 5, resolution: int = 32,
-                         seed: int = 0, sizes: Sequence[str] = ("medium", "large")) -> list[Path]:
-    """n PNGs of the subject at varied positions, sizes and plain backgrounds; returns the paths."""
+                         seed: int = 0, sizes: Sequence[str] = ("medium", "large"), captions: bool = False) -> list[Path]:
+    """n PNGs of the subject at varied positions, sizes and plain backgrounds; returns the paths.
+    ``captions``: also a ``.txt`` beside each saying what it shows (``subject_caption``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -404,8 +412,10 @@ def write_subject_images(subject: Subject, folder: str | Path, n: int = 5, resol
     paths = []
     for i in range(n):
         size = sizes[rng.integers(len(sizes))]
-        image = render_subject(subject, backgrounds[i % len(backgrounds)],
-                               positions[i % len(positions)], size, resolution, rng)
+        background, position = backgrounds[i % len(backgrounds)], positions[i % len(positions)]
+        image = render_subject(subject, background, position, size, resolution, rng)
         paths.append(folder / f"{subject.name}_{i:02d}.png")
         image.save(paths[-1])
+        if captions:
+            paths[-1].with_suffix(".txt").write_text(subject_caption(size, position, background) + "\n")
     return paths

@@ -7,7 +7,8 @@ A micro-batch of a worker (``B`` = ``--train-batch-size``) is a ``MixedBatch``::
                                           ``vae.config.scaling_factor``;
                                           rows B..B+P-1: cached prior latents (already scaled)
     conditions                            the model family's inputs (``families.base.Conditions``):
-      input_ids  int64 [B + P, L]         "a [V] [class]" for subject rows; for prior rows the prompt
+      input_ids  int64 [B + P, L]         for subject rows the photo's prompt ("a [V] [class]", or
+                                          its caption: ``subjects.instance_prompts``); for prior rows the prompt
                                           each prior was generated from ("a [class]" unless the
                                           pool carries prompts of its own)
                                           (SDXL: also ``input_ids_2`` from its second tokenizer)
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -147,7 +148,7 @@ class BatchMaker:
         self,
         images: list[SubjectImage],
         parts: Components,
-        instance_prompt: str,
+        instance_prompt: str | Sequence[str],
         class_prompt: str,
         *,
         resolution: int,
@@ -161,10 +162,13 @@ class BatchMaker:
         self.images = [img.to_pil() for img in images]
         self.vae = parts.vae
         self.family = parts.family
-        self.instance_inputs = parts.prompt_inputs(instance_prompt)
+        self.parts = parts
         self.class_inputs = parts.prompt_inputs(class_prompt)
         self._prompt_inputs = {class_prompt: self.class_inputs}
-        self.parts = parts
+        prompts = [instance_prompt] * len(images) if isinstance(instance_prompt, str) else list(instance_prompt)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} instance prompts for {len(images)} photos")
+        self.instance_inputs = [self._inputs_of(p) for p in prompts]  # one per photo
         square = (resolution, resolution)
         self.prior_sizes = self.family.size_conditions(square, (0, 0), square)  # generated at R x R, uncropped
         self.resolution, self.batch_size = resolution, batch_size
@@ -194,25 +198,25 @@ class BatchMaker:
         return posterior
 
     def _inputs_of(self, prompt: str) -> Conditions:
-        """A prior prompt's token ids, tokenized once (a pool holds few distinct prompts)."""
+        """A prompt's token ids, tokenized once (photos and priors share few distinct prompts)."""
         if prompt not in self._prompt_inputs:
             self._prompt_inputs[prompt] = self.parts.prompt_inputs(prompt)
         return self._prompt_inputs[prompt]
 
     def next(self) -> MixedBatch:
-        views, sizes = [], []
+        views, subject_rows = [], []
         square = (self.resolution, self.resolution)
         for _ in range(self.batch_size):
             index = self.rng.randrange(len(self.images))
             image = self.images[index]
             crop = draw_crop(image, self.resolution, self.rng, self.center_crop, self.random_flip)
             views.append(self._posterior(index, crop))
-            sizes.append(self.family.size_conditions((image.height, image.width),
-                                                     crop_top_left(image, self.resolution, crop), square))
+            subject_rows.append(self.instance_inputs[index] | self.family.size_conditions(
+                (image.height, image.width), crop_top_left(image, self.resolution, crop), square))
         mean, std = torch.stack([m for m, _ in views]), torch.stack([s for _, s in views])
         noise = torch.randn(mean.shape, generator=self.noise).to(self.device)
         latents = [(mean + std * noise) * self.vae.config.scaling_factor]
-        rows = [_rows(self.instance_inputs, self.batch_size) | _stacked(sizes)]
+        rows = [_stacked(subject_rows)]
         if self.priors is not None:
             prior, prompts = self.priors.next_with_prompts()
             latents.append(prior.to(self.device))

@@ -24,8 +24,8 @@ from dreambooth.training.module import DreamBoothModule, mixed_batch_loss
 class FinetuneSettings:
     """One in-process fine-tune (the subset of ``TrainConfig`` that matters without a cluster)."""
 
-    instance_prompt: str
-    """"a [V] [class]"."""
+    instance_prompt: str | list[str]
+    """"a [V] [class]", or one prompt per photo (``subjects.instance_prompts``: captions filled in)."""
     class_prompt: str
     """"a [class]"; unused when ``prior_loss_weight`` is 0."""
     max_train_steps: int = 300

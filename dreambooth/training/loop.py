@@ -33,7 +33,7 @@ import torch
 from dreambooth import export, storage, tracking
 from dreambooth.models import Components, load_components, load_sampling_scheduler, quiet_libraries
 from dreambooth.priors import read_priors
-from dreambooth.subjects import load_subject_images
+from dreambooth.subjects import instance_prompts, load_subject_images
 from dreambooth.training import checkpoint
 from dreambooth.training.batches import BatchMaker, PriorPool
 from dreambooth.training.engine import build_engine, skip_shared_memory_comm_for_one_rank
@@ -251,7 +251,8 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
     priors = (PriorPool(prior_latents, train.train_batch_size, batch_seed, prior_prompts)
               if prior_latents is not None else None)
     batches = BatchMaker(
-        images, worker.base, cfg.subject.instance_prompt, cfg.subject.class_prompt,
+        images, worker.base, instance_prompts(images, cfg.subject.instance_prompt, cfg.subject.identifier,
+                                              cfg.subject.class_noun), cfg.subject.class_prompt,
         resolution=train.resolution, batch_size=train.train_batch_size, center_crop=train.center_crop,
         random_flip=train.random_flip, seed=batch_seed, priors=priors, device=device,
     )
@@ -275,7 +276,7 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
     train_s = time.monotonic() - started
     try:
         exported = export.export_trained(cfg, worker.base, worker.sampling_scheduler, state, device)
-        return _finish_record(work, metrics, curve, exported, train_s, [img.name for img in images])
+        return _finish_record(work, metrics, curve, exported, train_s, images)
     except Exception as exc:
         log.exception("export of %s failed", work.name)
         raise SubjectFailed(f"export failed: {type(exc).__name__}: {exc}") from exc
@@ -406,13 +407,16 @@ def _render_validation(worker: Worker, work: SubjectWork, engine, step: int):
 
 
 def _finish_record(work: SubjectWork, metrics: dict, curve: dict, exported: dict, train_s: float,
-                   image_names: list[str]) -> dict:
+                   images: list) -> dict:
     """Write the run record (the completion marker) and drop the checkpoints unless kept."""
     cfg = work.config
     executed, attempts = checkpoint.steps_run(cfg.output)
+    prompts = instance_prompts(images, cfg.subject.instance_prompt, cfg.subject.identifier, cfg.subject.class_noun)
     record = {
         **work.record,
-        "instance_images": image_names,
+        "instance_images": [img.name for img in images],
+        # The prompt each photo trained on, where captions gave some their own (else instance_prompt).
+        "instance_captions": {img.name: p for img, p in zip(images, prompts) if img.caption is not None},
         "metrics": metrics,
         "loss_curve": curve,  # the steps this attempt ran (after the checkpoint it resumed from)
         "steps": cfg.train.max_train_steps,
