@@ -53,6 +53,20 @@ def test_a_txt_named_like_a_photo_is_its_caption(dog_dir):
     assert [img.caption for img in images] == [None, "a {identifier} {class_noun} on a red sofa", None, None, None]
 
 
+def test_a_caption_shared_by_two_photos_of_one_name_is_refused(dog_dir):
+    (dog_dir / "01.png").write_bytes(_png_bytes())
+    assert len(load_subject_images(str(dog_dir), 32)) == 6  # no caption: the twins are two photos
+    (dog_dir / "01.txt").write_text("a {identifier} {class_noun}")
+    with pytest.raises(SubjectError, match=r"01\.jpg, 01\.png share a name, so their caption is ambiguous"):
+        load_subject_images(str(dog_dir), 32)
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    _photo((64, 64)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize(
     "caption,message",
     [
