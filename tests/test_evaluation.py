@@ -175,6 +175,38 @@ def test_drift_measures_reach_their_extremes_on_scripted_pipelines():
     same = {"base": kept.as_dict(), "personalized": kept.as_dict()}
     runner.drift_ratios(same, runner.SHAPES_DRIFT)
     assert same["personalized"]["class_fidelity"] == same["personalized"]["other_prompt_fidelity"] == 1.0
+    assert same["personalized"]["clean_class_fidelity"] == 1.0 and kept.clean_class_accuracy == 1.0
+
+
+class SmudgePipe:
+    """Draws every prompt's shape with a "foot" (a square blob beside it): still the nearest shape to
+    the shape reader, not one a person would call clean (the demo's drifted "a triangle" images)."""
+
+    def __call__(self, prompts, num_inference_steps, guidance_scale, generator):
+        from dreambooth.shapes.world import compose, coverage
+
+        images = []
+        for prompt in prompts:
+            shape = next(s for s in ("circle", "square", "triangle", "star") if s in prompt)
+            body = coverage(shape, 16, 17, 8, 32)[0] + coverage("square", 23, 24, 5, 32)[0]
+            images.append(compose("yellow", [(np.clip(body, 0, 1), "blue")]))
+        return SimpleNamespace(images=images)
+
+
+def test_smudged_class_images_count_as_the_class_but_not_as_clean():
+    from dreambooth.evaluation.shapes import evaluate_drift
+    from dreambooth.shapes.analyzers import CLEAN_SHAPE_FIT, shape_fit
+    from dreambooth.shapes.world import Scene, render
+
+    smudged = evaluate_drift(SmudgePipe(), "triangle", images_per_prompt=2)
+    assert smudged.class_accuracy == 1.0 and smudged.clean_class_accuracy == 0.0
+    clean = [shape_fit(render(Scene(s, "red", "blue", "center", size), 32, seed))
+             for s in ("circle", "square", "triangle", "star") for size in ("small", "large") for seed in (0, 1)]
+    assert min(clean) >= CLEAN_SHAPE_FIT + 0.2, clean
+    scores = {"base": evaluate_drift(CaptionPipe(), "triangle", images_per_prompt=2).as_dict(),
+              "personalized": smudged.as_dict()}
+    runner.drift_ratios(scores, runner.SHAPES_DRIFT)
+    assert scores["personalized"]["class_fidelity"] == 1.0 and scores["personalized"]["clean_class_fidelity"] == 0.0
 
 
 def test_other_prompts_are_fixed_and_leave_out_the_subjects_class():

@@ -14,6 +14,7 @@ from PIL import Image
 from dreambooth import models, pipeline
 from dreambooth.cli import main
 from dreambooth.config import build_config, load_yaml
+from dreambooth.evaluation.runner import SHAPES_DRIFT
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 REPO = Path(__file__).resolve().parents[1]
@@ -38,9 +39,11 @@ def test_demo_personalizes_two_tone_triangle_and_eval_beats_the_base(ray_cluster
     tuned, base = report["scores"]["personalized"], report["scores"]["base"]
     print(json.dumps(report["scores"], indent=1))
     assert report["suite"] == "shapes" and report["identifier"] == prepared.config.subject.identifier
-    assert tuned["subject_match"] >= base["subject_match"] + 0.3  # measured here: 0.75 vs 0.00
-    assert tuned["subject_fidelity"] >= base["subject_fidelity"] + 0.3  # measured: 0.76 vs 0.17
+    assert tuned["subject_match"] >= base["subject_match"] + 0.3  # measured here: 0.375 vs 0.00
+    assert tuned["subject_fidelity"] >= base["subject_fidelity"] + 0.3  # measured: 0.715 vs 0.166
     # Collateral drift (#13): "a triangle" and captions of other shapes, colours and backgrounds (none
     # of them among the recipe's extra prior captions) are drawn within 0.1 of the base model.
-    assert tuned["class_fidelity"] >= 0.9 and tuned["other_prompt_fidelity"] >= 0.9  # measured: 1.14, 0.95
+    assert tuned["class_fidelity"] >= 0.9 and tuned["other_prompt_fidelity"] >= 0.9  # measured: 1.14, 0.93
+    # Drawn cleanly, not only nearest to a triangle: in eval.json, and not yet within 0.1 (measured 0.33).
+    assert set(SHAPES_DRIFT) <= set(tuned) and "clean_class_fidelity" in SHAPES_DRIFT
     assert json.loads((out / "run.json").read_text())["priors"]["extra_prompts"] == 32  # the recipe's captions

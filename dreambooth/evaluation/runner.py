@@ -161,7 +161,8 @@ def drift_ratios(scores: dict, pairs: dict[str, str]) -> None:
         scores["base"][ratio] = 1.0
 
 
-SHAPES_DRIFT = {"class_fidelity": "class_accuracy", "other_prompt_fidelity": "other_prompt_accuracy"}
+SHAPES_DRIFT = {"class_fidelity": "class_accuracy", "other_prompt_fidelity": "other_prompt_accuracy",
+                "clean_class_fidelity": "clean_class_accuracy"}
 """Collateral drift as a ratio to the base model (1.0: nothing else broke)."""
 DREAMBENCH_DRIFT = {"other_prompt_fidelity": "other_class_clip_t"}
 

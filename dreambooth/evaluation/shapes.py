@@ -17,6 +17,7 @@ from PIL import Image
 from dreambooth.shapes import (Subject, analyze, caption, is_subject, matches, pairwise_distance,
                                sample_scenes, subject_features, subject_similarity)
 from dreambooth.shapes.world import PLACE_PHRASES, SHAPES, article
+from dreambooth.shapes.analyzers import CLEAN_SHAPE_FIT, shape_fit
 
 #: Sampler settings every shapes measurement uses unless told otherwise.
 INFERENCE_STEPS = 25
@@ -201,11 +202,14 @@ class DriftReport:
     ``class_accuracy``: share of "a [class]" images the analyzers read as that shape (the class
     prior kept; PRES only says the subject did not take it over). ``other_prompt_accuracy``: mean of
     the shape, colour and background accuracies over ``other_prompt_scenes`` captions ("a red
-    circle on a blue background").
+    circle on a blue background"). ``clean_class_accuracy``: share of "a [class]" images that are
+    the class *and* drawn cleanly (``shape_fit`` >= ``CLEAN_SHAPE_FIT``): the shape reader names the
+    nearest shape for any blob, so smudges count in ``class_accuracy``.
     """
 
     class_accuracy: float
     other_prompt_accuracy: float
+    clean_class_accuracy: float
 
     def as_dict(self) -> dict:
         return dict(vars(self))
@@ -216,9 +220,11 @@ def evaluate_drift(pipe, class_noun: str, *, images_per_prompt: int = 8, seed: i
     seeds = [seed + j for j in range(images_per_prompt)]
     class_images = generate(pipe, [f"a {class_noun}"] * len(seeds), seeds, **sampler)
     class_accuracy = float(np.mean([analyze(img).shape == class_noun for img in class_images]))
+    clean = float(np.mean([analyze(img).shape == class_noun and shape_fit(img) >= CLEAN_SHAPE_FIT
+                           for img in class_images]))
     scenes = other_prompt_scenes(class_noun)
     prompts = [caption(s, "short") for s in scenes for _ in seeds]
     images = generate(pipe, prompts, seeds * len(scenes), **sampler)
     asked = [{"shape": s.shape, "color": s.color, "background": s.background} for s in scenes for _ in seeds]
     accuracy = score(images, asked)
-    return DriftReport(class_accuracy, float(np.mean([accuracy.shape, accuracy.color, accuracy.background])))
+    return DriftReport(class_accuracy, float(np.mean([accuracy.shape, accuracy.color, accuracy.background])), clean)
