@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from dreambooth import storage
-from dreambooth.config import MAX_INSTANCE_IMAGES, ConfigError, validate_prompt_template
+from dreambooth.config import MAX_INSTANCE_IMAGES, MAX_PROMPT_CHARS, ConfigError, validate_prompt_template
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic", ".heif")
 HEIF_SUFFIXES = (".heic", ".heif")
@@ -40,7 +40,7 @@ MAX_IMAGE_PIXELS = 100_000_000
 
 CAPTION_SUFFIX = ".txt"
 MAX_CAPTION_BYTES = 4096
-"""Largest caption file read (a prompt is at most 1,000 characters)."""
+"""Largest caption file read (a prompt is at most ``MAX_PROMPT_CHARS``)."""
 
 
 class SubjectError(ValueError):
@@ -71,7 +71,8 @@ def _stem(name: str) -> str:
 def _read_caption(fs, path: str, shown: str, size: Optional[int]) -> str:
     """One caption file → its template, checked: one line, names the subject, only known fields."""
     if size is not None and size > MAX_CAPTION_BYTES:
-        raise SubjectError(f"{shown} is {size:,} bytes; a caption is one prompt of at most 1,000 characters")
+        raise SubjectError(f"{shown} is {size:,} bytes; a caption is one prompt of at most "
+                           f"{MAX_PROMPT_CHARS:,} characters: shorten it")
     with storage.guard(shown):
         data = fs.cat_file(path)
     try:

@@ -219,9 +219,9 @@ def evaluate_drift(pipe, class_noun: str, *, images_per_prompt: int = 8, seed: i
     """Score ``pipe`` on its class prompt and the other-prompt set, image j of each prompt on seed ``seed + j``."""
     seeds = [seed + j for j in range(images_per_prompt)]
     class_images = generate(pipe, [f"a {class_noun}"] * len(seeds), seeds, **sampler)
-    class_accuracy = float(np.mean([analyze(img).shape == class_noun for img in class_images]))
-    clean = float(np.mean([analyze(img).shape == class_noun and shape_fit(img) >= CLEAN_SHAPE_FIT
-                           for img in class_images]))
+    is_class = [analyze(img).shape == class_noun for img in class_images]
+    class_accuracy = float(np.mean(is_class))
+    clean = float(np.mean([read and shape_fit(img) >= CLEAN_SHAPE_FIT for read, img in zip(is_class, class_images)]))
     scenes = other_prompt_scenes(class_noun)
     prompts = [caption(s, "short") for s in scenes for _ in seeds]
     images = generate(pipe, prompts, seeds * len(scenes), **sampler)
