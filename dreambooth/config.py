@@ -100,10 +100,11 @@ class PriorConfig:
 
     extra_prior_prompts: list[str] = field(default_factory=list)
     """Prompts besides the class prompt whose frozen-model images join the priors, each trained on its
-    own prompt (e.g. captions of other things the model draws). The class prompt alone keeps only
-    "a [class]"; these keep what the model's other prompts mean (shapes: other-prompt fidelity
-    0.57 → 0.89 of the base over 8 subjects, benchmarks/recipe_search.py). Empty: class priors only, as
-    in the paper."""
+    own prompt (e.g. captions of other things the model draws). ``{class_noun}`` is filled in, so a
+    model recipe can list the class in other contexts ("a {class_noun} in the snow"); ``{identifier}``
+    is refused (the frozen model does not know it). The class prompt alone keeps only "a [class]";
+    these keep what the model's other prompts mean (shapes: other-prompt fidelity 0.57 → 0.89 of the
+    base over 8 subjects, benchmarks/recipe_search.py). Empty: class priors only, as in the paper."""
 
     extra_prior_share: float = 0.5
     """Share of the ``num_class_images`` priors made from ``extra_prior_prompts`` (cycled through,
@@ -597,6 +598,16 @@ def validate_prompt_template(template: str, flag: str = "--sample-prompts") -> N
         )
 
 
+def _template_fields(template: str) -> set[str]:
+    """The ``{fields}`` a template (already checked by ``validate_prompt_template``) names."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
+def fill_prior_prompt(template: str, class_noun: str) -> str:
+    """An ``extra_prior_prompts`` entry with ``{class_noun}`` filled in (``{{``/``}}`` become braces)."""
+    return template.format(class_noun=class_noun)
+
+
 def validate_generation(cfg: RunConfig) -> None:
     """Checks shared by `prior` and `run`: model, class noun, resolution, generation settings."""
     _check(
@@ -617,6 +628,11 @@ def validate_generation(cfg: RunConfig) -> None:
     if p.extra_prior_prompts:
         _check(all(prompt.strip() for prompt in p.extra_prior_prompts),
                "--extra-prior-prompts has an empty prompt; remove it or write the caption")
+        for prompt in p.extra_prior_prompts:
+            validate_prompt_template(prompt, flag="--extra-prior-prompts")
+            _check("identifier" not in _template_fields(prompt),
+                   f"--extra-prior-prompts entry {shorten(prompt)} names {{identifier}}: priors are drawn by the "
+                   "frozen model, which does not know the subject; use {class_noun} or plain words")
         _check(0 < p.extra_prior_share < 1, f"--extra-prior-share must be in (0, 1) with --extra-prior-prompts "
                f"(the rest of the priors keep the class prompt), got {p.extra_prior_share:g}")
     _check(t.use_gpu in USE_GPU, f"--use-gpu must be {', '.join(USE_GPU[:-1])} or {USE_GPU[-1]}, got {shorten(t.use_gpu)}")

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dreambooth import storage
-from dreambooth.config import RunConfig
+from dreambooth.config import RunConfig, fill_prior_prompt
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def spec_from_config(cfg: RunConfig, scheduler_name: str) -> PriorSpec:
         num_inference_steps=cfg.prior.num_inference_steps,
         guidance_scale=cfg.prior.guidance_scale,
         first_seed=cfg.prior.prior_seed,
-        extra_prompts=tuple(cfg.prior.extra_prior_prompts),
+        extra_prompts=tuple(fill_prior_prompt(p, cfg.subject.class_noun) for p in cfg.prior.extra_prior_prompts),
         extra_share=cfg.prior.extra_prior_share if cfg.prior.extra_prior_prompts else 0.0,
     )
 

@@ -84,6 +84,8 @@ def test_wrong_types_name_the_field(key, value, message):
         ({"sample_prompts": ["a {subject}"]}, "may only use"),
         ({"extra_prior_prompts": ["a cat", " "]}, "--extra-prior-prompts has an empty prompt"),
         ({"extra_prior_prompts": ["a cat"], "extra_prior_share": 1.0}, r"--extra-prior-share must be in \(0, 1\)"),
+        ({"extra_prior_prompts": ["a {identifier} {class_noun}"]}, "frozen model, which does not know the subject"),
+        ({"extra_prior_prompts": ["a {class} in the snow"]}, "may only use"),
     ],
 )
 def test_validation_messages(overrides, message):

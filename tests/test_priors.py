@@ -69,3 +69,23 @@ def test_cache_key_changes_with_what_changes_images(tiny_model_path):
                    {"model": "other"}, {"first_seed": 0}):
         assert _spec(tiny_model_path, **change).key() != spec.key()
     assert spec.cache_uri("root").startswith("root/a-teapot-")
+
+
+def test_extra_prior_prompts_name_the_class_and_key_each_class_apart():
+    """``{class_noun}`` in an extra prior prompt is filled per run, so one model recipe lists the class in
+    other contexts and each class still gets (and shares) its own cache."""
+    from dreambooth.config import RunConfig, validate
+
+    def spec_for(noun: str) -> priors.PriorSpec:
+        cfg = RunConfig()
+        cfg.model, cfg.output, cfg.subject.instance_dir, cfg.subject.class_noun = "tiny", "/tmp/o", "/tmp/i", noun
+        cfg.prior.extra_prior_prompts = ["a {class_noun} in the snow", "a red circle", "braces {{kept}}"]
+        cfg.prior.extra_prior_share = 0.5
+        return priors.spec_from_config(validate(cfg), "DDPMScheduler")
+
+    dog, cat = spec_for("dog"), spec_for("cat")
+    assert dog.extra_prompts == ("a dog in the snow", "a red circle", "braces {kept}")
+    assert [dog.prompt_for(dog.first_seed + i) for i in range(4)] == [
+        "a dog", "a dog in the snow", "a dog", "a red circle"]
+    assert cat.extra_prompts[0] == "a cat in the snow" and cat.key() != dog.key()
+    assert spec_for("dog").key() == dog.key()
