@@ -264,3 +264,45 @@ def test_scripted_subjects_are_new_and_eval_reads_their_subject_json(tmp_path):
     (folder / "subject.json").write_text('{"name": "x", "class_noun": "hexagon"}')
     with pytest.raises(ConfigError, match="is not a shapes subject"):
         runner.shapes_subject(runner.EvalOptions(output=run.output), run)
+
+
+def test_the_shapes_recipes_caption_priors_are_never_a_prompt_eval_scores():
+    """Priors trained on a scored caption would make other-prompt fidelity measure memory, not drift:
+    the shipped recipe's extra prior prompts, filled for every class, miss every scored caption."""
+    from pathlib import Path
+
+    import yaml
+
+    from dreambooth.config import fill_prior_prompt
+    from dreambooth.evaluation.shapes import other_prompt_scenes
+    from dreambooth.models import RECIPE_FILE, resolve_model
+    from dreambooth.shapes import SHAPES, caption, parse_caption
+
+    recipe = yaml.safe_load((Path(resolve_model("shapes")) / RECIPE_FILE).read_text())
+    templates = recipe["prior"]["extra_prior_prompts"]
+    assert 0 < recipe["prior"]["extra_prior_share"] < 1 and len(templates) >= 16
+    for noun in SHAPES:
+        scored = {caption(s, "short") for other in SHAPES for s in other_prompt_scenes(other)} | {f"a {noun}"}
+        filled = [fill_prior_prompt(t, noun) for t in templates]
+        assert not scored & set(filled)
+        scored_triples = {(s.shape, s.color, s.background) for other in SHAPES for s in other_prompt_scenes(other)}
+        for prompt in filled:
+            fields = parse_caption(prompt)  # every prior prompt is in the base model's grammar
+            assert (fields["shape"], fields["color"], fields["background"]) not in scored_triples, prompt
+
+
+def test_class_caption_templates_put_the_class_in_other_contexts():
+    """``class_caption_templates`` (recipe_search's in-class caption priors): each names the class once,
+    and filled for any class is a full base-grammar caption of that class, in varied places."""
+    from dreambooth.config import fill_prior_prompt, validate_prompt_template
+    from dreambooth.evaluation.shapes import class_caption_templates
+    from dreambooth.shapes import SHAPES, parse_caption
+
+    templates = class_caption_templates(16)
+    assert templates == class_caption_templates(16) and len(set(templates)) >= 12
+    for template in templates:
+        validate_prompt_template(template, flag="--extra-prior-prompts")
+        assert template.count("{class_noun}") == 1
+    for noun in SHAPES:
+        fields = [parse_caption(fill_prior_prompt(t, noun)) for t in templates]
+        assert {f["shape"] for f in fields} == {noun} and len({f["position"] for f in fields}) >= 4

@@ -195,6 +195,20 @@ def extra_prior_captions(n: int, seed: int = EXTRA_PRIOR_SEED) -> list[str]:
     return [caption(scene, "short") for scene in sample_scenes(n, seed, exclude=scored)]
 
 
+CLASS_CAPTION_SEED = 78
+"""Seeds ``class_caption_templates`` (the rest of the shapes recipe's ``extra_prior_prompts``)."""
+
+
+def class_caption_templates(n: int, seed: int = CLASS_CAPTION_SEED) -> list[str]:
+    """``n`` full base-grammar captions with the shape left as ``{class_noun}`` ("a small green
+    {class_noun} in the top left on a red background") for ``--extra-prior-prompts``: priors of the
+    class itself in other colours, sizes, places and backgrounds keep how the class word composes with
+    the rest of a caption, which "a [V] [class] on a green background" needs. None is an eval prompt
+    (those name the identifier, or other shapes)."""
+    return [caption(scene, "full").replace(scene.shape, "{class_noun}")
+            for scene in sample_scenes(n, seed, shapes=SHAPES[:1])]
+
+
 @dataclass
 class DriftReport:
     """Does the model still draw what prompts other than the subject's ask (all in [0, 1])?
