@@ -156,6 +156,9 @@ VARIANTS: dict[str, Recipe] = {
     "96 + 32 + 16 unconditional": dataclasses.replace(START, num_priors=96, caption_priors=32, unconditional_priors=16),
     "96 + 32 + 16 unconditional, 600 steps": dataclasses.replace(START, num_priors=96, caption_priors=32,
                                                                  unconditional_priors=16, steps=600),
+    "96 + 32 + 16 unconditional, te lr 1e-4": dataclasses.replace(START, num_priors=96, caption_priors=32,
+                                                                  unconditional_priors=16,
+                                                                  text_encoder_learning_rate=1e-4),
 }
 CHOSEN = "priors 96 + caption priors 32"
 """The shapes model's shipped recipe (``dreambooth/data/shapes/dreambooth.yaml``). Rounds 1-3 were chosen on the
