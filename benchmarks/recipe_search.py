@@ -257,6 +257,7 @@ def subjects_of(sets: list[str], scripted: int, root: Path, scripted_seed: int =
     """(subject, photo folder) pairs, written under ``root`` with captions beside the photos (read only by
     ``captioned`` recipes); the shipped subjects' photos are the committed ones (seed 0)."""
     chosen = []
+    scripted_names = {subject.name: subject for subject in new_subjects(scripted, scripted_seed)}
     for name in sets:
         if name == "scripted":
             for subject in new_subjects(scripted, scripted_seed):
@@ -264,6 +265,11 @@ def subjects_of(sets: list[str], scripted: int, root: Path, scripted_seed: int =
                 write_subject_images(subject, folder, seed=scripted_seed, sizes=("small", "medium", "large"),
                                      captions=True)
                 chosen.append((subject, folder))
+        elif name in scripted_names:  # one scripted subject, by its name
+            subject = scripted_names[name]
+            write_subject_images(subject, root / name, seed=scripted_seed, sizes=("small", "medium", "large"),
+                                 captions=True)
+            chosen.append((subject, root / name))
         else:
             for shipped in SUBJECT_SETS.get(name, (name,)):
                 write_subject_images(SUBJECTS[shipped], root / shipped, seed=0, captions=True)
@@ -275,7 +281,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--subjects", nargs="+", default=["tuning"],
-                        help="sets (tuning, held-out, scripted) or shipped subject names")
+                        help="sets (tuning, held-out, scripted) or subject names (shipped or scripted)")
     parser.add_argument("--scripted", type=int, default=4, help="new subjects in the scripted set")
     parser.add_argument("--scripted-seed", type=int, default=SCRIPTED_SEED,
                         help="seed of the scripted subjects (another seed: subjects no recipe was compared on)")
