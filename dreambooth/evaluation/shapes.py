@@ -196,7 +196,7 @@ def extra_prior_captions(n: int, seed: int = EXTRA_PRIOR_SEED) -> list[str]:
 
 
 CLASS_CAPTION_SEED = 78
-"""Seeds ``class_caption_templates`` (the rest of the shapes recipe's ``extra_prior_prompts``)."""
+"""Seeds ``class_caption_templates`` (recipe_search's caption priors of the class itself)."""
 
 
 def class_caption_templates(n: int, seed: int = CLASS_CAPTION_SEED) -> list[str]:
