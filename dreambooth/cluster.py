@@ -110,11 +110,14 @@ _started_here = False
 """Whether ``connect`` started the cluster itself (a local, fixed-size one)."""
 
 
-def _autoscaling(wait_s: float = 6.0) -> tuple[bool, Optional[dict[str, float]]]:
+def _autoscaling(wait_s: float = 15.0) -> tuple[bool, Optional[dict[str, float]]]:
     """(whether the cluster autoscales, the most of each resource it may grow to when known).
 
     Autoscaler v2 publishes its node groups (hence a maximum); v1's monitor reports its status to
     the internal KV every few seconds, with an ``autoscaler_report`` only when an autoscaler runs.
+    Until the monitor has its first load metrics it reports without one even when an autoscaler
+    runs (a cluster that just started), so only a report with load metrics and no autoscaler report
+    means "does not autoscale".
     """
     import json
     import time
@@ -132,8 +135,11 @@ def _autoscaling(wait_s: float = 6.0) -> tuple[bool, Optional[dict[str, float]]]
         deadline = time.monotonic() + wait_s
         while True:
             raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-            if raw:
-                return "autoscaler_report" in json.loads(raw), None
+            status = json.loads(raw) if raw else {}
+            if "autoscaler_report" in status:
+                return True, None
+            if status.get("load_metrics_report", {}).get("usage"):
+                return False, None
             if time.monotonic() > deadline:
                 return False, None
             time.sleep(0.5)
