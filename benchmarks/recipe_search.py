@@ -48,6 +48,7 @@ from benchmarks.paper_claims import prior_latents  # noqa: E402
 from dreambooth.evaluation.runner import SHAPES_DRIFT, drift_ratios  # noqa: E402
 from dreambooth.evaluation.shapes import (class_caption_templates, evaluate_drift, evaluate_subject,  # noqa: E402
                                          extra_prior_captions, vae_ceiling)
+from dreambooth.config import fill_prior_prompt  # noqa: E402
 from dreambooth.identifier import pick_identifiers  # noqa: E402
 from dreambooth.priors import prompt_at  # noqa: E402
 from dreambooth.models import load_components, load_pipeline, quiet_libraries, resolve_model  # noqa: E402
@@ -139,7 +140,7 @@ VARIANTS: dict[str, Recipe] = {
     # Fifth round: photos captioned with what else they show, so the identifier need not carry it.
     "priors 96 + caption priors 32 + captioned photos": dataclasses.replace(
         START, num_priors=96, caption_priors=32, captioned=True),
-    # Sixth round, scored with clean_class_fidelity and 16 images per prompt (4 made one image a 0.25 step):
+    # Sixth round, scored with clean_class_fidelity and 8 images per prompt (4 made one image a 0.25 step):
     # the shipped split with λ, steps, the text encoder's rate, and captioned photos beside bare ones.
     "96 + 32, λ 0.5": dataclasses.replace(START, num_priors=96, caption_priors=32, prior_loss_weight=0.5),
     "96 + 32, 600 steps": dataclasses.replace(START, num_priors=96, caption_priors=32, steps=600),
@@ -201,7 +202,7 @@ class Study:
             extra = recipe.caption_priors + recipe.unconditional_priors
             count = recipe.num_priors + extra
             others = recipe.caption_priors - recipe.in_class_captions
-            captions = [t.format(class_noun=class_noun) for t in class_caption_templates(recipe.in_class_captions)]
+            captions = [fill_prior_prompt(t, class_noun) for t in class_caption_templates(recipe.in_class_captions)]
             captions += extra_prior_captions(others)
             captions = _interleave(captions, [""] * recipe.unconditional_priors)
             prompts = [prompt_at(i, f"a {class_noun}", captions, extra / count) for i in range(count)]

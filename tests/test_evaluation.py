@@ -281,11 +281,12 @@ def test_the_shapes_recipes_caption_priors_are_never_a_prompt_eval_scores():
     recipe = yaml.safe_load((Path(resolve_model("shapes")) / RECIPE_FILE).read_text())
     templates = recipe["prior"]["extra_prior_prompts"]
     assert 0 < recipe["prior"]["extra_prior_share"] < 1 and len(templates) >= 16
+    scored_scenes = [s for other in SHAPES for s in other_prompt_scenes(other)]
+    scored_captions = {caption(s, "short") for s in scored_scenes}
+    scored_triples = {(s.shape, s.color, s.background) for s in scored_scenes}
     for noun in SHAPES:
-        scored = {caption(s, "short") for other in SHAPES for s in other_prompt_scenes(other)} | {f"a {noun}"}
         filled = [fill_prior_prompt(t, noun) for t in templates]
-        assert not scored & set(filled)
-        scored_triples = {(s.shape, s.color, s.background) for other in SHAPES for s in other_prompt_scenes(other)}
+        assert not (scored_captions | {f"a {noun}"}) & set(filled)
         for prompt in filled:
             fields = parse_caption(prompt)  # every prior prompt is in the base model's grammar
             assert (fields["shape"], fields["color"], fields["background"]) not in scored_triples, prompt
