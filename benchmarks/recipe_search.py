@@ -160,6 +160,16 @@ VARIANTS: dict[str, Recipe] = {
     "96 + 32 + 16 unconditional, te lr 1e-4": dataclasses.replace(START, num_priors=96, caption_priors=32,
                                                                   unconditional_priors=16,
                                                                   text_encoder_learning_rate=1e-4),
+    # Ninth round: from the best of round 8, win back subject fidelity (more steps) or keep other prompts (a
+    # slower or frozen encoder, more unconditional priors).
+    "96 + 32 + 16 unconditional, te lr 1e-4, 600 steps": dataclasses.replace(
+        START, num_priors=96, caption_priors=32, unconditional_priors=16, text_encoder_learning_rate=1e-4, steps=600),
+    "96 + 32 + 32 unconditional, te lr 1e-4": dataclasses.replace(
+        START, num_priors=96, caption_priors=32, unconditional_priors=32, text_encoder_learning_rate=1e-4),
+    "96 + 32 + 16 unconditional, te lr 5e-5, 600 steps": dataclasses.replace(
+        START, num_priors=96, caption_priors=32, unconditional_priors=16, text_encoder_learning_rate=5e-5, steps=600),
+    "96 + 32 + 16 unconditional, te frozen": dataclasses.replace(
+        START, num_priors=96, caption_priors=32, unconditional_priors=16, text_encoder_learning_rate=0.0),
 }
 CHOSEN = "priors 96 + caption priors 32"
 """The shapes model's shipped recipe (``dreambooth/data/shapes/dreambooth.yaml``). Rounds 1-3 were chosen on the

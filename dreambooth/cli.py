@@ -29,7 +29,8 @@ log = logging.getLogger("dreambooth")
 
 PRIOR_FIELDS = (
     "model", "revision", "class_noun", "resolution", "num_class_images", "prior_output", "prior_actors",
-    "prior_batch_size", "num_inference_steps", "guidance_scale", "prior_seed", "use_gpu",
+    "prior_batch_size", "num_inference_steps", "guidance_scale", "prior_seed", "extra_prior_prompts",
+    "extra_prior_share", "unconditional_prior_share", "use_gpu",
 )
 
 

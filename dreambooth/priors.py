@@ -6,9 +6,10 @@ Owns the prior cache. Layout under ``<prior root>/<class-slug>-<key>/``::
     manifest.json                              written last: its presence means "complete"
 
 ``key`` hashes everything that changes the images (model, revision, prompt, resolution, scheduler,
-steps, guidance, first seed, extra prompts), so every subject of the same class and model shares one
-cache. With extra prompts (``--extra-prior-prompts``), image ``i``'s prompt is ``prompt_for``'s
-answer for ``i``: the class prompt or, for a share spread evenly over the seeds, an extra prompt. Image
+steps, guidance, first seed, extra prompts and shares), so every subject of the same class and model shares one
+cache. With extra prompts (``--extra-prior-prompts``) or unconditional priors
+(``--unconditional-prior-share``), image ``i``'s prompt is ``prompt_for``'s answer for ``i``: the class
+prompt or, for shares spread evenly over the seeds, an extra prompt or the empty prompt. Image
 ``i`` always uses seed ``first_seed + i`` and its own ``torch.Generator``, so an image depends on its
 seed alone, not on batching: an interrupted run resumes by generating only the seeds that no committed
 shard holds, and a larger ``--num-class-images`` extends the cache.
@@ -81,31 +82,41 @@ class PriorSpec:
     first_seed: int
     extra_prompts: tuple[str, ...] = ()
     extra_share: float = 0.0
+    unconditional_share: float = 0.0
 
     def key(self) -> str:
         fields = asdict(self)
         if not self.extra_prompts:  # class priors only: the key caches made before extra prompts existed
             del fields["extra_prompts"], fields["extra_share"]
+        if not self.unconditional_share:  # ... and before unconditional priors existed
+            del fields["unconditional_share"]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def prompt_for(self, seed: int) -> str:
         """The prompt of the image with ``seed``."""
-        return prompt_at(seed - self.first_seed, self.prompt, self.extra_prompts, self.extra_share)
+        return prompt_at(seed - self.first_seed, self.prompt, self.extra_prompts, self.extra_share,
+                         self.unconditional_share)
 
     def cache_uri(self, root: str) -> str:
         slug = re.sub(r"[^a-z0-9]+", "-", self.prompt.lower()).strip("-")
         return storage.join(root, f"{slug}-{self.key()}")
 
 
-def prompt_at(index: int, class_prompt: str, extra_prompts: tuple[str, ...] | list[str], extra_share: float) -> str:
-    """The prompt of prior image ``index``: the class prompt, except for a share ``extra_share`` of the
-    indices, spread evenly (a Bresenham line: any prefix of the seeds holds the share), which cycle
-    through ``extra_prompts``. Depends on the index alone, so a cache extends without changing."""
-    if not extra_prompts:
+def prompt_at(index: int, class_prompt: str, extra_prompts: tuple[str, ...] | list[str], extra_share: float,
+              unconditional_share: float = 0.0) -> str:
+    """The prompt of prior image ``index``: the class prompt, except for a share ``extra_share`` +
+    ``unconditional_share`` of the indices, spread evenly (a Bresenham line: any prefix of the seeds holds
+    the share). Of those, a second line picks the empty prompt for the unconditional share; the rest
+    cycle through ``extra_prompts``. Depends on the index alone, so a cache extends without changing
+    (and without unconditional priors, an index keeps the prompt it had before they existed)."""
+    share = (extra_share if extra_prompts else 0.0) + unconditional_share
+    if share == 0 or math.floor((index + 1) * share) == math.floor(index * share):
         return class_prompt
-    if math.floor((index + 1) * extra_share) == math.floor(index * extra_share):
-        return class_prompt
-    return extra_prompts[math.floor(index * extra_share) % len(extra_prompts)]
+    other = math.floor(index * share)  # how many non-class priors come before this one
+    empty_part = unconditional_share / share
+    if math.floor((other + 1) * empty_part) > math.floor(other * empty_part):
+        return ""
+    return extra_prompts[(other - math.floor(other * empty_part)) % len(extra_prompts)]
 
 
 def spec_from_config(cfg: RunConfig, scheduler_name: str) -> PriorSpec:
@@ -120,6 +131,7 @@ def spec_from_config(cfg: RunConfig, scheduler_name: str) -> PriorSpec:
         first_seed=cfg.prior.prior_seed,
         extra_prompts=tuple(fill_prior_prompt(p, cfg.subject.class_noun) for p in cfg.prior.extra_prior_prompts),
         extra_share=cfg.prior.extra_prior_share if cfg.prior.extra_prior_prompts else 0.0,
+        unconditional_share=cfg.prior.unconditional_prior_share,
     )
 
 

@@ -86,6 +86,9 @@ def test_wrong_types_name_the_field(key, value, message):
         ({"extra_prior_prompts": ["a cat"], "extra_prior_share": 1.0}, r"--extra-prior-share must be in \(0, 1\)"),
         ({"extra_prior_prompts": ["a {identifier} {class_noun}"]}, "frozen model, which does not know the subject"),
         ({"extra_prior_prompts": ["a {class} in the snow"]}, "may only use"),
+        ({"unconditional_prior_share": -0.1}, r"--unconditional-prior-share must be in \[0, 1\)"),
+        ({"extra_prior_prompts": ["a cat"], "extra_prior_share": 0.6, "unconditional_prior_share": 0.4},
+         "leave no priors of the class prompt"),
     ],
 )
 def test_validation_messages(overrides, message):

@@ -66,7 +66,7 @@ def test_cache_key_changes_with_what_changes_images(tiny_model_path):
     spec = _spec(tiny_model_path)
     assert spec.key() == _spec(tiny_model_path).key()
     for change in ({"prompt": "a dog"}, {"resolution": 64}, {"num_inference_steps": 3}, {"guidance_scale": 1.0},
-                   {"model": "other"}, {"first_seed": 0}):
+                   {"model": "other"}, {"first_seed": 0}, {"unconditional_share": 0.25}):
         assert _spec(tiny_model_path, **change).key() != spec.key()
     assert spec.cache_uri("root").startswith("root/a-teapot-")
 
@@ -89,3 +89,15 @@ def test_extra_prior_prompts_name_the_class_and_key_each_class_apart():
         "a dog", "a dog in the snow", "a dog", "a red circle"]
     assert cat.extra_prompts[0] == "a cat in the snow" and cat.key() != dog.key()
     assert spec_for("dog").key() == dog.key()
+
+
+def test_unconditional_priors_are_drawn_and_stored_with_the_empty_prompt(ray_cluster, tiny_model_path, tmp_path):
+    """``--unconditional-prior-share``: the frozen model draws those seeds for "" (beside the class and
+    extra prompts, in one batch) and the shard records "" as their prompt, which training reads back."""
+    spec = _spec(tiny_model_path, extra_prompts=("a red circle",), extra_share=0.25, unconditional_share=0.25)
+    made = priors.generate(spec, tiny_model_path, str(tmp_path / "priors"), 8, use_gpu=False, actors=1, batch_size=8)
+    rows = sorted(_rows(made), key=lambda r: r["seed"])
+    assert [r["prompt"] for r in rows] == [spec.prompt_for(r["seed"]) for r in rows]
+    assert sum(r["prompt"] == "" for r in rows) == 2 and sum(r["prompt"] == "a red circle" for r in rows) == 2
+    empty = next(r for r in rows if r["prompt"] == "")
+    assert Image.open(io.BytesIO(empty["image"])).size == (32, 32) and len(empty["latents"]) == 4 * 16 * 16

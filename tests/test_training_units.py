@@ -130,10 +130,35 @@ def test_extra_prior_prompts_take_their_share_of_every_prefix_of_the_seeds():
     extra = PriorSpec("tiny", None, "a dog", 32, "DDIMScheduler", 4, 7.5, 0, tuple(extras), 0.5)
     assert plain.key() != extra.key() and plain.prompt_for(7) == "a dog"
     assert [extra.prompt_for(s) for s in range(4)] == ["a dog", "a red car", "a dog", "a cat"]
-    legacy = {k: v for k, v in vars(plain).items() if k not in ("extra_prompts", "extra_share")}
+    legacy = {k: v for k, v in vars(plain).items() if k not in ("extra_prompts", "extra_share", "unconditional_share")}
     import hashlib
     import json
     assert plain.key() == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]  # old caches stay valid
+
+
+def test_unconditional_priors_take_their_share_beside_the_extra_prompts():
+    """The empty prompt gets its share of every prefix of the seeds, the extra prompts theirs, and a spec
+    without unconditional priors keeps its key and every image's prompt."""
+    from dreambooth.priors import PriorSpec, prompt_at
+
+    extras = ["a red car", "a cat"]
+    for extra_share, empty_share in ((0.25, 0.125), (0.2, 0.1), (0.0, 0.25)):
+        prompts = [prompt_at(i, "a dog", extras, extra_share, empty_share) for i in range(144)]
+        for n in (16, 48, 144):
+            assert abs(sum(p == "" for p in prompts[:n]) - n * empty_share) <= 1
+            assert abs(sum(p in extras for p in prompts[:n]) - n * extra_share) <= 1
+        if extra_share:
+            assert [p for p in prompts if p in extras][:4] == extras * 2  # still cycled in order
+    with_extras = PriorSpec("tiny", None, "a dog", 32, "DDIMScheduler", 4, 7.5, 0, tuple(extras), 0.25)
+    with_empty = PriorSpec("tiny", None, "a dog", 32, "DDIMScheduler", 4, 7.5, 0, tuple(extras), 0.25, 0.125)
+    assert with_empty.key() != with_extras.key()
+    assert "" in {with_empty.prompt_for(s) for s in range(16)}
+    assert [with_extras.prompt_for(s) for s in range(16)] == [prompt_at(i, "a dog", extras, 0.25) for i in range(16)]
+    import hashlib
+    import json
+    before = {k: v for k, v in vars(with_extras).items() if k != "unconditional_share"}
+    before["extra_prompts"] = list(before["extra_prompts"])
+    assert with_extras.key() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _numbered_priors(count: int) -> torch.Tensor:
