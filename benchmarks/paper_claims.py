@@ -86,8 +86,8 @@ def run(args) -> dict:
         images = load_subject_images(str(folder), args.resolution)
         references = [image.to_pil() for image in images]
         base_pipe = base.pipeline(sampler_scheduler)
-        prior_prompts = [prompt_at(i, f"a {subject.class_noun}", args.extra_prior_prompts, args.extra_prior_share)
-                         for i in range(args.num_priors)]
+        prior_prompts = [prompt_at(i, f"a {subject.class_noun}", args.extra_prior_prompts, args.extra_prior_share,
+                                   args.unconditional_prior_share) for i in range(args.num_priors)]
         priors = prior_latents(base_pipe, prior_prompts, args.num_priors, args.sampling_steps, args.guidance)
         for seed in args.seeds:
             for condition in CONDITIONS:
@@ -208,9 +208,10 @@ def main() -> None:
             setattr(args, arg, recipe.get(key))
     args.extra_prior_prompts = recipe.get("extra_prior_prompts", [])  # priors of other captions, as the recipe makes them
     args.extra_prior_share = recipe.get("extra_prior_share", 0.0)
+    args.unconditional_prior_share = recipe.get("unconditional_prior_share", 0.0)
     print("recipe: " + ", ".join(f"{k} {v}" for k, v in vars(args).items() if k in (
         "steps", "learning_rate", "text_encoder_learning_rate", "num_priors", "guidance", "sampling_steps", "resolution",
-        "extra_prior_share")) + f", {len(args.extra_prior_prompts)} extra prior prompts")
+        "extra_prior_share", "unconditional_prior_share")) + f", {len(args.extra_prior_prompts)} extra prior prompts")
     if args.quick:
         args.subjects, args.seeds, args.steps, args.num_priors, args.images_per_prompt = \
             args.subjects[:1], args.seeds[:1], 4, 4, 2

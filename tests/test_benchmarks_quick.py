@@ -111,3 +111,24 @@ def test_recipe_search_quick_scores_each_variant_with_drift_and_the_vae_ceiling(
     assert 0.7 < ceiling <= 1.0  # the shipped VAE carries the shipped subject
     assert all(r[9] in ("yes", "no") for r in rows)
     assert all(float(r[6]) >= 0 for r in rows)  # clean_class_fidelity, scored for every variant
+
+
+def test_recipe_search_chosen_variant_is_the_shapes_models_shipped_recipe(monkeypatch):
+    """The lever study's CHOSEN variant is what ``dreambooth/data/shapes/dreambooth.yaml`` ships: the same
+    learning rates, steps and prior counts, and the same caption priors."""
+    import yaml
+
+    monkeypatch.syspath_prepend(str(REPO))  # benchmarks/ is a folder of scripts, not an installed package
+    from benchmarks.recipe_search import CHOSEN, VARIANTS
+    from dreambooth.evaluation.shapes import extra_prior_captions
+    from dreambooth.models import RECIPE_FILE, resolve_model
+
+    recipe = yaml.safe_load((Path(resolve_model("shapes")) / RECIPE_FILE).read_text())
+    chosen, train, prior = VARIANTS[CHOSEN], recipe["train"], recipe["prior"]
+    assert (train["learning_rate"], train.get("text_encoder_learning_rate"), train["max_train_steps"]) == (
+        chosen.learning_rate, chosen.text_encoder_learning_rate, chosen.steps)
+    total = chosen.num_priors + chosen.caption_priors + chosen.unconditional_priors
+    assert prior["num_class_images"] == total and prior["guidance_scale"] == chosen.prior_guidance
+    assert round(prior["extra_prior_share"] * total) == chosen.caption_priors
+    assert round(prior.get("unconditional_prior_share", 0) * total) == chosen.unconditional_priors
+    assert prior["extra_prior_prompts"] == extra_prior_captions(chosen.caption_priors)

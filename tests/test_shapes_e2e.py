@@ -39,11 +39,14 @@ def test_demo_personalizes_two_tone_triangle_and_eval_beats_the_base(ray_cluster
     tuned, base = report["scores"]["personalized"], report["scores"]["base"]
     print(json.dumps(report["scores"], indent=1))
     assert report["suite"] == "shapes" and report["identifier"] == prepared.config.subject.identifier
-    assert tuned["subject_match"] >= base["subject_match"] + 0.3  # measured here: 0.375 vs 0.00
-    assert tuned["subject_fidelity"] >= base["subject_fidelity"] + 0.3  # measured: 0.715 vs 0.166
+    assert tuned["subject_match"] >= base["subject_match"] + 0.3  # measured here: 0.625 vs 0.00
+    assert tuned["subject_fidelity"] >= base["subject_fidelity"] + 0.3  # measured: 0.682 vs 0.166
     # Collateral drift (#13): "a triangle" and captions of other shapes, colours and backgrounds (none
     # of them among the recipe's extra prior captions) are drawn within 0.1 of the base model.
-    assert tuned["class_fidelity"] >= 0.9 and tuned["other_prompt_fidelity"] >= 0.9  # measured: 1.14, 0.93
-    # Drawn cleanly, not only nearest to a triangle: in eval.json, and not yet within 0.1 (measured 0.33).
+    assert tuned["class_fidelity"] >= 0.9 and tuned["other_prompt_fidelity"] >= 0.9  # measured: 1.14, 0.92
+    # Drawn cleanly, not only nearest to a triangle: in eval.json, and not within 0.1 on this subject
+    # (measured 0.00 here; 0.69 of the base over the recipe study's 20 runs).
     assert set(SHAPES_DRIFT) <= set(tuned) and "clean_class_fidelity" in SHAPES_DRIFT
-    assert json.loads((out / "run.json").read_text())["priors"]["extra_prompts"] == 32  # the recipe's captions
+    recorded = json.loads((out / "run.json").read_text())["priors"]
+    assert recorded["extra_prompts"] == 32 and recorded["images"] == 160  # the recipe's captions and priors
+    assert recorded["unconditional_share"] == 0.2  # 32 of them drawn for, and trained on, the empty prompt
