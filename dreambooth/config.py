@@ -115,7 +115,9 @@ class PriorConfig:
     on it (spread evenly over the seeds, beside the extra prompts' share). Guidance g samples with g ×
     conditional − (g − 1) × unconditional prediction, and a fine-tune that never trains the empty prompt
     lets that prediction drift with the subject (shapes: class fidelity 0.83 → 0.98 of the base over
-    8 subjects with 16 of 144 priors unconditional, benchmarks/recipe_search.py). 0: none, as in the paper."""
+    8 subjects with 16 of 144 priors unconditional, benchmarks/recipe_search.py). SDXL pipelines sample
+    with zeroed embeddings for an empty negative prompt (``force_zeros_for_empty_prompt``), so there these
+    priors train the encoded empty prompt, a neighbour of what guidance subtracts. 0: none, as in the paper."""
 
 
 @dataclass

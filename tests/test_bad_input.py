@@ -260,6 +260,7 @@ CASES = [
     Case("identifier-with-newline", "accepted nonsense", lambda t, d: run_args(t, d, "--identifier", "sks\nrm"), "control character"),
     Case("identifier-punctuation", "accepted nonsense", lambda t, d: run_args(t, d, "--identifier", "sks;"), "is not a word"),
     Case("prior-resolution-huge", "accepted nonsense", lambda t, d: ["prior", "--model", "tiny", "--class-noun", "dog", "--resolution", "100000", "--output", str(t / "out")], "between 8 and 2048"),
+    Case("prior-unconditional-share-whole", "accepted nonsense", lambda t, d: ["prior", "--model", "tiny", "--class-noun", "dog", "--unconditional-prior-share", "1", "--output", str(t / "out")], "--unconditional-prior-share must be in"),
     Case("run-resolution-huge", "accepted nonsense", lambda t, d: run_args(t, d, "--resolution", "99992"), "between 8 and 2048"),
     Case("num-class-images-huge", "accepted nonsense", lambda t, d: run_args(t, d, "--num-class-images", "1000000000"), "--num-class-images must be between 0 and 100000"),
     Case("max-train-steps-huge", "accepted nonsense", lambda t, d: run_args(t, d, "--max-train-steps", "1000000000000"), "--max-train-steps must be between"),
