@@ -39,6 +39,9 @@ MAX_IMAGE_PIXELS = 100_000_000
 """Largest photo accepted, in pixels (10000 x 10000), checked from the header before decoding."""
 
 CAPTION_SUFFIX = ".txt"
+SUBJECT_SPEC = "subject.json"
+"""A scripted shapes subject's definition beside its photos (``scripts/make-shapes-subjects.py --new``):
+``dreambooth eval`` reads it, training leaves it alone."""
 MAX_CAPTION_BYTES = 4096
 """Largest caption file read (a prompt is at most ``MAX_PROMPT_CHARS``)."""
 
@@ -201,12 +204,13 @@ def load_subject_images(instance_dir: str, resolution: int) -> list[SubjectImage
     captions = {_stem(e["name"]): e["name"] for e in entries
                 if e["name"].lower().endswith(CAPTION_SUFFIX) and _stem(e["name"]) in photo_stems}
     not_images = [e["name"].rsplit("/", 1)[-1] for e in entries
-                  if e["name"] not in files and e["name"] not in captions.values()]
+                  if e["name"] not in files and e["name"] not in captions.values()
+                  and e["name"].rsplit("/", 1)[-1] != SUBJECT_SPEC]
     if not_images:
         raise SubjectError(
             f"--instance-dir {instance_dir} holds files that are not images: {', '.join(not_images[:5])}"
             f"{' ...' if len(not_images) > 5 else ''}; move them out (accepted: {', '.join(IMAGE_SUFFIXES)}, and "
-            f"a photo's caption named like it: dog_01{CAPTION_SUFFIX} beside dog_01.jpg)"
+            f"a photo's caption named like it: dog_01{CAPTION_SUFFIX} beside dog_01.jpg, and a {SUBJECT_SPEC})"
         )
     if len(set(map(_stem, files))) < len(files):
         twins = sorted(p.rsplit("/", 1)[-1] for p in files if [_stem(f) for f in files].count(_stem(p)) > 1)

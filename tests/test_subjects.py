@@ -1,6 +1,7 @@
 """Subject photos: bad input refused with a clear message, odd-but-valid input handled."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +46,25 @@ def test_non_image_file_is_named(dog_dir):
     (dog_dir / "notes.txt").write_text("my dog")
     with pytest.raises(SubjectError, match=r"not images: notes\.txt"):
         load_subject_images(str(dog_dir), 32)
+
+
+def test_a_scripted_subjects_definition_beside_the_photos_is_not_a_photo(tmp_path):
+    """``scripts/make-shapes-subjects.py --new`` writes ``subject.json`` beside the photos for `eval`;
+    the folder it prints is a valid ``--instance-dir`` (other JSON files are still refused)."""
+    import subprocess
+    import sys
+
+    from dreambooth.subjects import SUBJECT_SPEC
+
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(repo / "scripts" / "make-shapes-subjects.py"), "--new", "1", "--seed", "5",
+                    "--output", str(tmp_path)], check=True, capture_output=True)
+    (folder,) = [f for f in tmp_path.iterdir() if f.is_dir()]
+    assert (folder / SUBJECT_SPEC).is_file()
+    assert len(load_subject_images(str(folder), 32)) == len(list(folder.glob("*.png")))
+    (folder / "notes.json").write_text("{}")
+    with pytest.raises(SubjectError, match=r"not images: notes\.json"):
+        load_subject_images(str(folder), 32)
 
 
 def test_a_txt_named_like_a_photo_is_its_caption(dog_dir):

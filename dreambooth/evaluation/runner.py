@@ -28,6 +28,7 @@ from dreambooth import storage, tracking
 from dreambooth.config import ConfigError
 from dreambooth.export import EVAL_RECORD, RUN_RECORD, read_run_record
 from dreambooth.inputs import shorten
+from dreambooth.subjects import SUBJECT_SPEC
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,6 @@ def resolve_suite(options: EvalOptions, run: RunInfo) -> str:
     return "shapes" if run.model == "shapes" else "dreambench"
 
 
-SUBJECT_SPEC = "subject.json"
-"""A scripted shapes subject's definition beside its photos (``scripts/make-shapes-subjects.py --new``)."""
 
 
 def shapes_subject(options: EvalOptions, run: RunInfo):
