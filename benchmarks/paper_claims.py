@@ -39,6 +39,7 @@ from benchmarks.common import append_results, environment  # noqa: E402
 from dreambooth.evaluation.runner import SHAPES_DRIFT, drift_ratios  # noqa: E402
 from dreambooth.evaluation.shapes import evaluate_drift, evaluate_subject  # noqa: E402
 from dreambooth.identifier import pick_identifiers  # noqa: E402
+from dreambooth.config import fill_prior_prompt  # noqa: E402
 from dreambooth.priors import prompt_at  # noqa: E402
 from dreambooth.models import load_components, load_pipeline, quiet_libraries, read_recipe, resolve_model  # noqa: E402
 from dreambooth.shapes import COLORS, SUBJECTS  # noqa: E402
@@ -86,7 +87,8 @@ def run(args) -> dict:
         images = load_subject_images(str(folder), args.resolution)
         references = [image.to_pil() for image in images]
         base_pipe = base.pipeline(sampler_scheduler)
-        prior_prompts = [prompt_at(i, f"a {subject.class_noun}", args.extra_prior_prompts, args.extra_prior_share,
+        extra_prompts = [fill_prior_prompt(p, subject.class_noun) for p in args.extra_prior_prompts]
+        prior_prompts = [prompt_at(i, f"a {subject.class_noun}", extra_prompts, args.extra_prior_share,
                                    args.unconditional_prior_share) for i in range(args.num_priors)]
         priors = prior_latents(base_pipe, prior_prompts, args.num_priors, args.sampling_steps, args.guidance)
         for seed in args.seeds:
@@ -197,9 +199,12 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, help="of priors and evaluation images (default: the recipe's)")
     parser.add_argument("--resolution", type=int, help="default: the recipe's")
     parser.add_argument("--quick", action="store_true", help="CI: 1 subject, 1 seed, 4 steps, 2 images per prompt")
-    parser.add_argument("--figure", default=str(FIGURE), help="PNG to write")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--figure", help=f"PNG to write (default: {FIGURE.relative_to(REPO)}; with --quick or "
+                                         "--no-write, none unless given)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the figure alone")
     args = parser.parse_args()
+    if args.figure is None and not (args.quick or args.no_write):
+        args.figure = str(FIGURE)  # a CI or trial run never overwrites the committed figure
     recipe = read_recipe(resolve_model(args.model))
     for arg, key in (("steps", "max_train_steps"), ("learning_rate", "learning_rate"), ("sampling_steps", "num_inference_steps"),
                      ("text_encoder_learning_rate", "text_encoder_learning_rate"), ("guidance", "guidance_scale"),
@@ -224,8 +229,9 @@ def main() -> None:
     runs = len(args.subjects) * len(args.seeds)
     text = table(summary, runs)
     print(f"\n{text}\n\n{time.time() - started:.0f} s in all")
-    figure(summary, Path(args.figure))
-    print(f"figure: {args.figure}")
+    if args.figure:
+        figure(summary, Path(args.figure))
+        print(f"figure: {args.figure}")
     if not args.no_write:
         append_results("Paper claims on the shapes model (paper_claims.py)", text, environment(), " ".join(sys.argv))
 
