@@ -119,6 +119,11 @@ class PriorConfig:
     with zeroed embeddings for an empty negative prompt (``force_zeros_for_empty_prompt``), so there these
     priors train the encoded empty prompt, a neighbour of what guidance subtracts. 0: none, as in the paper."""
 
+    @property
+    def extra_share_used(self) -> float:
+        """``extra_prior_share`` where there are extra prompts to use it, else 0."""
+        return self.extra_prior_share if self.extra_prior_prompts else 0.0
+
 
 @dataclass
 class TrainConfig:
@@ -646,9 +651,8 @@ def validate_generation(cfg: RunConfig) -> None:
                f"(the rest of the priors keep the class prompt), got {p.extra_prior_share:g}")
     _check(0 <= p.unconditional_prior_share < 1, "--unconditional-prior-share must be in [0, 1) (the rest of the "
            f"priors keep the class prompt), got {p.unconditional_prior_share:g}")
-    extra_share = p.extra_prior_share if p.extra_prior_prompts else 0.0
-    _check(extra_share + p.unconditional_prior_share < 1,
-           f"--extra-prior-share {extra_share:g} + --unconditional-prior-share {p.unconditional_prior_share:g} "
+    _check(p.extra_share_used + p.unconditional_prior_share < 1,
+           f"--extra-prior-share {p.extra_share_used:g} + --unconditional-prior-share {p.unconditional_prior_share:g} "
            "leave no priors of the class prompt; keep their sum below 1")
     _check(t.use_gpu in USE_GPU, f"--use-gpu must be {', '.join(USE_GPU[:-1])} or {USE_GPU[-1]}, got {shorten(t.use_gpu)}")
 

@@ -235,7 +235,7 @@ def subject_work(name: str, prepared: Prepared, prior_set: Optional[priors.Prior
             "images": len(prior_set.seeds) if prior_set else 0,
             "generated": prior_set.generated if prior_set else 0,
             "extra_prompts": len(cfg.prior.extra_prior_prompts),
-            "extra_share": cfg.prior.extra_prior_share if cfg.prior.extra_prior_prompts else 0.0,
+            "extra_share": cfg.prior.extra_share_used,
             "unconditional_share": cfg.prior.unconditional_prior_share,
         },
         "timings": dict(timings or {}),

@@ -130,7 +130,7 @@ def spec_from_config(cfg: RunConfig, scheduler_name: str) -> PriorSpec:
         guidance_scale=cfg.prior.guidance_scale,
         first_seed=cfg.prior.prior_seed,
         extra_prompts=tuple(fill_prior_prompt(p, cfg.subject.class_noun) for p in cfg.prior.extra_prior_prompts),
-        extra_share=cfg.prior.extra_prior_share if cfg.prior.extra_prior_prompts else 0.0,
+        extra_share=cfg.prior.extra_share_used,
         unconditional_share=cfg.prior.unconditional_prior_share,
     )
 

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dreambooth.shapes import SIZES, SUBJECTS, new_subjects, write_subject_images
+from dreambooth.subjects import SUBJECT_SPEC
 
 ROOT = Path(__file__).resolve().parent.parent / "examples" / "subjects"
 IMAGES, RESOLUTION, SEED = 5, 32, 0
@@ -32,7 +33,7 @@ if __name__ == "__main__":
             folder = args.output / subject.name
             paths = write_subject_images(subject, folder, n=IMAGES, resolution=RESOLUTION, seed=args.seed,
                                          sizes=tuple(SIZES), captions=args.captions)
-            (folder / "subject.json").write_text(json.dumps(asdict(subject), indent=1) + "\n")
+            (folder / SUBJECT_SPEC).write_text(json.dumps(asdict(subject), indent=1) + "\n")
             print(f"{subject.name}: a {subject.color} {subject.class_noun} with {subject.secondary} "
                   f"{subject.pattern.replace('_', ' ')}, {len(paths)} images in {folder}\n"
                   f"  dreambooth run --model shapes --instance-dir {folder} --class-noun {subject.class_noun} "
