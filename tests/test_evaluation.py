@@ -15,7 +15,7 @@ from dreambooth.cli import main
 from dreambooth.config import ConfigError
 from dreambooth.evaluation import runner
 from dreambooth.evaluation.shapes import evaluate_subject, recontext_asks, score
-from dreambooth.shapes import SUBJECTS, Scene, render, render_subject
+from dreambooth.shapes import SUBJECTS, Scene, caption, render, render_subject
 from dreambooth.shapes.world import PLACE_PHRASES
 
 SUBJECT = SUBJECTS["checker_square"]
@@ -176,6 +176,47 @@ def test_drift_measures_reach_their_extremes_on_scripted_pipelines():
     runner.drift_ratios(same, runner.SHAPES_DRIFT)
     assert same["personalized"]["class_fidelity"] == same["personalized"]["other_prompt_fidelity"] == 1.0
     assert same["personalized"]["clean_class_fidelity"] == 1.0 and kept.clean_class_accuracy == 1.0
+
+
+class HalfKeptPipe(CaptionPipe):
+    """Draws what a caption asks on even seeds and a star on a white background on odd ones: a model
+    that kept exactly half of every prompt's images."""
+
+    def __call__(self, prompts, num_inference_steps, guidance_scale, generator):
+        images = super().__call__(prompts, num_inference_steps, guidance_scale, generator).images
+        for i, gen in enumerate(generator):
+            if gen.initial_seed() % 2:
+                images[i] = render(Scene("star", "black", "white", "center", "large"), 32, 0)
+        return SimpleNamespace(images=images)
+
+
+def test_drift_measures_carry_their_standard_error_over_the_seeds():
+    """Half the images kept: each share is 0.5 ± sqrt(0.25 / n), four times the images halve the error, a
+    model that keeps every image has none; the ratio to the base carries it and the table prints it."""
+    from dreambooth.evaluation.shapes import evaluate_drift, other_prompt_scenes
+
+    kept = evaluate_drift(CaptionPipe(), SUBJECT.class_noun, images_per_prompt=8)
+    assert kept.class_accuracy_stderr == kept.other_prompt_accuracy_stderr == 0.0
+    half = evaluate_drift(HalfKeptPipe(), SUBJECT.class_noun, images_per_prompt=8)
+    assert half.class_accuracy == 0.5 and half.class_accuracy_stderr == pytest.approx(0.5 / np.sqrt(8))
+    quadrupled = evaluate_drift(HalfKeptPipe(), SUBJECT.class_noun, images_per_prompt=32)
+    assert quadrupled.class_accuracy_stderr == pytest.approx(half.class_accuracy_stderr / 2)
+    # The other-prompt accuracy is still the mean of its shape, colour and background accuracies.
+    scenes = other_prompt_scenes(SUBJECT.class_noun)
+    seeds = list(range(8))
+    images = HalfKeptPipe()([caption(s, "short") for s in scenes for _ in seeds], 25, 4.0,
+                            [torch.Generator().manual_seed(i) for _ in scenes for i in seeds]).images
+    accuracy = score(images, [{"shape": s.shape, "color": s.color, "background": s.background}
+                              for s in scenes for _ in seeds])
+    assert half.other_prompt_accuracy == pytest.approx(np.mean([accuracy.shape, accuracy.color, accuracy.background]))
+    assert 0 < half.other_prompt_accuracy_stderr < half.class_accuracy_stderr  # 12 captions x 8 images, not 8
+
+    scores = {"base": kept.as_dict(), "personalized": half.as_dict()}
+    runner.drift_ratios(scores, runner.SHAPES_DRIFT)
+    assert scores["personalized"]["class_fidelity_stderr"] == pytest.approx(half.class_accuracy_stderr)
+    table = runner.format_table({"scores": scores, "settings": {"images_per_prompt": 8}})
+    assert re.search(r"class_fidelity +1\.000 +0\.500 ± 0\.177", table), table
+    assert "8 images per prompt" in table and "class_fidelity_stderr" not in table
 
 
 class SmudgePipe:

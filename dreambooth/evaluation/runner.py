@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -148,9 +149,16 @@ def _references(run: RunInfo):
     return [image.to_pil() for image in load_subject_images(run.instance_dir, resolution=1)]
 
 
+STDERR = "_stderr"
+"""Suffix of a measure's standard error over the sampling seeds (``evaluation.shapes.rate_stderr``)."""
+
+
 def drift_ratios(scores: dict, pairs: dict[str, str]) -> None:
     """Add each ``ratio: measure`` pair as personalized / base to every model's scores (the base's
-    own ratio is 1 by definition); without a base model there is nothing to divide by."""
+    own ratio is 1 by definition); without a base model there is nothing to divide by.
+
+    Where both models carry the measure's standard error, the ratio gets one too (first-order, the
+    two models' errors taken as independent: an upper bound, since both are sampled on the same seeds)."""
     if "base" not in scores:
         return
     for ratio, measure in pairs.items():
@@ -158,6 +166,10 @@ def drift_ratios(scores: dict, pairs: dict[str, str]) -> None:
         tuned = scores["personalized"][measure]
         scores["personalized"][ratio] = tuned / base if base > 0 else float(tuned == base)
         scores["base"][ratio] = 1.0
+        errors = scores["personalized"].get(measure + STDERR), scores["base"].get(measure + STDERR)
+        if None not in errors and base > 0:
+            ratio_value = scores["personalized"][ratio]
+            scores["personalized"][ratio + STDERR] = math.hypot(errors[0], ratio_value * errors[1]) / base
 
 
 SHAPES_DRIFT = {"class_fidelity": "class_accuracy", "other_prompt_fidelity": "other_prompt_accuracy",
@@ -257,10 +269,20 @@ def evaluate(options: EvalOptions) -> dict:
 
 
 def format_table(report: dict) -> str:
-    """Scores as a text table: one row per measure, one column per model."""
+    """Scores as a text table: one row per measure, one column per model; a measure with a standard
+    error reads "value ± error"."""
     models = list(report["scores"])
-    measures = list(report["scores"][models[0]])
-    lines = [f"{'measure':<26}" + "".join(f"{m:>14}" for m in models)]
+    measures = [m for m in report["scores"][models[0]] if not m.endswith(STDERR)]
+
+    def cell(scores: dict, measure: str) -> str:
+        error = scores.get(measure + STDERR)
+        return f"{scores[measure]:.3f}" + ("" if error is None else f" ± {error:.3f}")
+
+    lines = [f"{'measure':<26}" + "".join(f"{m:>18}" for m in models)]
     for measure in measures:
-        lines.append(f"{measure:<26}" + "".join(f"{report['scores'][m][measure]:>14.3f}" for m in models))
+        lines.append(f"{measure:<26}" + "".join(f"{cell(report['scores'][m], measure):>18}" for m in models))
+    if any(key.endswith(STDERR) for scores in report["scores"].values() for key in scores):
+        per_prompt = report.get("settings", {}).get("images_per_prompt")
+        lines.append(f"± one standard error over the sampling seeds ({per_prompt} images per prompt); "
+                     "4x --images-per-prompt halves it")
     return "\n".join(lines)

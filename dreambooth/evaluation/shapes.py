@@ -39,6 +39,14 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int =
     return images
 
 
+def rate_stderr(values: Sequence[float]) -> float:
+    """Standard error of a mean of per-image values (``sqrt(p (1 - p) / n)`` for a share of 0/1 hits):
+    about how far the same model scored on other seeds could move it. One image of 8 moves a share
+    by 0.125, so a run's verdict against a bound 0.1 wide needs it (``dreambooth eval`` reports it)."""
+    values = np.asarray(values, dtype=float)
+    return float(values.std() / np.sqrt(len(values)))
+
+
 @dataclass
 class PromptAccuracy:
     """Fraction of images whose analyzed field equals the caption's (None: the caption omits it)."""
@@ -117,6 +125,9 @@ class SubjectReport:
     recontext_shown: float
     pres: float
     div: float
+    subject_match_stderr: float = 0.0
+    """``rate_stderr`` of ``subject_match`` (and of ``recontext_shown`` below)."""
+    recontext_shown_stderr: float = 0.0
 
     def as_dict(self) -> dict:
         return dict(vars(self))
@@ -142,14 +153,17 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
         for img in group:
             asked.append(getattr(analyze(img), field) == value)
             shown.append(is_subject(img, subject))
+    matched = [is_subject(i, subject) for i in subject_images]
     return SubjectReport(
         subject_fidelity=float(np.mean(fidelity)),
-        subject_match=float(np.mean([is_subject(i, subject) for i in subject_images])),
+        subject_match=float(np.mean(matched)),
         prompt_fidelity=float(np.mean(asked)),
         recontext_subject_match=float(np.mean([a and s for a, s in zip(asked, shown)])),
         recontext_shown=float(np.mean(shown)),
         pres=float(np.mean([is_subject(i, subject) for i in class_images])),
         div=pairwise_distance(subject_images),
+        subject_match_stderr=rate_stderr(matched),
+        recontext_shown_stderr=rate_stderr(shown),
     )
 
 
@@ -224,6 +238,10 @@ class DriftReport:
     class_accuracy: float
     other_prompt_accuracy: float
     clean_class_accuracy: float
+    class_accuracy_stderr: float = 0.0
+    """``rate_stderr`` of each accuracy (other prompts: of each image's share of its three fields right)."""
+    other_prompt_accuracy_stderr: float = 0.0
+    clean_class_accuracy_stderr: float = 0.0
 
     def as_dict(self) -> dict:
         return dict(vars(self))
@@ -234,11 +252,14 @@ def evaluate_drift(pipe, class_noun: str, *, images_per_prompt: int = 8, seed: i
     seeds = [seed + j for j in range(images_per_prompt)]
     class_images = generate(pipe, [f"a {class_noun}"] * len(seeds), seeds, **sampler)
     is_class = [analyze(img).shape == class_noun for img in class_images]
-    class_accuracy = float(np.mean(is_class))
-    clean = float(np.mean([read and shape_fit(img) >= CLEAN_SHAPE_FIT for read, img in zip(is_class, class_images)]))
+    clean = [read and shape_fit(img) >= CLEAN_SHAPE_FIT for read, img in zip(is_class, class_images)]
     scenes = other_prompt_scenes(class_noun)
     prompts = [caption(s, "short") for s in scenes for _ in seeds]
     images = generate(pipe, prompts, seeds * len(scenes), **sampler)
     asked = [{"shape": s.shape, "color": s.color, "background": s.background} for s in scenes for _ in seeds]
-    accuracy = score(images, asked)
-    return DriftReport(class_accuracy, float(np.mean([accuracy.shape, accuracy.color, accuracy.background])), clean)
+    # Every caption names all three fields, so the mean of the per-image shares is the mean of the three accuracies.
+    per_image = [np.mean(list(matches(analyze(image), fields).values())) for image, fields in zip(images, asked)]
+    return DriftReport(
+        class_accuracy=float(np.mean(is_class)), other_prompt_accuracy=float(np.mean(per_image)),
+        clean_class_accuracy=float(np.mean(clean)), class_accuracy_stderr=rate_stderr(is_class),
+        other_prompt_accuracy_stderr=rate_stderr(per_image), clean_class_accuracy_stderr=rate_stderr(clean))

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from diffusers.optimization import get_scheduler
 
 from dreambooth.subjects import SubjectImage
 from dreambooth.training.batches import BatchMaker, PriorPool
@@ -31,9 +32,15 @@ class FinetuneSettings:
     max_train_steps: int = 300
     """Optimizer steps."""
     train_batch_size: int = 2
-    """Subject examples per step (as many prior examples join them)."""
+    """Subject examples per step."""
+    prior_examples_per_subject_example: int = 1
+    """Prior examples that join each subject example in a step (the paper's 1)."""
     learning_rate: float = 1e-4
-    """AdamW learning rate of the UNet (and of the text encoder unless set apart), constant."""
+    """AdamW learning rate of the UNet (and of the text encoder unless set apart), at its peak."""
+    lr_scheduler: str = "constant"
+    """``TrainConfig.lr_scheduler``: how the learning rates move over the steps (diffusers' schedules)."""
+    lr_warmup_steps: int = 0
+    """``TrainConfig.lr_warmup_steps``."""
     text_encoder_learning_rate: float | None = None
     """The text encoder's own learning rate (``TrainConfig.text_encoder_learning_rate``); None: ``learning_rate``."""
     text_encoder_steps: int | None = None
@@ -74,15 +81,18 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
         images, parts, settings.instance_prompt, settings.class_prompt,
         resolution=settings.resolution, batch_size=settings.train_batch_size, center_crop=False,
         random_flip=settings.random_flip, seed=settings.seed,
-        priors=PriorPool(prior_latents, settings.train_batch_size, settings.seed, prior_prompts) if with_priors else None,
+        priors=PriorPool(prior_latents, settings.train_batch_size * settings.prior_examples_per_subject_example,
+                         settings.seed, prior_prompts) if with_priors else None,
         device=torch.device("cpu"),
     )
+    schedule = get_scheduler(settings.lr_scheduler, optimizer=optimizer, num_warmup_steps=settings.lr_warmup_steps,
+                             num_training_steps=settings.max_train_steps)
     generator = torch.Generator().manual_seed(settings.seed)
     history = []
     for step in range(settings.max_train_steps):
         started = time.perf_counter()
-        if step == settings.text_encoder_steps:
-            optimizer.param_groups[1]["lr"] = 0.0  # every optimizer scales its step and its decay by lr: frozen
+        if step == settings.text_encoder_steps:  # the schedule scales each group's initial lr: zero it
+            optimizer.param_groups[1]["lr"] = schedule.base_lrs[1] = 0.0
         batch = batches.next()
         loss = mixed_batch_loss(module, parts.noise_scheduler, batch.latents, batch.conditions,
                                 batch.num_instance, settings.prior_loss_weight, generator)
@@ -90,6 +100,7 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
         loss.total.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         history.append({"step": step + 1, "loss": loss.total.item(), "instance": loss.instance,
                         "prior": loss.prior, "seconds": time.perf_counter() - started})
     module.eval()
