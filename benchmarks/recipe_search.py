@@ -197,7 +197,8 @@ recipe with the one shipped before it ("priors 96 + caption priors 32") on two m
 the 4 new ones: over those 28 runs it keeps class fidelity (0.91 vs 0.80) and shows the subject in
 recontextualized prompts about as often as in the bare one (0.43 each), at subject fidelity 0.74 (0.73) and
 other-prompt fidelity 0.90 (0.90). It sits at the drift bound's edge on those means, not on every run: see
-RESULTS.md."""
+RESULTS.md. Round 12's levers against the noise of a run (a cosine schedule, at the same or twice the peak rate;
+two prior examples per photo) lost subject fidelity or drift on the same seed and were not taken."""
 
 MEASURES = ("subject_fidelity", "subject_match", "recontext_shown", "class_fidelity", "clean_class_fidelity",
             "other_prompt_fidelity")
@@ -369,10 +370,15 @@ def main() -> None:
                        "benchmarks/recipe_search.py " + " ".join(sys.argv[1:]))
 
 
-def _cell(rows: list[dict], measure: str) -> str:
-    """The mean of ``measure`` over rows, or "-" where they predate it."""
+def _cell(rows: list[dict], measure: str, spread: bool = False) -> str:
+    """The mean of ``measure`` over rows, or "-" where they predate it; with ``spread``, "± its standard
+    error over the rows" (how far another set of runs could move it: one subject's measures move 0.1-0.3
+    between seeds)."""
     values = [r[measure] for r in rows if measure in r]
-    return f"{np.mean(values):.2f}" if values else "-"
+    if not values:
+        return "-"
+    error = f" ± {np.std(values) / np.sqrt(len(values)):.2f}" if spread and len(values) > 1 else ""
+    return f"{np.mean(values):.2f}{error}"
 
 
 def _label(row: dict) -> str:
@@ -381,7 +387,8 @@ def _label(row: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """One line per (variant, seed, subject), then the mean of each variant and seed over its subjects."""
+    """One line per (variant, seed, subject), then the mean of each variant and seed over its subjects, and,
+    where a variant ran on several seeds, its mean ± standard error over all of its runs."""
     head = "| variant | subject | " + " | ".join(MEASURES) + " | vae ceiling | passes |"
     lines = [head, "|" + "---|" * (len(MEASURES) + 4)]
     for row in rows:
@@ -393,6 +400,13 @@ def table(rows: list[dict]) -> str:
         mine = [r for r in rows if _label(r) == variant]
         lines.append(f"| {variant} | " + " | ".join(_cell(mine, m) for m in MEASURES)
                      + f" | {sum(passes(r) for r in mine)}/{len(mine)} |")
+    pooled = {v: [r for r in rows if r["variant"] == v] for v in dict.fromkeys(r["variant"] for r in rows)}
+    if any(len({r.get("seed", 0) for r in mine}) > 1 for mine in pooled.values()):
+        lines += ["", "| variant (every seed and subject) | runs | " + " | ".join(MEASURES) + " | passes |",
+                  "|" + "---|" * (len(MEASURES) + 3)]
+        for variant, mine in pooled.items():
+            lines.append(f"| {variant} | {len(mine)} | " + " | ".join(_cell(mine, m, spread=True) for m in MEASURES)
+                         + f" | {sum(passes(r) for r in mine)}/{len(mine)} |")
     return "\n".join(lines)
 
 

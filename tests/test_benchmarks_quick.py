@@ -132,3 +132,22 @@ def test_recipe_search_chosen_variant_is_the_shapes_models_shipped_recipe(monkey
     assert round(prior["extra_prior_share"] * total) == chosen.caption_priors
     assert round(prior.get("unconditional_prior_share", 0) * total) == chosen.unconditional_priors
     assert prior["extra_prior_prompts"] == extra_prior_captions(chosen.caption_priors)
+    # Levers the study has and the cluster loop's recipe must then name too.
+    assert train.get("lr_scheduler", "constant") == chosen.lr_scheduler
+    assert chosen.prior_examples_per_subject_example == 1  # the cluster loop pairs one prior with each photo
+
+
+def test_recipe_search_pools_a_variants_seeds_with_the_standard_error_of_each_mean(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks.recipe_search import MEASURES, table
+
+    def run(variant, seed, fidelity, other):
+        return {"variant": variant, "subject": "s", "seed": seed, "vae_ceiling": 1.0,
+                **dict.fromkeys(MEASURES, 1.0), "subject_fidelity": fidelity, "other_prompt_fidelity": other}
+
+    text = table([run("a", 0, 0.8, 1.0), run("a", 1, 0.6, 0.8), run("b", 0, 0.9, 1.0)])
+    pooled = text.split("every seed and subject")[1]
+    # Mean ± std / sqrt(runs): 0.1 / sqrt(2); seed 0 passes, seed 1 (fidelity 0.6, other prompts 0.8) does not.
+    assert "| a | 2 | 0.70 ± 0.07 |" in pooled and "| 0.90 ± 0.07 | 1/2 |" in pooled
+    assert "| b | 1 | 0.90 |" in pooled  # one run: no spread to report
+    assert "every seed" not in table([run("a", 0, 0.6, 1.0), run("b", 0, 0.9, 1.0)])  # one seed: nothing to pool
