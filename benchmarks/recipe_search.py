@@ -187,6 +187,14 @@ VARIANTS: dict[str, Recipe] = {
     "96 + 32 + 32 unconditional, te lr 1e-4, 2 priors per photo": dataclasses.replace(
         START, num_priors=96, caption_priors=32, unconditional_priors=32, text_encoder_learning_rate=1e-4,
         prior_examples_per_subject_example=2),
+    # Thirteenth round, on the star subjects whose "a star" breaks (round 12; the frozen encoder did not keep it,
+    # so the UNet moves it): pull harder towards the priors, or move the UNet in smaller steps.
+    "96 + 32 + 32 unconditional, te lr 1e-4, λ 2": dataclasses.replace(
+        START, num_priors=96, caption_priors=32, unconditional_priors=32, text_encoder_learning_rate=1e-4,
+        prior_loss_weight=2.0),
+    "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps": dataclasses.replace(
+        START, num_priors=96, caption_priors=32, unconditional_priors=32, learning_rate=3e-4,
+        text_encoder_learning_rate=1e-4, steps=600),
 }
 CHOSEN = "96 + 32 + 32 unconditional, te lr 1e-4"
 """The shapes model's shipped recipe (``dreambooth/data/shapes/dreambooth.yaml``). Rounds 1-3 were chosen on the

@@ -343,6 +343,26 @@ def test_text_encoder_steps_stop_the_encoder_after_that_many_steps(tiny_model_pa
     assert any(not torch.equal(after_one.unet.state_dict()[k], v) for k, v in limited.unet.state_dict().items())
 
 
+def test_in_process_fine_tune_follows_the_lr_schedule_and_the_prior_examples_per_photo(tiny_model_path, dog_dir,
+                                                                                       monkeypatch):
+    """The recipe study's levers: a linear schedule ends the rates at 0; two prior rows join each photo."""
+    from dreambooth.training import inprocess
+
+    rows = []
+    real_loss = inprocess.mixed_batch_loss
+    monkeypatch.setattr(inprocess, "mixed_batch_loss", lambda model, scheduler, latents, conditions, num_instance,
+                        *rest: rows.append((latents.shape[0], num_instance))
+                        or real_loss(model, scheduler, latents, conditions, num_instance, *rest))
+    parts = load_components(tiny_model_path)
+    side = 32 // 2 ** (len(parts.vae.config.block_out_channels) - 1)  # the latents of a 32 px photo
+    priors = torch.randn(5, parts.unet.config.in_channels, side, side)
+    history = inprocess.finetune(parts, load_subject_images(str(dog_dir), 32), inprocess.FinetuneSettings(
+        "a sks dog", "a dog", max_train_steps=4, train_batch_size=1, learning_rate=1e-3, lr_scheduler="linear",
+        prior_examples_per_subject_example=2), priors)
+    assert [round(h["lr"], 6) for h in history] == [0.00075, 0.0005, 0.00025, 0.0]
+    assert rows == [(3, 1)] * 4  # 1 photo + 2 priors, the photo first
+
+
 def test_step_seeds_are_fixed_numbers_of_their_keys_in_any_process():
     """A resumed run (another process, another PYTHONHASHSEED) must draw the same noise: the seed is a
     pure function of (seed, rank, step, micro) — pinned here — and distinct keys give distinct seeds."""

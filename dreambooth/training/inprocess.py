@@ -65,7 +65,8 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
 
     ``prior_latents`` [P, C, h, w] are the class-prior examples (scaled, as the prior cache stores
     them); needed when ``prior_loss_weight`` > 0. ``prior_prompts`` (one per prior) are the prompts
-    they were generated from; None: all from ``settings.class_prompt``. Returns per-step losses and seconds.
+    they were generated from; None: all from ``settings.class_prompt``. Returns per-step losses, the UNet's
+    learning rate for the next step, and seconds.
     """
     with_priors = settings.prior_loss_weight > 0
     if with_priors and prior_latents is None:
@@ -102,6 +103,6 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
         optimizer.step()
         schedule.step()
         history.append({"step": step + 1, "loss": loss.total.item(), "instance": loss.instance,
-                        "prior": loss.prior, "seconds": time.perf_counter() - started})
+                        "prior": loss.prior, "lr": schedule.get_last_lr()[0], "seconds": time.perf_counter() - started})
     module.eval()
     return history
