@@ -207,7 +207,9 @@ recontextualized prompts about as often as in the bare one (0.43 each), at subje
 other-prompt fidelity 0.90 (0.90). Round 12's levers against the noise of a run (a cosine schedule, at the same
 or twice the peak rate; two prior examples per photo; a frozen encoder) lost subject fidelity or class fidelity on
 the same seed and were not taken; with a fourth seed (36 runs) class fidelity is 0.88 ± 0.04 (0.78 before), 0.70
-on star subjects: the bound is not met there. See RESULTS.md."""
+on star subjects: the bound is not met there. Round 13's UNet at 3e-4 for 600 steps held the star (seeds 2-3: class
+0.84 → 0.92, other prompts 0.90 → 0.95, subject fidelity level) but the demo's own run fell to subject match 0.25;
+it is the next candidate, not the shipped recipe. See RESULTS.md."""
 
 MEASURES = ("subject_fidelity", "subject_match", "recontext_shown", "class_fidelity", "clean_class_fidelity",
             "other_prompt_fidelity")
