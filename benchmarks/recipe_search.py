@@ -47,7 +47,7 @@ from benchmarks.common import append_results, environment  # noqa: E402
 from benchmarks.paper_claims import prior_latents  # noqa: E402
 from dreambooth.evaluation.runner import SHAPES_DRIFT, drift_ratios  # noqa: E402
 from dreambooth.evaluation.shapes import (class_caption_templates, evaluate_drift, evaluate_subject,  # noqa: E402
-                                         extra_prior_captions, vae_ceiling)
+                                         extra_prior_captions, rate_stderr, vae_ceiling)
 from dreambooth.config import fill_prior_prompt  # noqa: E402
 from dreambooth.identifier import pick_identifiers  # noqa: E402
 from dreambooth.priors import prompt_at  # noqa: E402
@@ -388,7 +388,7 @@ def _cell(rows: list[dict], measure: str, spread: bool = False) -> str:
     values = [r[measure] for r in rows if measure in r]
     if not values:
         return "-"
-    error = f" ± {np.std(values) / np.sqrt(len(values)):.2f}" if spread and len(values) > 1 else ""
+    error = f" ± {rate_stderr(values):.2f}" if spread and len(values) > 1 else ""
     return f"{np.mean(values):.2f}{error}"
 
 

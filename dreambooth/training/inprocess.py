@@ -16,7 +16,7 @@ from diffusers.optimization import get_scheduler
 
 from dreambooth.subjects import SubjectImage
 from dreambooth.training.batches import BatchMaker, PriorPool
-from dreambooth.config import OptimizerName
+from dreambooth.config import LrScheduler, OptimizerName
 from dreambooth.training.engine import make_optimizer, parameter_groups
 from dreambooth.training.module import DreamBoothModule, mixed_batch_loss
 
@@ -37,7 +37,7 @@ class FinetuneSettings:
     """Prior examples that join each subject example in a step (the paper's 1)."""
     learning_rate: float = 1e-4
     """AdamW learning rate of the UNet (and of the text encoder unless set apart), at its peak."""
-    lr_scheduler: str = "constant"
+    lr_scheduler: LrScheduler = "constant"
     """``TrainConfig.lr_scheduler``: how the learning rates move over the steps (diffusers' schedules)."""
     lr_warmup_steps: int = 0
     """``TrainConfig.lr_warmup_steps``."""
