@@ -96,7 +96,7 @@ def test_cuda_is_warn_on_a_cpu_machine_and_fail_when_a_gpu_is_expected():
 
 @needs_cpu_only
 def test_missing_driver_is_warn_and_fail_when_a_gpu_is_expected(monkeypatch):
-    monkeypatch.setattr(doctor, "NVIDIA_SMI_FALLBACKS", ())
+    monkeypatch.setattr(doctor.machine, "NVIDIA_SMI_FALLBACKS", ())
     assert by_name(doctor.check_driver(), "nvidia driver").status == WARN
     failed = by_name(doctor.check_driver(expect_gpu=True), "nvidia driver")
     assert failed.status == FAIL and "nvidia.com/gpu" in failed.fix
@@ -104,7 +104,7 @@ def test_missing_driver_is_warn_and_fail_when_a_gpu_is_expected(monkeypatch):
 
 def test_gke_driver_dir_must_be_on_ld_library_path(tmp_path, monkeypatch):
     lib64 = tmp_path / "nvidia" / "lib64"
-    monkeypatch.setattr(doctor, "NVIDIA_LIB64", str(lib64))
+    monkeypatch.setattr(doctor.machine, "NVIDIA_LIB64", str(lib64))
     assert by_name(doctor.check_ld_library_path(), "ld_library_path").status == OK  # absent: not GKE
     lib64.mkdir(parents=True)
     monkeypatch.setenv("LD_LIBRARY_PATH", "/usr/lib:/opt/x")
@@ -130,7 +130,7 @@ def test_deepspeed_reports_version_and_its_adam_ops():
 
 def test_missing_compiler_and_ninja_are_warnings_naming_offload(monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(doctor.shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.setattr(doctor.machine.shutil, "which", lambda name, *a, **k: None)
     monkeypatch.setitem(sys.modules, "ninja", None)  # `import ninja` raises ImportError
     checks = doctor.check_jit_toolchain()
     compiler, ninja = by_name(checks, "c++ compiler"), by_name(checks, "ninja")
@@ -140,7 +140,7 @@ def test_missing_compiler_and_ninja_are_warnings_naming_offload(monkeypatch):
 
 def test_ninja_package_without_binary_on_path_is_a_warning(monkeypatch):
     real_which = shutil.which
-    monkeypatch.setattr(doctor.shutil, "which", lambda name, *a, **k: None if name == "ninja" else real_which(name))
+    monkeypatch.setattr(doctor.machine.shutil, "which", lambda name, *a, **k: None if name == "ninja" else real_which(name))
     monkeypatch.setitem(sys.modules, "ninja", type(sys)("ninja"))
     ninja = by_name(doctor.check_jit_toolchain(), "ninja")
     assert ninja.status == WARN and "PATH" in ninja.fix
@@ -259,7 +259,7 @@ def test_ray_address_argument_wins_over_the_environment(monkeypatch):
 
 def test_no_address_and_no_local_cluster(monkeypatch, tmp_path):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(doctor, "_ray_address_file", lambda: str(tmp_path / "ray_current_cluster"))
+    monkeypatch.setattr(doctor.ray_check, "_ray_address_file", lambda: str(tmp_path / "ray_current_cluster"))
     check = by_name(doctor.check_ray(timeout_s=2), "ray")
     assert check.status == WARN and "no Ray cluster reachable" in check.detail
 
@@ -268,7 +268,7 @@ def test_a_stale_local_cluster_file_is_unreachable_not_a_hang(monkeypatch, tmp_p
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     address_file = tmp_path / "ray_current_cluster"
     address_file.write_text(f"127.0.0.1:{closed_port()}")
-    monkeypatch.setattr(doctor, "_ray_address_file", lambda: str(address_file))
+    monkeypatch.setattr(doctor.ray_check, "_ray_address_file", lambda: str(address_file))
     check = by_name(doctor.check_ray(timeout_s=2), "ray")
     assert check.status == WARN and "no Ray cluster reachable" in check.detail and "local cluster" in check.detail
 
@@ -281,7 +281,7 @@ def test_dashboard_address_is_explained(monkeypatch):
 def test_a_silent_address_is_cut_off_by_the_timeout_and_the_probe_killed(monkeypatch, tmp_path, silent_listener):
     pid_file = tmp_path / "pid"
     # Stands in for a ray.init that never returns (what Ray does against a port that does not answer).
-    monkeypatch.setattr(doctor, "_RAY_PROBE", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+    monkeypatch.setattr(doctor.ray_check, "_RAY_PROBE", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
                                               "time.sleep(120)")
     start = time.monotonic()
     check = by_name(doctor.check_ray(ray_address=silent_listener, timeout_s=2), "ray")
@@ -296,7 +296,7 @@ def test_a_refused_token_fails_at_once_with_the_auth_fix(monkeypatch, silent_lis
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     line = ("[2026-12-02 00:45:18,182 W 1 1] gcs_client.cc:210: Failed to get cluster ID from GCS server: "
             "Unauthenticated: RPC error: InvalidAuthToken: Authentication token is missing or incorrect")
-    monkeypatch.setattr(doctor, "_RAY_PROBE", f"import sys, time; print({line!r}, file=sys.stderr, flush=True); "
+    monkeypatch.setattr(doctor.ray_check, "_RAY_PROBE", f"import sys, time; print({line!r}, file=sys.stderr, flush=True); "
                                               "time.sleep(120)")
     start = time.monotonic()
     check = by_name(doctor.check_ray(ray_address=silent_listener, timeout_s=20), "ray")
@@ -316,25 +316,25 @@ def test_joined_cluster_resources_and_gpu_nodes(monkeypatch, silent_listener):
 
     result = {"ok": True, "cpus": 24.0, "gpus": 8.0, "nodes": 3, "gpu_nodes": 2, "accelerators": ["H100"],
               "version": md.version("ray")}
-    monkeypatch.setattr(doctor, "_RAY_PROBE", fake_probe(result))
+    monkeypatch.setattr(doctor.ray_check, "_RAY_PROBE", fake_probe(result))
     check = by_name(doctor.check_ray(ray_address=silent_listener, expect_gpu=True, timeout_s=10), "ray")
     assert check.status == OK, check
     for text in ("3 node(s)", "24 CPUs", "8 GPUs on 2 GPU node(s)", "H100"):
         assert text in check.detail
 
     result.update(gpus=0.0, gpu_nodes=0, accelerators=[])
-    monkeypatch.setattr(doctor, "_RAY_PROBE", fake_probe(result))
+    monkeypatch.setattr(doctor.ray_check, "_RAY_PROBE", fake_probe(result))
     assert by_name(doctor.check_ray(ray_address=silent_listener, timeout_s=10), "ray").status == OK
     no_gpu = by_name(doctor.check_ray(ray_address=silent_listener, expect_gpu=True, timeout_s=10), "ray")
     assert no_gpu.status == WARN and "autoscale" in no_gpu.detail
 
 
 def test_join_errors_are_reported(monkeypatch, silent_listener):
-    monkeypatch.setattr(doctor, "_RAY_PROBE", fake_probe(
+    monkeypatch.setattr(doctor.ray_check, "_RAY_PROBE", fake_probe(
         {"ok": False, "type": "RuntimeError", "message": "Version mismatch: the cluster runs Ray 2.59"}))
     check = by_name(doctor.check_ray(ray_address=silent_listener, timeout_s=10), "ray")
     assert check.status == FAIL and "Version mismatch" in check.detail and "version" in check.fix
-    monkeypatch.setattr(doctor, "_RAY_PROBE", "import sys; sys.exit(3)")
+    monkeypatch.setattr(doctor.ray_check, "_RAY_PROBE", "import sys; sys.exit(3)")
     died = by_name(doctor.check_ray(ray_address=silent_listener, timeout_s=10), "ray")
     assert died.status == FAIL and "exit code 3" in died.detail
 
