@@ -27,7 +27,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from dreambooth import storage
-from dreambooth.config import MAX_INSTANCE_IMAGES, MAX_PROMPT_CHARS, ConfigError, validate_prompt_template
+from dreambooth.config import MAX_INSTANCE_IMAGES, ConfigError, validate_prompt_template
+from dreambooth.inputs import MAX_PROMPT_CHARS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic", ".heif")
 HEIF_SUFFIXES = (".heic", ".heif")
