@@ -60,7 +60,7 @@ def test_shapes_runs_with_nothing_but_subject_and_output(tmp_path):
     with the shipped recipe's settings (it failed on the default 512 px before)."""
     cfg = _config(["--model", "shapes", "--instance-dir", REPO_SUBJECT, "--class-noun", "triangle",
                    "--output", str(tmp_path / "out")])
-    assert (cfg.train.resolution, cfg.train.learning_rate, cfg.prior.guidance_scale) == (32, 5e-4, 4.0)
+    assert (cfg.train.resolution, cfg.train.learning_rate, cfg.prior.guidance_scale) == (32, 3e-4, 4.0)
     prepared = pipeline.preflight(cfg)
     assert len(prepared.images) >= 3 and prepared.config.sources["resolution"].startswith("the shapes model's recipe")
     assert len(cfg.prior.extra_prior_prompts) > 0  # the recipe's caption priors
