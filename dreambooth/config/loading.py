@@ -11,10 +11,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-
 from dreambooth.config.schema import SECTIONS, ConfigError, FieldInfo, RunConfig, all_fields
 from dreambooth.inputs import MAX_CONFIG_BYTES, MAX_TEXT_FIELD, InputError, load_yaml_file, shorten
-
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

@@ -8,12 +8,10 @@ import re
 import string
 import typing
 
-
 from dreambooth.config.schema import (
     ConfigError, Launcher, LrScheduler, OptimizerName, Precision, ReportTo, RunConfig, SaveDtype, UseGpu,
 )
 from dreambooth.inputs import MAX_PROMPT_CHARS, shorten
-
 
 
 _CLASS_NOUN = re.compile(r"^[a-z][a-z0-9 '\-]{0,39}$")

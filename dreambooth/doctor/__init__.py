@@ -21,7 +21,7 @@ import platform
 import threading
 from typing import Callable, Optional
 
-from dreambooth.doctor.base import FAIL, OK, STATUSES, WARN, Check, _exc, _one_line
+from dreambooth.doctor.base import FAIL, OK, STATUSES, WARN, Check, describe_exception, one_line
 from dreambooth.doctor.machine import (check_deepspeed, check_driver, check_jit_toolchain, check_ld_library_path,
                                        check_python, check_torch)
 from dreambooth.doctor.ray_check import check_ray
@@ -59,7 +59,7 @@ def _guarded(name: str, fn: Callable[[], list[Check]], budget_s: float) -> list[
                       HANG_FIXES.get(name, "run `dreambooth doctor` again; if it hangs again, this part of the "
                                            "environment is stuck (see the check's name)"))]
     if "error" in box:
-        return [Check(name, FAIL, f"the {name} check crashed: {_exc(box['error'])}",
+        return [Check(name, FAIL, f"the {name} check crashed: {describe_exception(box['error'])}",
                       "an unexpected state of this environment; the error above says where")]
     checks = box.get("checks")
     if not isinstance(checks, list) or not all(isinstance(c, Check) for c in checks):
@@ -93,9 +93,9 @@ def format_report(checks: list[Check]) -> str:
     width = max([len(c.name) for c in checks] + [4])
     lines = [f"dreambooth doctor on {platform.node() or 'this machine'}"]
     for c in checks:
-        lines.append(f"  {c.status:<4}  {c.name:<{width}}  {_one_line(c.detail, 600)}")
+        lines.append(f"  {c.status:<4}  {c.name:<{width}}  {one_line(c.detail, 600)}")
         if c.status != OK and c.fix:
-            lines.append(f"  {'':<4}  {'':<{width}}  fix: {_one_line(c.fix, 600)}")
+            lines.append(f"  {'':<4}  {'':<{width}}  fix: {one_line(c.fix, 600)}")
     counts = {s: sum(1 for c in checks if c.status == s) for s in STATUSES}
     verdict = ("ready" if not counts[FAIL] and not counts[WARN] else
                "ready, read the warnings" if not counts[FAIL] else "not ready: fix the fail lines first")

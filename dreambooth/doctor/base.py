@@ -25,13 +25,13 @@ class Check:
             raise ValueError(f"status must be one of {STATUSES}, not {self.status!r}")
 
 
-def _one_line(text: object, limit: int = 400) -> str:
+def one_line(text: object, limit: int = 400) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _exc(exc: BaseException) -> str:
-    return _one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+def describe_exception(exc: BaseException) -> str:
+    return one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
 
 def _requirement(dist: str) -> Optional[str]:
@@ -50,7 +50,7 @@ def _requirement(dist: str) -> Optional[str]:
     return None
 
 
-def _version_mismatch(dist: str, version: str) -> Optional[str]:
+def version_mismatch(dist: str, version: str) -> Optional[str]:
     """``"dreambooth requires X"`` when ``version`` is outside the package's requirement for ``dist``."""
     spec = _requirement(dist)
     if not spec:

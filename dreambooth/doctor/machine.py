@@ -14,7 +14,7 @@ import sys
 import warnings
 from typing import Optional
 
-from dreambooth.doctor.base import FAIL, OK, WARN, Check, _exc, _one_line, _version_mismatch
+from dreambooth.doctor.base import FAIL, OK, WARN, Check, describe_exception, one_line, version_mismatch
 
 MIN_PYTHON = (3, 10)
 """pyproject's ``requires-python``."""
@@ -53,13 +53,13 @@ def check_torch(expect_gpu: bool = False) -> list[Check]:
     try:
         import torch
     except Exception as exc:
-        return [Check("torch", FAIL, f"cannot import torch ({_exc(exc)})",
+        return [Check("torch", FAIL, f"cannot import torch ({describe_exception(exc)})",
                       "install torch first, then the project: `make venv` (see README: Two commands)")]
     checks: list[Check] = []
     built_cuda = torch.version.cuda
     build = f"built for CUDA {built_cuda}" if built_cuda else (
         f"built for ROCm {torch.version.hip}" if getattr(torch.version, "hip", None) else "CPU-only build")
-    mismatch = _version_mismatch("torch", torch.__version__)
+    mismatch = version_mismatch("torch", torch.__version__)
     if mismatch:
         checks.append(Check("torch", WARN, f"{torch.__version__} ({build}) at {os.path.dirname(torch.__file__)}",
                             f"{mismatch}: reinstall with `make venv` or pin it in the image"))
@@ -70,7 +70,7 @@ def check_torch(expect_gpu: bool = False) -> list[Check]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         available = torch.cuda.is_available()
-    reasons = "; ".join(_one_line(w.message, 200) for w in caught if "CUDA" in str(w.message))
+    reasons = "; ".join(one_line(w.message, 200) for w in caught if "CUDA" in str(w.message))
     if available:
         count = torch.cuda.device_count()
         groups: dict[str, int] = {}
@@ -104,7 +104,7 @@ def check_torch(expect_gpu: bool = False) -> list[Check]:
             nccl = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
             checks.append(Check("nccl", OK, f"NCCL {nccl}"))
         except Exception as exc:
-            checks.append(Check("nccl", WARN, f"NCCL unavailable ({_exc(exc)})",
+            checks.append(Check("nccl", WARN, f"NCCL unavailable ({describe_exception(exc)})",
                                 "multi-GPU training needs NCCL: use a CUDA build of torch from the PyTorch index"))
     else:
         checks.append(Check("nccl", OK, "not used without CUDA (CPU training uses gloo)"))
@@ -153,7 +153,7 @@ def check_driver(expect_gpu: bool = False) -> list[Check]:
                       "the driver is wedged: check `dmesg` on the node (Xid errors) or drain/reboot it")]
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        return [Check("nvidia driver", bad if not cuda else WARN, f"{smi} failed: {_one_line(out, 240)}",
+        return [Check("nvidia driver", bad if not cuda else WARN, f"{smi} failed: {one_line(out, 240)}",
                       "the driver is not loaded or not reachable from this container: install it on the node, "
                       "request nvidia.com/gpu in the pod")]
     driver = re.search(r"Driver Version:\s*([\w.]+)", out)
@@ -214,13 +214,13 @@ def check_deepspeed() -> list[Check]:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
     except Exception as exc:
-        return [Check("deepspeed", FAIL, f"cannot import deepspeed ({_exc(exc)})",
+        return [Check("deepspeed", FAIL, f"cannot import deepspeed ({describe_exception(exc)})",
                       "install the project's dependencies: pip install -c constraints.txt -e .")]
     checks: list[Check] = []
     accelerator = get_accelerator()
     acc_name = getattr(accelerator, "_name", None) or accelerator.device_name()
     detail = f"{deepspeed.__version__}, accelerator {acc_name}"
-    mismatch = _version_mismatch("deepspeed", deepspeed.__version__)
+    mismatch = version_mismatch("deepspeed", deepspeed.__version__)
     cuda = _cuda_available()
     if cuda and acc_name != "cuda":
         ds_env = os.environ.get("DS_ACCELERATOR")
@@ -244,7 +244,7 @@ def check_deepspeed() -> list[Check]:
             with contextlib.redirect_stdout(io.StringIO()):
                 builder = accelerator.create_op_builder(builder_name)
         except Exception as exc:
-            builder, error = None, _exc(exc)
+            builder, error = None, describe_exception(exc)
         else:
             error = f"no {builder_name} for accelerator {acc_name}"
         if builder is None:
@@ -266,7 +266,7 @@ def check_deepspeed() -> list[Check]:
                 compatible = bool(builder.is_compatible(verbose=False))
             why = ""
         except Exception as exc:
-            compatible, why = False, f" ({_exc(exc)})"
+            compatible, why = False, f" ({describe_exception(exc)})"
         if compatible:
             checks.append(Check(name, OK, f"compatible, not built: JIT-builds on first use (about a minute, needs "
                                           f"c++ and ninja); used by {used_by}"))
@@ -290,7 +290,7 @@ def check_jit_toolchain() -> list[Check]:
         version = ""
         with contextlib.suppress(Exception):
             out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=5).stdout
-            version = f" ({_one_line(out.splitlines()[0], 80)})" if out.strip() else ""
+            version = f" ({one_line(out.splitlines()[0], 80)})" if out.strip() else ""
         checks.append(Check("c++ compiler", OK, f"{compiler}{version}"))
     else:
         looked = f"CXX={cxx_env!r}, c++, g++" if cxx_env else "c++, g++"

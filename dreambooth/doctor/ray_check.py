@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Optional
 
-from dreambooth.doctor.base import FAIL, OK, WARN, Check, _exc, _one_line
+from dreambooth.doctor.base import FAIL, OK, WARN, Check, describe_exception, one_line
 
 _RAY_MARK = "DOCTOR-RAY-RESULT "
 
@@ -83,7 +83,7 @@ def _tcp_reachable(host: str, port: int, timeout_s: float) -> Optional[str]:
     except socket.timeout:
         return f"no answer within {timeout_s:.0f} s"
     except OSError as exc:
-        return exc.strerror or _exc(exc)
+        return exc.strerror or describe_exception(exc)
 
 
 _RAY_AUTH_REFUSED = re.compile(r"Unauthenticated|InvalidAuthToken|authentication token", re.I)
@@ -180,10 +180,10 @@ def check_ray(ray_address: Optional[str] = None, expect_gpu: bool = False, timeo
         proc = subprocess.Popen([sys.executable, "-c", _RAY_PROBE, address, _RAY_MARK], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     except Exception as exc:
-        return [Check("ray", FAIL, f"cannot start the probe process ({_exc(exc)})", "check that Python can run here")]
+        return [Check("ray", FAIL, f"cannot start the probe process ({describe_exception(exc)})", "check that Python can run here")]
     out, err, refused = _wait_probe(proc, timeout_s)
     if refused:
-        return [Check("ray", FAIL, f"{where} refused to authenticate: {_one_line(refused, 240)}", _ray_auth_fix())]
+        return [Check("ray", FAIL, f"{where} refused to authenticate: {one_line(refused, 240)}", _ray_auth_fix())]
     if out is None:
         return [Check("ray", WARN, f"no Ray cluster reachable at {where}: something listens at {host}:{port} but "
                                    f"joining did not finish within {timeout_s:g} s", RAY_UNREACHABLE_FIX)]
@@ -194,11 +194,11 @@ def check_ray(ray_address: Optional[str] = None, expect_gpu: bool = False, timeo
                 result = json.loads(line[len(_RAY_MARK):])
             break
     if result is None:
-        tail = _one_line(err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}", 300)
+        tail = one_line(err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}", 300)
         return [Check("ray", FAIL, f"the probe that joins {where} died: {tail}",
                       "check that ray is installed in this environment (pip install -c constraints.txt -e .)")]
     if not result.get("ok"):
-        message = _one_line(result.get("message", ""), 300)
+        message = one_line(result.get("message", ""), 300)
         kind = result.get("type", "Error")
         lowered = message.lower()
         if "auth" in lowered or "token" in lowered or "unauthenticated" in lowered:

@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Optional
 
-from dreambooth.doctor.base import FAIL, OK, Check, _exc, _one_line
+from dreambooth.doctor.base import FAIL, OK, Check, describe_exception, one_line
 
 def _storage_fix(output: str, exc: BaseException, local: bool) -> str:
     kind = type(exc).__name__
@@ -45,9 +45,9 @@ def check_storage(output: Optional[str] = None) -> list[Check]:
         detail, _, fix = message.partition("; ")
         if not fix:
             fix = "use a local path or a URI such as s3://bucket/path with its fsspec backend installed"
-        return [Check("storage", FAIL, _one_line(detail), fix)]
+        return [Check("storage", FAIL, one_line(detail), fix)]
     except Exception as exc:
-        return [Check("storage", FAIL, f"cannot open {output}: {_exc(exc)}",
+        return [Check("storage", FAIL, f"cannot open {output}: {describe_exception(exc)}",
                       "check the URI and the fsspec backend for it")]
     local = storage.is_local(output)
     base = path.rstrip("/") or "/"
@@ -94,7 +94,7 @@ def check_storage(output: Optional[str] = None) -> list[Check]:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
     if error is not None:
-        detail = f"cannot {step} under {output}: {_exc(error)}"
+        detail = f"cannot {step} under {output}: {describe_exception(error)}"
         if left:
             detail += f"; the probe {left} is left behind: delete it by hand"
         return [Check("storage", FAIL, detail, _storage_fix(output, error, local))]
