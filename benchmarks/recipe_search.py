@@ -216,6 +216,9 @@ seed-2027 subjects) class fidelity 0.88 ± 0.04, 0.70 on star subjects. Round 13
 (0.90). Recontextualized prompts still show the subject 0.03 ± 0.03 less often than the bare prompt (paired
 over runs), the one part of #13's bound its means do not meet. See RESULTS.md."""
 
+EVAL_GUIDANCE = 4.0
+"""Classifier-free guidance of the evaluation images unless ``--guidance`` says otherwise (the recipe's)."""
+
 MEASURES = ("subject_fidelity", "subject_match", "recontext_shown", "class_fidelity", "clean_class_fidelity",
             "other_prompt_fidelity")
 
@@ -233,10 +236,13 @@ class Study:
         self.args = args
         self.base = load_components(resolve_model(args.model))
         self.sampler_scheduler = load_pipeline(resolve_model(args.model)).scheduler
-        self.sample = dict(images_per_prompt=args.images_per_prompt, steps=args.sampling_steps,
-                           guidance_scale=args.guidance, seed=args.eval_seed)
+        self.guidances = args.guidance
         self._priors: dict[tuple, torch.Tensor] = {}
-        self._drift: dict[str, dict] = {}
+        self._drift: dict[tuple[str, float], dict] = {}
+
+    def sample(self, guidance: float) -> dict:
+        return dict(images_per_prompt=self.args.images_per_prompt, steps=self.args.sampling_steps,
+                    guidance_scale=guidance, seed=self.args.eval_seed)
 
     def pipe(self, parts):
         return parts.pipeline(self.sampler_scheduler)
@@ -258,20 +264,23 @@ class Study:
                                                self.args.sampling_steps, recipe.prior_guidance), prompts)
         return self._priors[key]
 
-    def base_drift(self, class_noun: str) -> dict:
-        if class_noun not in self._drift:
-            self._drift[class_noun] = evaluate_drift(self.pipe(self.base), class_noun, **self.sample).as_dict()
-        return self._drift[class_noun]
+    def base_drift(self, class_noun: str, guidance: float) -> dict:
+        if (class_noun, guidance) not in self._drift:
+            self._drift[class_noun, guidance] = evaluate_drift(self.pipe(self.base), class_noun,
+                                                               **self.sample(guidance)).as_dict()
+        return self._drift[class_noun, guidance]
 
-    def score(self, parts, subject, references, identifier: str) -> dict:
-        pipe = self.pipe(parts)
-        report = evaluate_subject(pipe, subject, references, identifier, **self.sample).as_dict()
-        scores = {"base": self.base_drift(subject.class_noun),
-                  "personalized": report | evaluate_drift(pipe, subject.class_noun, **self.sample).as_dict()}
+    def score(self, parts, subject, references, identifier: str, guidance: float) -> dict:
+        """The measures of one fine-tune, sampled at ``guidance`` (the base's drift ratios at the same)."""
+        pipe, sample = self.pipe(parts), self.sample(guidance)
+        report = evaluate_subject(pipe, subject, references, identifier, **sample).as_dict()
+        scores = {"base": self.base_drift(subject.class_noun, guidance),
+                  "personalized": report | evaluate_drift(pipe, subject.class_noun, **sample).as_dict()}
         drift_ratios(scores, SHAPES_DRIFT)
         return scores["personalized"]
 
-    def run(self, subject, folder: Path, recipe: Recipe, seed: int) -> dict:
+    def run(self, subject, folder: Path, recipe: Recipe, seed: int) -> dict[float, dict]:
+        """Fine-tune once; the measures at each ``--guidance``."""
         images = load_subject_images(str(folder), self.args.resolution)
         references = [image.to_pil() for image in images]
         identifier = pick_identifiers(self.base.tokenizer, 1, seed)[0]
@@ -293,7 +302,7 @@ class Study:
             lr_scheduler=recipe.lr_scheduler,
             prior_examples_per_subject_example=recipe.prior_examples_per_subject_example,
             resolution=self.args.resolution, seed=seed), priors, prior_prompts)
-        return self.score(parts, subject, references, identifier)
+        return {g: self.score(parts, subject, references, identifier, g) for g in self.guidances}
 
 
 def subjects_of(sets: list[str], scripted: int, root: Path, scripted_seed: int = SCRIPTED_SEED):
@@ -332,7 +341,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--sampling-steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=4.0, help="guidance of the evaluation images")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[EVAL_GUIDANCE],
+                        help="guidance of the evaluation images (several: each fine-tune is scored at each)")
     parser.add_argument("--eval-seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--steps-override", type=int, default=0, help=argparse.SUPPRESS)
@@ -371,12 +381,13 @@ def main() -> None:
             for subject, folder in subjects:
                 for seed in args.seeds:
                     t0 = time.time()
-                    row = {"variant": variant, "subject": subject.name, "seed": seed,
-                           "vae_ceiling": ceilings[subject.name], **study.run(subject, folder, VARIANTS[variant], seed)}
-                    row["seconds"] = time.time() - t0
-                    rows.append(row)
-                    print(f"{variant:<20} {subject.name:<28} " + " ".join(f"{m} {row[m]:.2f}" for m in MEASURES)
-                          + f"  {'PASS' if passes(row) else 'fail'} ({row['seconds']:.0f} s)", flush=True)
+                    for guidance, scores in study.run(subject, folder, VARIANTS[variant], seed).items():
+                        row = {"variant": variant + guidance_label(guidance), "subject": subject.name, "seed": seed,
+                               "vae_ceiling": ceilings[subject.name], **scores, "seconds": time.time() - t0}
+                        rows.append(row)
+                        print(f"{row['variant']:<20} {subject.name:<28} "
+                              + " ".join(f"{m} {row[m]:.2f}" for m in MEASURES)
+                              + f"  {'PASS' if passes(row) else 'fail'} ({row['seconds']:.0f} s)", flush=True)
                     if args.json:
                         Path(args.json).write_text(json.dumps(rows, indent=1))
     text = table(rows)
@@ -384,6 +395,11 @@ def main() -> None:
     if not args.no_write and not args.quick:
         append_results("Recipe levers on the shapes model (recipe_search.py)", text, environment(),
                        "benchmarks/recipe_search.py " + " ".join(sys.argv[1:]))
+
+
+def guidance_label(guidance: float) -> str:
+    """What a row's variant name gains when its images were sampled at another than the usual guidance."""
+    return "" if guidance == EVAL_GUIDANCE else f", sampled at guidance {guidance:g}"
 
 
 def _cell(rows: list[dict], measure: str, spread: bool = False) -> str:

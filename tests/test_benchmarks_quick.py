@@ -102,11 +102,14 @@ def test_paper_claims_quick_prints_every_condition_and_verdict(tmp_path):
 
 
 def test_recipe_search_quick_scores_each_variant_with_drift_and_the_vae_ceiling():
-    """CI mode of the recipe lever study: 1 subject, 2 variants, 4 fine-tuning steps."""
-    out = run_benchmark("recipe_search.py", "--quick", timeout=600)
+    """CI mode of the recipe lever study: 1 subject, 2 variants, 4 fine-tuning steps, each fine-tune scored
+    at the usual guidance and at a second one."""
+    out = run_benchmark("recipe_search.py", "--quick", "--guidance", "4", "7", timeout=600)
     rows = [r for r in table_rows(out) if len(r) == 10]  # the per-(variant, subject) table
     chosen = re.search(r'^CHOSEN = "(.+)"$', (REPO / "benchmarks" / "recipe_search.py").read_text(), re.M)[1]
-    assert [r[0] for r in rows] == ["start", chosen] and {r[1] for r in rows} == {"two_tone_triangle"}
+    assert [r[0] for r in rows] == ["start", "start, sampled at guidance 7",
+                                    chosen, f"{chosen}, sampled at guidance 7"]
+    assert {r[1] for r in rows} == {"two_tone_triangle"}
     ceiling = float(rows[0][8])
     assert 0.7 < ceiling <= 1.0  # the shipped VAE carries the shipped subject
     assert all(r[9] in ("yes", "no") for r in rows)
