@@ -427,7 +427,8 @@ class SummaryWriter:
         return self.uri
 
     def _publish(self, payload: dict) -> None:
-        from dreambooth import kube, kube_layouts
+        from dreambooth import kube
+        from dreambooth.kube import layouts as kube_layouts
 
         try:
             if self._api is None:
@@ -515,7 +516,7 @@ def subject_jobs(planned: list[tuple[str, RunConfig]], distinct: bool = True) ->
 
 def manifest_for_cluster(planned: list[tuple[str, RunConfig]], distinct: bool = True) -> dict[str, Any]:
     """The manifest the in-cluster bulk driver runs: each subject's whole resolved config, identifiers drawn."""
-    from dreambooth.kube_layouts import manifest_document
+    from dreambooth.kube.layouts import manifest_document
 
     return manifest_document([(name, {k: v for k, v in flat_config(cfg).items() if k != "output"})
                               for name, cfg in resolve_identifiers(planned, distinct)])

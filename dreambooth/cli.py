@@ -276,7 +276,8 @@ def cmd_bulk(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from dreambooth import bulk, kube, kube_layouts
+    from dreambooth import bulk, kube
+    from dreambooth.kube import layouts as kube_layouts
 
     options = _bulk_options(args)
     planned = bulk.plan(options, _run_flags(args), args.config, check_paths=False, base={"use_gpu": "true"})
@@ -337,7 +338,8 @@ def _check_submit_limits(args: argparse.Namespace, per_subject: bool, shared: bo
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dreambooth import kube, kube_status
+    from dreambooth import kube
+    from dreambooth.kube import status as kube_status
 
     api = kube.load_api_client(args.kubeconfig, args.context, args.request_timeout)
     rows = kube_status.list_status(api, args.namespace, args.bulk_run)

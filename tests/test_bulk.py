@@ -212,7 +212,7 @@ def test_in_cluster_bulk_driver_publishes_each_subject_state_while_it_runs(ray_c
     import threading
     import time
 
-    from dreambooth import kube_layouts
+    from dreambooth.kube import layouts as kube_layouts
     from kube_double import KubeApiDouble
 
     bad_dir = tmp_path / "bad-dog"

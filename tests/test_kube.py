@@ -19,7 +19,8 @@ from kube_double import KubeApiDouble
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from dreambooth import kube, kube_status
+from dreambooth import kube
+from dreambooth.kube import status as kube_status
 
 NS = "ml"
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

@@ -9,7 +9,8 @@ import shlex
 import pytest
 import yaml
 
-from dreambooth import bulk, kube_layouts
+from dreambooth import bulk
+from dreambooth.kube import layouts as kube_layouts
 from dreambooth.cli import build_parser, config_from_args, main
 from dreambooth.config import validate
 from kube_double import KubeApiDouble

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from dreambooth.kube import GROUP, LABEL_BULK_RUN, LABEL_SUBJECT, PLURAL, VERSION, KubeError, _api_error_text, _unreachable
+from dreambooth.kube import layouts
+from dreambooth.kube.client import api_error_text, unreachable
+from dreambooth.kube.errors import KubeError
+from dreambooth.kube.manifests import GROUP, LABEL_BULK_RUN, LABEL_SUBJECT, PLURAL, VERSION
 
 STATUS_COLUMNS = ("SUBJECT", "RAYJOB", "JOB STATUS", "DEPLOYMENT", "START", "END", "MESSAGE")
 
@@ -39,8 +42,6 @@ def list_status(api_client: Any, namespace: str, bulk_run: Optional[str] = None)
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
-
-    from dreambooth import kube_layouts as layouts
 
     selector = LABEL_BULK_RUN if bulk_run is None else f"{LABEL_BULK_RUN}={bulk_run}"
     try:
@@ -74,9 +75,9 @@ def list_status(api_client: Any, namespace: str, bulk_run: Optional[str] = None)
                     end_time=_iso(subject.get("finished_unix")), ray_cluster=job.ray_cluster,
                 ))
     except ApiException as exc:
-        raise KubeError(f"cannot list RayJobs in namespace {namespace!r}: {_api_error_text(exc)}") from exc
+        raise KubeError(f"cannot list RayJobs in namespace {namespace!r}: {api_error_text(exc)}") from exc
     except HTTPError as exc:
-        raise _unreachable(api_client, exc) from exc
+        raise unreachable(api_client, exc) from exc
     return sorted(rows, key=lambda r: (r.bulk_run, r.subject, r.name))
 
 

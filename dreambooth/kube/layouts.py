@@ -1,7 +1,7 @@
 """How a manifest becomes Kubernetes objects: the two job layouts, and the bulk summary ConfigMap.
 
-Owns the choice between the layouts and what each renders (``dreambooth.kube`` owns names, the
-per-subject RayJob, applying objects and reading status):
+Owns the choice between the layouts and what each renders (``manifests`` owns names and the
+per-subject RayJob, ``client`` applies objects, ``status`` reads them back):
 
 - ``bulk`` (the default): ONE driver per manifest. A ConfigMap ``<run>-manifest`` holds the manifest
   with every subject's whole resolved config; one RayJob ``<run>-bulk`` runs
@@ -18,7 +18,8 @@ per-subject RayJob, applying objects and reading status):
 
 Every RayJob gets a submitter pod template with the restricted Pod Security Standard's
 securityContext (KubeRay's default submitter pod has none and is rejected where it is enforced).
-The Helm chart renders the same objects (``jobs.layout``); ``tests/test_kube_layouts.py`` checks them.
+The Helm chart renders the same objects (``jobs.layout``); ``tests/test_kube_cli.py`` and
+``tests/test_helm_chart.py`` check them.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def publish_summary(api_client: Any, namespace: str, name: str, payload: Mapping
     """Server-side apply the summary ConfigMap (the bulk driver's head pod needs configmaps get/patch)."""
     from kubernetes import client
 
-    from dreambooth.kube import APPLY_PATCH, FIELD_MANAGER
+    from dreambooth.kube.manifests import APPLY_PATCH, FIELD_MANAGER  # here: manifests imports this module
 
     body = {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "dreambooth",
