@@ -241,7 +241,6 @@ class Study:
         self.args = args
         self.base = load_components(resolve_model(args.model))
         self.sampler_scheduler = load_pipeline(resolve_model(args.model)).scheduler
-        self.guidances = args.guidance
         self._priors: dict[tuple, torch.Tensor] = {}
         self._drift: dict[tuple[str, float], dict] = {}
 
@@ -307,7 +306,7 @@ class Study:
             lr_scheduler=recipe.lr_scheduler,
             prior_examples_per_subject_example=recipe.prior_examples_per_subject_example,
             resolution=self.args.resolution, seed=seed), priors, prior_prompts)
-        return {g: self.score(parts, subject, references, identifier, g) for g in self.guidances}
+        return {g: self.score(parts, subject, references, identifier, g) for g in self.args.guidance}
 
 
 def subjects_of(sets: list[str], scripted: int, root: Path, scripted_seed: int = SCRIPTED_SEED):

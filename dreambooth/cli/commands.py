@@ -131,18 +131,25 @@ def cmd_identifier(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_sample_args(args: argparse.Namespace) -> None:
-    """`sample` flags, checked before any model is loaded."""
-    from dreambooth import storage
-    from dreambooth.config import MAX_SEED, validate_resolution
-    from dreambooth.inputs import MAX_PROMPT_CHARS, shorten
+def _check_sampler_flags(args: argparse.Namespace) -> None:
+    """The sampler flags `sample` and `eval` share: --steps, --guidance-scale (when given) and --seed."""
+    from dreambooth.config import MAX_SEED
 
-    check_range(args.num_images, 1, 64, "--num-images")
     if args.steps is not None:
         check_range(args.steps, 1, 1000, "--steps")
     if args.guidance_scale is not None:
         check_range(args.guidance_scale, 0, 100, "--guidance-scale")
     check_range(args.seed, 0, MAX_SEED, "--seed")
+
+
+def _check_sample_args(args: argparse.Namespace) -> None:
+    """`sample` flags, checked before any model is loaded."""
+    from dreambooth import storage
+    from dreambooth.config import validate_resolution
+    from dreambooth.inputs import MAX_PROMPT_CHARS, shorten
+
+    check_range(args.num_images, 1, 64, "--num-images")
+    _check_sampler_flags(args)
     if args.resolution is not None:
         validate_resolution(args.resolution)
     if len(args.prompt) > MAX_SAMPLE_PROMPTS:
@@ -188,11 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dreambooth.evaluation.runner import EvalOptions, evaluate, format_table
 
     check_range(args.images_per_prompt, 1, 64, "--images-per-prompt")
-    if args.steps is not None:
-        check_range(args.steps, 1, 1000, "--steps")
-    if args.guidance_scale is not None:
-        check_range(args.guidance_scale, 0, 100, "--guidance-scale")
-    check_range(args.seed, 0, 2**31 - 1, "--seed")
+    _check_sampler_flags(args)
     options = EvalOptions(
         output=args.output, suite=args.suite, shapes_subject=args.shapes_subject,
         images_per_prompt=args.images_per_prompt, seed=args.seed, num_inference_steps=args.steps,
