@@ -251,6 +251,7 @@ CASES = [
     Case("integer-flag-huge-text", "resource exhaustion", lambda t, d: run_args(t, d, "--workers", "9" * 5000), "must be an integer"),
     # accepted nonsense
     Case("prior-loss-weight-nan", "accepted nonsense", lambda t, d: run_args(t, d, "--prior-loss-weight", "nan"), "'prior_loss_weight' (command-line flags) must be a finite number"),
+    Case("snr-gamma-zero", "accepted nonsense", lambda t, d: run_args(t, d, "--snr-gamma", "0"), "--snr-gamma must be in (0, 1000]"),
     Case("weight-decay-infinite", "accepted nonsense", lambda t, d: run_args(t, d, "--adam-weight-decay", "inf"), "must be a finite number"),
     Case("guidance-nan", "accepted nonsense", lambda t, d: run_args(t, d, "--guidance-scale", "NaN"), "must be a finite number"),
     Case("learning-rate-infinite", "accepted nonsense", lambda t, d: run_args(t, d, "--learning-rate", "inf"), "must be a finite number"),

@@ -14,7 +14,8 @@ from dreambooth.models import load_components
 from dreambooth.subjects import instance_prompts, load_subject_images
 from dreambooth.training.batches import BatchMaker, PriorPool, augment, tokenize
 from dreambooth.training.engine import deepspeed_config
-from dreambooth.training.module import DreamBoothModule, diffusion_target, dreambooth_loss
+from dreambooth.training.module import (DreamBoothModule, diffusion_target, dreambooth_loss, min_snr_weights,
+                                        mixed_batch_loss)
 
 
 def test_loss_matches_hand_computation():
@@ -27,6 +28,59 @@ def test_loss_matches_hand_computation():
     assert parts.total.item() == pytest.approx(2.25 + 0.5 * 3.0)
     no_prior = dreambooth_loss(prediction[:2], target[:2], num_instance=2, prior_loss_weight=1.0)
     assert no_prior.total.item() == pytest.approx(2.25) and no_prior.prior == 0.0
+
+
+def test_loss_weights_scale_each_row_within_its_half():
+    prediction = torch.tensor([[1.0, 2.0], [0.0, 0.0], [3.0, 3.0], [1.0, 1.0]])
+    target = torch.tensor([[0.0, 0.0], [0.0, 2.0], [1.0, 1.0], [1.0, 3.0]])
+    # per-row MSE 2.5, 2.0 | 4.0, 2.0; weights 1, 0.5 | 0.25, 1 → subject (2.5 + 1.0) / 2, prior (1.0 + 2.0) / 2
+    parts = dreambooth_loss(prediction, target, 2, 0.5, weights=torch.tensor([1.0, 0.5, 0.25, 1.0]))
+    assert parts.instance == pytest.approx(1.75) and parts.prior == pytest.approx(1.5)
+    assert parts.total.item() == pytest.approx(1.75 + 0.5 * 1.5)
+    unweighted = dreambooth_loss(prediction, target, 2, 0.5)
+    assert dreambooth_loss(prediction, target, 2, 0.5, weights=torch.ones(4)).total.item() == pytest.approx(
+        unweighted.total.item())
+
+
+def test_min_snr_weights_cap_the_nearly_noise_free_timesteps(tiny_model_path):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_pretrained(tiny_model_path, subfolder="scheduler")
+    t = torch.arange(0, 1000, 37)
+    snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
+    low_noise, high_noise = snr > 5, snr <= 5
+    assert low_noise.any() and high_noise.any()
+    eps = min_snr_weights(scheduler, t, 5.0)  # ε-prediction: min(SNR, γ) / SNR
+    assert torch.allclose(eps[high_noise], torch.ones(int(high_noise.sum())))
+    assert torch.allclose(eps[low_noise], 5 / snr[low_noise], rtol=1e-4) and (eps[low_noise] < 1).all()
+    assert (eps[:-1] <= eps[1:] + 1e-6).all()  # less noise, less weight
+    v_scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type="v_prediction")
+    v = min_snr_weights(v_scheduler, t, 5.0)  # v-prediction: min(SNR, γ) / (SNR + 1), below 1 everywhere
+    assert torch.allclose(v, torch.clamp(snr, max=5) / (snr + 1), rtol=1e-4) and (v < 1).all()
+
+
+def test_snr_gamma_changes_the_loss_and_only_by_the_weights(tiny_model_path):
+    from dreambooth.training.module import LossParts
+
+    parts = load_components(tiny_model_path)
+    module = DreamBoothModule.from_components(parts)
+    latents = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    conditions = {"input_ids": tokenize(parts.tokenizer, ["a sks dog"] * 2 + ["a dog"] * 2)}
+
+    def loss(gamma) -> LossParts:
+        return mixed_batch_loss(module, parts.noise_scheduler, latents, conditions, 2, 1.0,
+                                torch.Generator().manual_seed(3), snr_gamma=gamma)
+
+    generator = torch.Generator().manual_seed(3)  # the timesteps mixed_batch_loss draws (after the noise)
+    torch.randn(latents.shape, generator=generator)
+    drawn = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (4,), generator=generator)
+    snr = parts.noise_scheduler.alphas_cumprod[drawn] / (1 - parts.noise_scheduler.alphas_cumprod[drawn])
+    gamma = float(snr.min()) * 0.99  # caps every row's weight below 1
+    plain, weighted = loss(None), loss(gamma)
+    assert plain.total.item() == pytest.approx(loss(None).total.item())  # same generator, same draw
+    assert weighted.total.item() < plain.total.item()
+    assert parts.noise_scheduler.config.prediction_type == "epsilon"
+    assert loss(1e9).total.item() == pytest.approx(plain.total.item(), rel=1e-5)  # a γ above every SNR caps nothing
 
 
 def test_target_follows_prediction_type(tiny_model_path):

@@ -157,6 +157,11 @@ class TrainConfig:
     prior_loss_weight: float = 1.0
     """λ: weight of the prior-preservation term; 0 trains on the subject alone (no priors needed)."""
 
+    snr_gamma: Optional[float] = None
+    """Min-SNR-γ loss weighting (Hang et al., 2023; diffusers' ``--snr_gamma``, 5.0 recommended): each
+    example's MSE is weighted by min(SNR(t), γ) / SNR(t) (ε-prediction; / (SNR(t) + 1) for v-prediction),
+    so nearly noise-free timesteps, whose targets are easy, pull the weights less. Unset: plain MSE."""
+
     train_text_encoder: bool = True
     """Fine-tune the text encoder too (the paper's all-layers setting); false freezes it."""
 

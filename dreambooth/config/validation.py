@@ -173,6 +173,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     check_range(t.max_grad_norm, 0, 1e6, "--max-grad-norm", " (0 disables clipping)")
     check_range(t.adam_weight_decay, 0, 1, "--adam-weight-decay")
     check_range(t.prior_loss_weight, 0, 1000, "--prior-loss-weight")
+    _check(t.snr_gamma is None or 0 < t.snr_gamma <= 1000,
+           f"--snr-gamma must be in (0, 1000] (5 is the paper's), got {t.snr_gamma}; leave it unset for plain MSE")
     _check(t.mixed_precision in PRECISIONS, f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {shorten(t.mixed_precision)}")
     check_range(t.workers, 1, 4096, "--workers")
     _check(t.launcher in LAUNCHERS, f"--launcher must be one of {', '.join(LAUNCHERS)}, got {shorten(t.launcher)}")

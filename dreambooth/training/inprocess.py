@@ -51,6 +51,8 @@ class FinetuneSettings:
     """``TrainConfig.optimizer``: adamw, adafactor or adamw8bit (CUDA only)."""
     prior_loss_weight: float = 1.0
     """λ of the prior-preservation term; 0 trains on the subject alone."""
+    snr_gamma: float | None = None
+    """``TrainConfig.snr_gamma``: Min-SNR-γ loss weighting; None: plain MSE."""
     resolution: int = 32
     """Training image side."""
     random_flip: bool = False
@@ -96,7 +98,8 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
             optimizer.param_groups[1]["lr"] = schedule.base_lrs[1] = 0.0
         batch = batches.next()
         loss = mixed_batch_loss(module, parts.noise_scheduler, batch.latents, batch.conditions,
-                                batch.num_instance, settings.prior_loss_weight, generator)
+                                batch.num_instance, settings.prior_loss_weight, generator,
+                                settings.snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)

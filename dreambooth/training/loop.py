@@ -329,7 +329,8 @@ def train_step(engine, noise_scheduler, batches: BatchMaker, train, rank: int, s
         batch = batches.next()
         phases.lap("batch")
         loss = mixed_batch_loss(engine, noise_scheduler, batch.latents, batch.conditions, batch.num_instance,
-                                train.prior_loss_weight, step_generator(train.seed, rank, step, micro))
+                                train.prior_loss_weight, step_generator(train.seed, rank, step, micro),
+                                train.snr_gamma)
         phases.lap("forward")
         engine.backward(loss.total)
         phases.lap("backward")

@@ -115,19 +115,41 @@ class LossParts:
     prior: float
 
 
-def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance: int, prior_loss_weight: float) -> LossParts:
+def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance: int, prior_loss_weight: float,
+                    weights: Optional[torch.Tensor] = None) -> LossParts:
     """Subject MSE + λ × prior MSE (paper eq. 2, in the ε/v form Stable Diffusion trains with).
 
     The first ``num_instance`` rows are subject examples, the rest class-prior examples. With no
-    prior rows (λ = 0 runs) the loss is the subject MSE alone.
+    prior rows (λ = 0 runs) the loss is the subject MSE alone. ``weights`` (float [N], e.g.
+    ``min_snr_weights``) scale each row's MSE before the mean of its half; None weighs rows equally.
     """
-    pred_instance, pred_prior = prediction[:num_instance], prediction[num_instance:]
-    target_instance, target_prior = target[:num_instance], target[num_instance:]
-    instance = F.mse_loss(pred_instance.float(), target_instance.float(), reduction="mean")
-    if pred_prior.shape[0] == 0:
+    if weights is None:
+        def half_mse(rows: slice) -> torch.Tensor:
+            return F.mse_loss(prediction[rows].float(), target[rows].float(), reduction="mean")
+    else:
+        per_row = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+        per_row = per_row * weights.to(per_row)
+
+        def half_mse(rows: slice) -> torch.Tensor:
+            return per_row[rows].mean()
+    instance = half_mse(slice(0, num_instance))
+    if prediction.shape[0] == num_instance:
         return LossParts(instance, instance.item(), 0.0)
-    prior = F.mse_loss(pred_prior.float(), target_prior.float(), reduction="mean")
+    prior = half_mse(slice(num_instance, None))
     return LossParts(instance + prior_loss_weight * prior, instance.item(), prior.item())
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """float [N]: Min-SNR-γ loss weights of ``timesteps`` (Hang et al., 2023, as diffusers' training
+    scripts compute them): min(SNR, γ) / SNR for ε-prediction, min(SNR, γ) / (SNR + 1) for
+    v-prediction, where SNR(t) = ᾱ_t / (1 − ᾱ_t) (``diffusers.training_utils.compute_snr``)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
 
 
 def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -141,13 +163,15 @@ def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor
 
 
 def mixed_batch_loss(model, noise_scheduler, latents: torch.Tensor, conditions: Conditions, num_instance: int,
-                     prior_loss_weight: float, generator: torch.Generator) -> LossParts:
+                     prior_loss_weight: float, generator: torch.Generator,
+                     snr_gamma: Optional[float] = None) -> LossParts:
     """One DreamBooth loss evaluation: noise the latents at random timesteps, predict, compare.
 
     ``model`` is a ``DreamBoothModule`` or a DeepSpeed engine wrapping one; ``latents`` [N, C, h, w]
     and every tensor of ``conditions`` (``input_ids`` [N, L], ...) hold ``num_instance`` subject rows,
     then prior rows. Noise and
-    timesteps come from ``generator`` (CPU), so a step's randomness is reproducible.
+    timesteps come from ``generator`` (CPU), so a step's randomness is reproducible. ``snr_gamma``
+    weighs each row by ``min_snr_weights`` (``TrainConfig.snr_gamma``); None: plain MSE.
     """
     device = latents.device
     dtype = next(model.parameters()).dtype
@@ -157,5 +181,6 @@ def mixed_batch_loss(model, noise_scheduler, latents: torch.Tensor, conditions: 
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = model(noisy.to(dtype), timesteps, conditions)
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-    return dreambooth_loss(prediction, target, num_instance, prior_loss_weight)
+    weights = None if snr_gamma is None else min_snr_weights(noise_scheduler, timesteps, snr_gamma)
+    return dreambooth_loss(prediction, target, num_instance, prior_loss_weight, weights)
 
