@@ -306,4 +306,9 @@ def test_eval_command_scores_a_run_with_the_dreambench_suite(dino_dir, tiny_clip
     assert report["scores"]["base"]["other_prompt_fidelity"] == 1.0  # the ratio's reference
     assert report["scores"]["personalized"]["other_prompt_fidelity"] == pytest.approx(
         report["scores"]["personalized"]["other_class_clip_t"] / report["scores"]["base"]["other_class_clip_t"])
-    assert "clip_t" in capsys.readouterr().out  # the score table is printed
+    out = capsys.readouterr().out
+    assert "clip_t" in out  # the score table is printed
+    # The "run" is the base model itself: its verdict says the subject was not learned and what to change.
+    verdict = {finding["measure"]: finding["status"] for finding in report["verdict"]}
+    assert verdict == {"dino": "miss", "clip_t": "ok", "pres_dino": "ok", "other_prompt_fidelity": "ok"}
+    assert "verdict:" in out and "MISS  DINO" in out and "next:\n  learn more of the subject" in out

@@ -55,6 +55,9 @@ def test_demo_personalizes_two_tone_triangle_and_eval_beats_the_base(ray_cluster
     assert set(SHAPES_DRIFT) <= set(tuned) and "clean_class_fidelity" in SHAPES_DRIFT
     # Each ratio with its standard error over the 32 seeds (one image moves a share by 1/32).
     assert all(0 <= tuned[f"{ratio}_stderr"] < 0.25 for ratio in SHAPES_DRIFT)
+    # The verdict agrees with the bounds above (clean class fidelity is not one of them).
+    verdict = {finding["measure"]: finding["status"] for finding in report["verdict"]}
+    assert {verdict[m] for m in ("subject_fidelity", "recontext_shown", "class_fidelity", "other_prompt_fidelity")} == {"ok"}
     recorded = json.loads((out / "run.json").read_text())["priors"]
     assert recorded["extra_prompts"] == 32 and recorded["images"] == 160  # the recipe's captions and priors
     assert recorded["unconditional_share"] == 0.2  # 32 of them drawn for, and trained on, the empty prompt

@@ -193,6 +193,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from dreambooth.evaluation.runner import EvalOptions, evaluate, format_table
+    from dreambooth.evaluation.verdict import Finding, format_findings
 
     check_range(args.images_per_prompt, 1, 64, "--images-per-prompt")
     _check_sampler_flags(args)
@@ -206,6 +207,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     where = args.report or f"{args.output.rstrip('/')}/eval.json"
     print(f"{report['suite']} suite, identifier {report['identifier']!r}, class {report['class_noun']!r}:")
     print(format_table(report))
+    if report["verdict"]:
+        print(format_findings([Finding(**finding) for finding in report["verdict"]]))
     print(f"report: {where}")
     return 0
 

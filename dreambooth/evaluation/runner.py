@@ -13,7 +13,8 @@ suite, and writing ``<output>/eval.json``. Two suites:
                 the subject photos. Embedding models are hub ids or local folders.
 
 With ``compare_base`` the base model is scored the same way on the same seeds, with the identifier
-left out of every prompt: what the model could do before personalization.
+left out of every prompt: what the model could do before personalization. The report's ``verdict``
+(``evaluation.verdict``) says which bounds the run meets and what to change where it misses.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from dreambooth import storage, tracking
+from dreambooth.evaluation import verdict
 from dreambooth.config import ConfigError
 from dreambooth.export import EVAL_RECORD, RUN_RECORD, read_run_record
 from dreambooth.inputs import shorten
@@ -260,6 +262,7 @@ def evaluate(options: EvalOptions) -> dict:
               "settings": {k: v for k, v in vars(options).items() if k not in ("output", "report")},
               "settings_sources": {k: v for k, v in sampler.sources.items() if k != "resolution"},
               "scores": scores}
+    report["verdict"] = [finding.as_dict() for finding in verdict.findings(report)]
     storage.write_bytes_atomic(options.report or storage.join(run.output, EVAL_RECORD),
                                json.dumps(report, indent=2).encode())
     if report_to != "none":

@@ -1,0 +1,75 @@
+"""``dreambooth eval``'s verdict: which bounds a run meets, which it misses, and what to change."""
+
+from __future__ import annotations
+
+from dreambooth.evaluation.verdict import (CLASS_FIX, CONTEXT_FIX, LEARN_FIX, OTHER_FIX, PRES_FIX, findings,
+                                           format_findings)
+
+
+def shapes_report(per_prompt: int = 8, **personalized) -> dict:
+    tuned = {"subject_fidelity": 0.76, "subject_match": 0.5, "subject_match_stderr": 0.05,
+             "recontext_shown": 0.55, "recontext_shown_stderr": 0.03, "pres": 0.0, "vae_ceiling": 0.93,
+             "class_fidelity": 1.0, "class_fidelity_stderr": 0.05,
+             "other_prompt_fidelity": 0.97, "other_prompt_fidelity_stderr": 0.01} | personalized
+    base = {"subject_fidelity": 0.15, "subject_match": 0.0, "recontext_shown": 0.0, "pres": 0.0,
+            "vae_ceiling": 0.93, "class_fidelity": 1.0, "other_prompt_fidelity": 1.0}
+    return {"suite": "shapes", "settings": {"images_per_prompt": per_prompt},
+            "scores": {"personalized": tuned, "base": base}}
+
+
+def statuses(report: dict) -> dict[str, str]:
+    return {f.measure: f.status for f in findings(report)}
+
+
+def test_a_run_within_every_bound_gets_no_next_steps():
+    found = findings(shapes_report())
+    assert {f.measure: f.status for f in found} == {
+        "subject_fidelity": "ok", "recontext_shown": "ok", "class_fidelity": "ok",
+        "other_prompt_fidelity": "ok", "pres": "ok"}
+    text = format_findings(found)
+    assert text.startswith("verdict:") and "next:" not in text and "MISS" not in text
+
+
+def test_a_drifted_class_is_a_miss_that_names_the_slower_text_encoder():
+    found = {f.measure: f for f in findings(shapes_report(class_fidelity=0.6, class_fidelity_stderr=0.05))}
+    assert found["class_fidelity"].status == "miss" and found["class_fidelity"].next == CLASS_FIX
+    assert "0.60 of the base model" in found["class_fidelity"].text
+    assert "--text-encoder-learning-rate 5e-5" in format_findings(list(found.values()))
+
+
+def test_a_miss_within_two_standard_errors_asks_for_more_images_not_a_new_recipe():
+    found = {f.measure: f for f in findings(shapes_report(other_prompt_fidelity=0.85,
+                                                          other_prompt_fidelity_stderr=0.04))}
+    assert found["other_prompt_fidelity"].status == "noise"
+    assert "--images-per-prompt 32" in found["other_prompt_fidelity"].next
+    far = {f.measure: f for f in findings(shapes_report(other_prompt_fidelity=0.7, other_prompt_fidelity_stderr=0.04))}
+    assert far["other_prompt_fidelity"].status == "miss" and far["other_prompt_fidelity"].next == OTHER_FIX
+
+
+def test_an_unlearned_subject_is_blamed_on_the_vae_only_at_its_ceiling():
+    unlearned = {f.measure: f for f in findings(shapes_report(subject_fidelity=0.3))}
+    assert unlearned["subject_fidelity"].status == "miss" and unlearned["subject_fidelity"].next == LEARN_FIX
+    capped = {f.measure: f for f in findings(shapes_report(subject_fidelity=0.4, vae_ceiling=0.42))}
+    assert capped["subject_fidelity"].status == "miss" and "VAE" in capped["subject_fidelity"].next
+
+
+def test_new_contexts_losing_the_subject_and_a_lost_class_prior_are_misses():
+    found = {f.measure: f for f in findings(shapes_report(subject_match=0.9, recontext_shown=0.4, pres=0.6))}
+    assert found["recontext_shown"].status == "miss" and found["recontext_shown"].next == CONTEXT_FIX
+    assert found["pres"].status == "miss" and found["pres"].next == PRES_FIX
+    assert statuses(shapes_report(subject_match=0.6, recontext_shown=0.55))["recontext_shown"] == "noise"
+
+
+def test_dreambench_verdict_compares_dino_clip_t_and_pres_with_the_base():
+    base = {"dino": 0.30, "clip_i": 0.6, "clip_t": 0.31, "pres_dino": 0.30, "other_class_clip_t": 0.30,
+            "other_prompt_fidelity": 1.0}
+    good = base | {"dino": 0.62, "clip_t": 0.30, "pres_dino": 0.33, "other_prompt_fidelity": 0.97}
+    report = {"suite": "dreambench", "settings": {"images_per_prompt": 4},
+              "scores": {"personalized": good, "base": base}}
+    assert set(statuses(report).values()) == {"ok"} and len(statuses(report)) == 4
+    report["scores"]["personalized"] = good | {"dino": 0.33, "pres_dino": 0.6}
+    assert statuses(report) == {"dino": "miss", "clip_t": "ok", "pres_dino": "miss",
+                                "other_prompt_fidelity": "ok"}
+    alone = {k: v for k, v in good.items() if k != "other_prompt_fidelity"}  # no ratio without a base
+    report["scores"] = {"personalized": alone}  # --no-base: nothing to compare with
+    assert findings(report) == []
