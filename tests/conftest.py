@@ -93,3 +93,26 @@ def _quiet_libraries():
     from dreambooth.models import quiet_libraries
 
     quiet_libraries()
+
+
+# --- Helm chart (tests/test_helm_*.py; helpers in tests/chart_helpers.py) ------------------
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """The helm binary from scripts/ensure-helm.sh (PATH, else .venv/bin/helm, else fetched once)."""
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "ensure-helm.sh")],
+        capture_output=True, text=True, timeout=600,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/ensure-helm.sh failed:\n{proc.stderr}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def rendered(helm) -> dict[str, list[dict]]:
+    """Every helm/dreambooth/ci/*-values.yaml rendered once: {file name: objects}."""
+    import chart_helpers as ch
+
+    return {p.name: ch.render(helm, "-f", str(p)) for p in ch.CI_FILES}
