@@ -19,7 +19,7 @@ per-subject RayJob, ``client`` applies objects, ``status`` reads them back):
 Every RayJob gets a submitter pod template with the restricted Pod Security Standard's
 securityContext (KubeRay's default submitter pod has none and is rejected where it is enforced).
 The Helm chart renders the same objects (``jobs.layout``); ``tests/test_kube_cli.py`` and
-``tests/test_helm_chart.py`` check them.
+``tests/test_helm_layouts.py`` check them.
 """
 
 from __future__ import annotations
