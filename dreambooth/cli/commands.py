@@ -192,6 +192,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from dreambooth import storage
+    from dreambooth.evaluation import many
     from dreambooth.evaluation.runner import EvalOptions, evaluate, format_table
     from dreambooth.evaluation.verdict import Finding, format_findings
 
@@ -203,6 +205,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale, compare_base=not args.no_base,
         dino_model=args.dino_model, clip_model=args.clip_model, report=args.report,
     )
+    subjects = many.bulk_subjects(args.output)
+    if subjects is not None:
+        for flag, value in (("--report", args.report), ("--shapes-subject", args.shapes_subject)):
+            if value:
+                raise ConfigError(f"{flag} names one run, but {args.output} is a bulk output ({len(subjects)} "
+                                  f"subjects); each subject's eval.json and {many.EVAL_SUMMARY} are written there")
+        results = many.evaluate_bulk(args.output, options, subjects)
+        print(many.format_bulk(results))
+        print(f"summary: {storage.join(args.output, many.EVAL_SUMMARY)} (each subject's eval.json beside its model)")
+        return 0
     report = evaluate(options)
     where = args.report or f"{args.output.rstrip('/')}/eval.json"
     print(f"{report['suite']} suite, identifier {report['identifier']!r}, class {report['class_noun']!r}:")
@@ -246,6 +258,7 @@ def cmd_bulk(args: argparse.Namespace) -> int:
     if not report.ok:
         print("next: fix the failed subjects and run the same command again; finished subjects are skipped")
         return 1
+    print(f"next: dreambooth eval --output {args.output}   # scores every subject, with a verdict each")
     return 0
 
 

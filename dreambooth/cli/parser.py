@@ -184,9 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = _parser(
         sub, "eval", "Score a personalized run: subject fidelity, prompt fidelity, PRES, DIV (or DINO/CLIP-I/CLIP-T).",
-        "dreambooth eval --output runs/demo/checker_square --images-per-prompt 8",
+        "dreambooth eval --output runs/demo/checker_square --images-per-prompt 8\n"
+        "  dreambooth eval --output s3://bucket/runs     # a bulk output: scores every finished subject",
     )
-    evaluate.add_argument("--output", required=True, help="finished run folder/URI (holds run.json)")
+    evaluate.add_argument("--output", required=True,
+                          help="finished run folder/URI (holds run.json), or a bulk output (holds bulk-summary.json): "
+                               "every finished subject is scored")
     evaluate.add_argument("--suite", default="auto", choices=("auto", "shapes", "dreambench"),
                           help="shapes-world analyzers or the paper's embedding metrics (auto: shapes for the shapes model)")
     evaluate.add_argument("--shapes-subject", default=None, help="shapes subject name (default: the photo folder's name)")
