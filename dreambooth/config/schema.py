@@ -160,7 +160,9 @@ class TrainConfig:
     snr_gamma: Optional[float] = None
     """Min-SNR-γ loss weighting (Hang et al., 2023; diffusers' ``--snr_gamma``, 5.0 recommended): each
     example's MSE is weighted by min(SNR(t), γ) / SNR(t) (ε-prediction; / (SNR(t) + 1) for v-prediction),
-    so nearly noise-free timesteps, whose targets are easy, pull the weights less. Unset: plain MSE."""
+    so nearly noise-free timesteps, whose targets are easy, pull the weights less. Unset: plain MSE.
+    (On the ``shapes`` model γ = 5 learned less of the subject and kept no more of the rest:
+    benchmarks/RESULTS.md, round 16.)"""
 
     train_text_encoder: bool = True
     """Fine-tune the text encoder too (the paper's all-layers setting); false freezes it."""

@@ -123,7 +123,7 @@ def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance
     prior rows (λ = 0 runs) the loss is the subject MSE alone. ``weights`` (float [N], e.g.
     ``min_snr_weights``) scale each row's MSE before the mean of its half; None weighs rows equally.
     """
-    if weights is None:
+    if weights is None:  # the plain MSE's own arithmetic, so unweighted runs reproduce earlier ones bit for bit
         def half_mse(rows: slice) -> torch.Tensor:
             return F.mse_loss(prediction[rows].float(), target[rows].float(), reduction="mean")
     else:
