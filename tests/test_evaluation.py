@@ -14,7 +14,7 @@ import torch
 from dreambooth.cli import main
 from dreambooth.config import ConfigError
 from dreambooth.evaluation import runner
-from dreambooth.evaluation.shapes import evaluate_subject, recontext_asks, score
+from dreambooth.evaluation.shapes import evaluate_subject, recontext_asks, score, shown_at_sizes
 from dreambooth.shapes import SUBJECTS, Scene, caption, render, render_subject
 from dreambooth.shapes.world import PLACE_PHRASES
 
@@ -28,7 +28,10 @@ class ScriptedPipe:
 
     ``mode``: ``faithful`` draws the subject when the identifier is in the prompt and a plain
     class object otherwise, where and on what the prompt asks; ``overfit`` draws the same subject
-    image whatever the prompt; ``base`` never draws the subject.
+    image whatever the prompt; ``base`` never draws the subject; ``shrinks`` is ``faithful`` except
+    that a prompt naming a place or background gets, on odd seeds, a small object without the
+    subject's pattern (as a model that draws the subject smaller in new contexts, where the VAE loses
+    the pattern); ``loses`` does the same at the subject's own size.
     """
 
     def __init__(self, mode: str):
@@ -44,7 +47,11 @@ class ScriptedPipe:
             match = _BG.search(prompt)
             bg = match[1] if match else SUBJECT.backgrounds[rng.integers(len(SUBJECT.backgrounds))]
             position = next((p for p, phrase in PLACE_PHRASES.items() if phrase in prompt), "center")
-            if self.mode == "faithful" and V in prompt.split():
+            in_context = prompt != f"a {V} {SUBJECT.class_noun}"
+            if self.mode in ("shrinks", "loses") and V in prompt.split() and in_context and gen.initial_seed() % 2:
+                size = "small" if self.mode == "shrinks" else "large"
+                images.append(render(Scene(SUBJECT.class_noun, SUBJECT.color, bg, position, size), 32, rng))
+            elif self.mode in ("faithful", "shrinks", "loses") and V in prompt.split():
                 images.append(render_subject(SUBJECT, bg, position, "large", 32, rng))
             else:
                 color = "yellow" if bg != "yellow" else "black"
@@ -83,6 +90,25 @@ def test_the_base_model_never_shows_the_subject(references):
     assert report.subject_match == 0.0 and report.pres == 0.0 and report.recontext_shown == 0.0
     assert report.subject_fidelity < faithful.subject_fidelity - 0.2
     assert report.prompt_fidelity == 1.0 and report.recontext_subject_match == 0.0
+
+
+def test_shown_at_sizes_weights_each_drawn_size_by_the_bare_prompts_sizes():
+    shown = [True, False, False, True, False]
+    drawn = ["large", "large", "small", "medium", "small"]
+    # large 1/2 (weight 3), small 0/2 (weight 1); "medium" is never drawn by the bare prompt
+    assert shown_at_sizes(shown, drawn, ["large"] * 3 + ["small"]) == pytest.approx(0.375)
+    assert shown_at_sizes(shown, drawn, ["medium"]) == 1.0
+    assert shown_at_sizes(shown, drawn, ["none"]) == pytest.approx(0.4)  # no size in common: the plain share
+
+
+def test_a_model_that_draws_the_subject_smaller_in_new_contexts_keeps_it_at_the_bare_prompts_sizes(references):
+    shrinks = evaluate_subject(ScriptedPipe("shrinks"), SUBJECT, references, V, images_per_prompt=4)
+    assert shrinks.subject_match == 1.0 and shrinks.recontext_shown == 0.5
+    assert shrinks.subject_small_share == 0.0 and shrinks.recontext_small_share == 0.5
+    assert shrinks.recontext_shown_at_subject_sizes == 1.0
+    loses = evaluate_subject(ScriptedPipe("loses"), SUBJECT, references, V, images_per_prompt=4)
+    assert loses.recontext_shown == 0.5 and loses.recontext_small_share == 0.0
+    assert loses.recontext_shown_at_subject_sizes == 0.5
 
 
 def test_score_reports_each_asked_field():

@@ -281,9 +281,10 @@ def format_table(report: dict) -> str:
         error = scores.get(measure + STDERR)
         return f"{scores[measure]:.3f}" + ("" if error is None else f" ± {error:.3f}")
 
-    lines = [f"{'measure':<26}" + "".join(f"{m:>18}" for m in models)]
+    width = max(26, *(len(m) + 2 for m in measures))
+    lines = [f"{'measure':<{width}}" + "".join(f"{m:>18}" for m in models)]
     for measure in measures:
-        lines.append(f"{measure:<26}" + "".join(f"{cell(report['scores'][m], measure):>18}" for m in models))
+        lines.append(f"{measure:<{width}}" + "".join(f"{cell(report['scores'][m], measure):>18}" for m in models))
     if any(key.endswith(STDERR) for scores in report["scores"].values() for key in scores):
         per_prompt = report.get("settings", {}).get("images_per_prompt")
         lines.append(f"± one standard error over the sampling seeds ({per_prompt} images per prompt); "

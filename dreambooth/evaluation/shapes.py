@@ -7,6 +7,7 @@ test checks; ``dreambooth eval`` builds its subject measures on ``generate``.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -113,6 +114,12 @@ class SubjectReport:
     the asked background or position; ``recontext_subject_match``: share of them that also show the
     subject; ``recontext_shown``: share of them that show the subject, whatever the background or
     position (a recipe that keeps the subject in new contexts has it >= ``subject_match``).
+    ``recontext_shown_at_subject_sizes``: ``recontext_shown`` counted per size the analyzer reads,
+    weighted by how often the bare prompt draws each size: a model that only draws the subject
+    smaller in new contexts (where the VAE cannot carry a pattern: ``vae_ceiling`` of small renders
+    is about half that of large ones) has it >= ``subject_match`` while ``recontext_shown`` is below.
+    ``subject_small_share`` / ``recontext_small_share``: share of the bare prompt's / the new
+    contexts' images drawn small.
     ``pres``: share of "a [class]" images that show the subject (lower is better: the
     class prior survived). ``div``: mean pairwise RMS pixel distance between "a [V] [class]" images
     (higher is more varied, the analogue of the paper's LPIPS-based DIV).
@@ -128,9 +135,25 @@ class SubjectReport:
     subject_match_stderr: float = 0.0
     """``rate_stderr`` of ``subject_match`` (and of ``recontext_shown`` below)."""
     recontext_shown_stderr: float = 0.0
+    recontext_shown_at_subject_sizes: float = 0.0
+    subject_small_share: float = 0.0
+    recontext_small_share: float = 0.0
 
     def as_dict(self) -> dict:
         return dict(vars(self))
+
+
+def shown_at_sizes(shown: Sequence[bool], sizes: Sequence[str], reference_sizes: Sequence[str]) -> float:
+    """Share of images that show the subject, per drawn size, averaged with the weights of
+    ``reference_sizes`` (the sizes the bare prompt drew); sizes ``shown`` has no image of are left
+    out of the weights, and with no size in common it is the plain share."""
+    weights = Counter(reference_sizes)
+    per_size = {size: [hit for hit, drawn in zip(shown, sizes) if drawn == size] for size in weights}
+    covered = {size: hits for size, hits in per_size.items() if hits}
+    if not covered:
+        return float(np.mean(shown))
+    total = sum(weights[size] for size in covered)
+    return float(sum(weights[size] * np.mean(hits) for size, hits in covered.items()) / total)
 
 
 def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], identifier: str, *,
@@ -148,12 +171,15 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
     subject_images, class_images, recontext = per_prompt[0], per_prompt[1], per_prompt[2:]
     ref_features = [subject_features(r) for r in references]
     fidelity = [subject_similarity(subject_features(img), ref) for img in subject_images for ref in ref_features]
-    asked, shown = [], []
+    asked, shown, recontext_sizes = [], [], []
     for (_, field, value), group in zip(asks, recontext):
         for img in group:
-            asked.append(getattr(analyze(img), field) == value)
+            analysis = analyze(img)
+            asked.append(getattr(analysis, field) == value)
             shown.append(is_subject(img, subject))
+            recontext_sizes.append(analysis.size)
     matched = [is_subject(i, subject) for i in subject_images]
+    subject_sizes = [analyze(i).size for i in subject_images]
     return SubjectReport(
         subject_fidelity=float(np.mean(fidelity)),
         subject_match=float(np.mean(matched)),
@@ -164,6 +190,9 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
         div=pairwise_distance(subject_images),
         subject_match_stderr=rate_stderr(matched),
         recontext_shown_stderr=rate_stderr(shown),
+        recontext_shown_at_subject_sizes=shown_at_sizes(shown, recontext_sizes, subject_sizes),
+        subject_small_share=float(np.mean([size == "small" for size in subject_sizes])),
+        recontext_small_share=float(np.mean([size == "small" for size in recontext_sizes])),
     )
 
 
