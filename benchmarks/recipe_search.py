@@ -52,8 +52,8 @@ from dreambooth.config import fill_prior_prompt  # noqa: E402
 from dreambooth.identifier import pick_identifiers  # noqa: E402
 from dreambooth.priors import prompt_at  # noqa: E402
 from dreambooth.models import load_components, load_pipeline, quiet_libraries, resolve_model  # noqa: E402
-from dreambooth.shapes import SUBJECTS, new_subjects, write_subject_images  # noqa: E402
-from dreambooth.subjects import instance_prompts, load_subject_images  # noqa: E402
+from dreambooth.shapes import SIZES, SUBJECTS, new_subjects, write_subject_images  # noqa: E402
+from dreambooth.subjects import instance_prompts, load_subject_images, training_examples  # noqa: E402
 from dreambooth.training.inprocess import FinetuneSettings, finetune  # noqa: E402
 
 SUBJECT_SETS = {
@@ -87,6 +87,11 @@ class Recipe:
     captioned_and_bare: bool = False
     """Each photo trains twice as often: once on its caption, once on "a [V] [class]" (the bare prompt
     stays the identifier's anchor while the captions say what else a photo shows)."""
+    captions_name_size: bool = True
+    """Whether a captioned photo's caption keeps its size word ("a large [V] star in the top left on a blue
+    background"). Without it the caption names only place and background, so the size the photos show is
+    bound to "[V] [class]" in every context rather than to the size word: prompts that name no size (every
+    recontextualization prompt) otherwise fall back to the base model's sizes, small ones included."""
     in_class_captions: int = 0
     """How many of the ``caption_priors`` are captions of the class itself in every colour, size, place
     and background ("a small green triangle in the top left on a red background"; the rest are of any
@@ -216,6 +221,15 @@ VARIANTS: dict[str, Recipe] = {
     "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps, min-SNR 5": dataclasses.replace(
         START, num_priors=96, caption_priors=32, unconditional_priors=32, learning_rate=3e-4,
         text_encoder_learning_rate=1e-4, steps=600, snr_gamma=5.0),
+    # Round 17: the recontextualization gap is the subject drawn smaller (round 17's size analysis), so photos
+    # trained on captions that name place and background but not size.
+    "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps, size-free captions": dataclasses.replace(
+        START, num_priors=96, caption_priors=32, unconditional_priors=32, learning_rate=3e-4,
+        text_encoder_learning_rate=1e-4, steps=600, captioned=True, captions_name_size=False),
+    "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps, size-free captioned and bare photos":
+        dataclasses.replace(START, num_priors=96, caption_priors=32, unconditional_priors=32, learning_rate=3e-4,
+                            text_encoder_learning_rate=1e-4, steps=600, captioned_and_bare=True,
+                            captions_name_size=False),
 }
 CHOSEN = "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps"
 """The shapes model's shipped recipe (``dreambooth/data/shapes/dreambooth.yaml``). Rounds 1-3 were chosen on the
@@ -297,12 +311,13 @@ class Study:
         references = [image.to_pil() for image in images]
         identifier = pick_identifiers(self.base.tokenizer, 1, seed)[0]
         instance_prompt = f"a {identifier} {subject.class_noun}"
+        if not recipe.captions_name_size:
+            images = [dataclasses.replace(image, caption=without_size(image.caption)) for image in images]
         if recipe.captioned:
             instance_prompt = instance_prompts(images, instance_prompt, identifier, subject.class_noun)
-        elif recipe.captioned_and_bare:
-            instance_prompt = instance_prompts(images, instance_prompt, identifier, subject.class_noun) + [
-                instance_prompt] * len(images)
-            images = images + images
+        elif recipe.captioned_and_bare:  # every photo here has a caption: each twice, as --bare-prompt-with-captions
+            images, instance_prompt = training_examples(images, instance_prompt, identifier, subject.class_noun,
+                                                        bare_prompt_with_captions=True)
         parts = copy.copy(self.base)
         parts.unet, parts.text_encoder = copy.deepcopy(self.base.unet), copy.deepcopy(self.base.text_encoder)
         priors, prior_prompts = self.priors(subject.class_noun, recipe)
@@ -317,9 +332,16 @@ class Study:
         return {g: self.score(parts, subject, references, identifier, g) for g in self.args.guidance}
 
 
+def without_size(caption: str) -> str:
+    """A caption with its size word dropped ("a large {identifier} {class_noun} ..." -> "a {identifier}
+    {class_noun} ...": ``shapes.subject_caption`` without a size)."""
+    return " ".join(word for word in caption.split() if word not in SIZES)
+
+
 def subjects_of(sets: list[str], scripted: int, root: Path, scripted_seed: int = SCRIPTED_SEED):
-    """(subject, photo folder) pairs, written under ``root`` with captions beside the photos (read only by
-    ``captioned`` recipes); the shipped subjects' photos are the committed ones (seed 0)."""
+    """(subject, photo folder) pairs, written under ``root`` with captions beside the photos naming size, place
+    and background (read only by ``captioned`` recipes, which drop the size unless ``captions_name_size``); the
+    shipped subjects' photos are the committed ones (seed 0)."""
     chosen = []
     scripted_names = {subject.name: subject for subject in new_subjects(scripted, scripted_seed)}
     for name in sets:
@@ -327,16 +349,16 @@ def subjects_of(sets: list[str], scripted: int, root: Path, scripted_seed: int =
             for subject in new_subjects(scripted, scripted_seed):
                 folder = root / subject.name
                 write_subject_images(subject, folder, seed=scripted_seed, sizes=("small", "medium", "large"),
-                                     captions=True)
+                                     captions=True, caption_size=True)
                 chosen.append((subject, folder))
         elif name in scripted_names:  # one scripted subject, by its name
             subject = scripted_names[name]
             write_subject_images(subject, root / name, seed=scripted_seed, sizes=("small", "medium", "large"),
-                                 captions=True)
+                                 captions=True, caption_size=True)
             chosen.append((subject, root / name))
         else:
             for shipped in SUBJECT_SETS.get(name, (name,)):
-                write_subject_images(SUBJECTS[shipped], root / shipped, seed=0, captions=True)
+                write_subject_images(SUBJECTS[shipped], root / shipped, seed=0, captions=True, caption_size=True)
                 chosen.append((SUBJECTS[shipped], root / shipped))
     return chosen
 

@@ -10,6 +10,8 @@ A photo may carry its own training prompt: a ``.txt`` file named like it (``dog_
 optional, e.g. ``a {identifier} {class_noun} on a red sofa``. Captions that say what else the photo
 shows (background, place, pose) keep those things out of what the identifier means, so "a [V] dog
 on the beach" can change them. Photos without one train on ``--instance-prompt`` ("a [V] [class]").
+With ``--bare-prompt-with-captions`` a captioned photo trains on its caption and on the bare
+instance prompt, half the time each (``training_examples``).
 
 The result is a list of ``SubjectImage`` (name + RGB PNG bytes), small enough to ship to every
 training worker inside the train-loop config.
@@ -66,6 +68,19 @@ def instance_prompts(images: list[SubjectImage], instance_prompt: str, identifie
     """The training prompt of each photo: its caption filled in, else ``instance_prompt``."""
     return [instance_prompt if image.caption is None
             else image.caption.format(identifier=identifier, class_noun=class_noun) for image in images]
+
+
+def training_examples(images: list[SubjectImage], instance_prompt: str, identifier: str, class_noun: str, *,
+                      bare_prompt_with_captions: bool = False) -> tuple[list[SubjectImage], list[str]]:
+    """The (photo, prompt) pairs training draws from, uniformly: each photo on ``instance_prompts``'
+    prompt, and with ``bare_prompt_with_captions`` each captioned photo a second time on the bare
+    ``instance_prompt`` — the bare prompt stays the identifier's anchor while the captions tie the
+    subject to the places and backgrounds they name."""
+    prompts = instance_prompts(images, instance_prompt, identifier, class_noun)
+    if not bare_prompt_with_captions:
+        return list(images), prompts
+    captioned = [image for image in images if image.caption is not None]
+    return list(images) + captioned, prompts + [instance_prompt] * len(captioned)
 
 
 def _stem(name: str) -> str:

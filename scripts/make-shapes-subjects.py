@@ -26,7 +26,7 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=SEED, help="which new subjects, and their photos")
     parser.add_argument("--output", type=Path, default=ROOT, help="parent folder of the subject folders")
     parser.add_argument("--captions", action="store_true",
-                        help="also a caption beside each photo (size, place, background), which `run` trains on")
+                        help="also a caption beside each photo (place and background), which `run` trains on")
     args = parser.parse_args()
     if args.new:
         for subject in new_subjects(args.new, args.seed):

@@ -11,7 +11,7 @@ import torch
 
 from dreambooth.config import TrainConfig
 from dreambooth.models import load_components
-from dreambooth.subjects import instance_prompts, load_subject_images
+from dreambooth.subjects import instance_prompts, load_subject_images, training_examples
 from dreambooth.training.batches import BatchMaker, PriorPool, augment, tokenize
 from dreambooth.training.engine import deepspeed_config
 from dreambooth.training.module import (DreamBoothModule, diffusion_target, dreambooth_loss, min_snr_weights,
@@ -146,6 +146,16 @@ def test_subject_rows_are_trained_on_each_photos_own_caption(tiny_model_path, do
     with pytest.raises(ValueError, match="4 instance prompts for 5 photos"):
         BatchMaker(images, parts, prompts[:4], "a dog", resolution=32, batch_size=2, center_crop=True,
                    random_flip=False, seed=0, priors=None, device=torch.device("cpu"))
+
+
+def test_bare_prompt_with_captions_adds_each_captioned_photo_once_more_on_the_bare_prompt(dog_dir):
+    (dog_dir / "02.txt").write_text("a {identifier} {class_noun} on a red sofa\n")
+    images = load_subject_images(str(dog_dir), 32)
+    alone, prompts = training_examples(images, "a sks dog", "sks", "dog")
+    assert alone == images and prompts == instance_prompts(images, "a sks dog", "sks", "dog")
+    examples, prompts = training_examples(images, "a sks dog", "sks", "dog", bare_prompt_with_captions=True)
+    assert [image.name for image in examples] == [image.name for image in images] + [images[2].name]
+    assert prompts.count("a sks dog on a red sofa") == 1 and prompts[-1] == "a sks dog" and len(prompts) == 6
 
 
 def test_prior_rows_are_trained_on_the_prompt_each_prior_was_generated_from(tiny_model_path, dog_dir):

@@ -217,6 +217,12 @@ class TrainConfig:
     random_flip: bool = True
     """Flip subject photos horizontally at random (augmentation)."""
 
+    bare_prompt_with_captions: bool = False
+    """A photo with a caption (``.txt`` beside it) trains on the caption and on the bare instance
+    prompt, half the time each, instead of on its caption only: the bare "a [V] [class]" stays the
+    identifier's anchor while the captions bind the subject to the places and backgrounds they name.
+    No effect on photos without a caption."""
+
     seed: int = 0
     """Seed of noise, timesteps and augmentation (each rank adds its rank)."""
 

@@ -393,17 +393,23 @@ def render_subject(subject: Subject, background: str, position: str = "center",
     return compose(background, [(primary, subject.color), (second, subject.secondary)])
 
 
-def subject_caption(size: str, position: str, background: str) -> str:
+def subject_caption(position: str, background: str, size: str | None = None) -> str:
     """A subject photo's caption (``dreambooth.subjects``): the base grammar with ``{identifier}
-    {class_noun}`` for colour and shape, e.g. "a large {identifier} {class_noun} in the top left on
-    a blue background"."""
-    return f"a {size} {{identifier}} {{class_noun}} {PLACE_PHRASES[position]} on {article(background)} {background} background"
+    {class_noun}`` for colour and shape, e.g. "a {identifier} {class_noun} in the top left on a blue
+    background". ``size`` adds the size word ("a large {identifier} ..."); left out by default, so the
+    size the photos show stays the subject's in every context: a prompt that names no size (every
+    recontextualization prompt) otherwise falls back to the base model's sizes, small ones included,
+    where the VAE loses the subject's pattern (benchmarks/RESULTS.md, round 17)."""
+    words = " ".join(w for w in ("a", size, "{identifier} {class_noun}") if w)
+    return f"{words} {PLACE_PHRASES[position]} on {article(background)} {background} background"
 
 
 def write_subject_images(subject: Subject, folder: str | Path, n: int = 5, resolution: int = 32,
-                         seed: int = 0, sizes: Sequence[str] = ("medium", "large"), captions: bool = False) -> list[Path]:
+                         seed: int = 0, sizes: Sequence[str] = ("medium", "large"), captions: bool = False,
+                         caption_size: bool = False) -> list[Path]:
     """n PNGs of the subject at varied positions, sizes and plain backgrounds; returns the paths.
-    ``captions``: also a ``.txt`` beside each saying what it shows (``subject_caption``)."""
+    ``captions``: also a ``.txt`` beside each saying what it shows (``subject_caption``: place and
+    background, and its size with ``caption_size``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -417,5 +423,6 @@ def write_subject_images(subject: Subject, folder: str | Path, n: int = 5, resol
         paths.append(folder / f"{subject.name}_{i:02d}.png")
         image.save(paths[-1])
         if captions:
-            paths[-1].with_suffix(".txt").write_text(subject_caption(size, position, background) + "\n")
+            paths[-1].with_suffix(".txt").write_text(
+                subject_caption(position, background, size if caption_size else None) + "\n")
     return paths

@@ -33,7 +33,7 @@ import torch
 from dreambooth import export, storage, tracking
 from dreambooth.models import Components, load_components, load_sampling_scheduler, quiet_libraries
 from dreambooth.priors import read_priors
-from dreambooth.subjects import instance_prompts, load_subject_images
+from dreambooth.subjects import instance_prompts, load_subject_images, training_examples
 from dreambooth.training import checkpoint
 from dreambooth.training.batches import BatchMaker, PriorPool
 from dreambooth.training.engine import build_engine, skip_shared_memory_comm_for_one_rank
@@ -250,9 +250,10 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
     batch_seed = derived_seed(train.seed, rank, start_step)  # photo draws and prior order of this attempt
     priors = (PriorPool(prior_latents, train.train_batch_size, batch_seed, prior_prompts)
               if prior_latents is not None else None)
+    examples, prompts = training_examples(images, cfg.subject.instance_prompt, cfg.subject.identifier,
+                                          cfg.subject.class_noun, bare_prompt_with_captions=train.bare_prompt_with_captions)
     batches = BatchMaker(
-        images, worker.base, instance_prompts(images, cfg.subject.instance_prompt, cfg.subject.identifier,
-                                              cfg.subject.class_noun), cfg.subject.class_prompt,
+        examples, worker.base, prompts, cfg.subject.class_prompt,
         resolution=train.resolution, batch_size=train.train_batch_size, center_crop=train.center_crop,
         random_flip=train.random_flip, seed=batch_seed, priors=priors, device=device,
     )
