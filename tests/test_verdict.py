@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dreambooth.evaluation.verdict import (CLASS_FIX, CONTEXT_FIX, LEARN_FIX, OTHER_FIX, PRES_FIX, findings,
+from dreambooth.evaluation.verdict import (CLASS_FIX, CONTEXT_FIX, LEARN_FIX, OTHER_FIX, PRES_FIX, SIZE_FIX, findings,
                                            format_findings)
 
 
@@ -73,3 +73,15 @@ def test_dreambench_verdict_compares_dino_clip_t_and_pres_with_the_base():
     alone = {k: v for k, v in good.items() if k != "other_prompt_fidelity"}  # no ratio without a base
     report["scores"] = {"personalized": alone}  # --no-base: nothing to compare with
     assert findings(report) == []
+
+
+def test_new_contexts_that_only_draw_the_subject_smaller_name_size_free_captions():
+    smaller = dict(subject_match=0.9, recontext_shown=0.4, recontext_shown_at_subject_sizes=0.92,
+                   subject_small_share=0.1, recontext_small_share=0.6)
+    found = {f.measure: f for f in findings(shapes_report(**smaller))}
+    assert found["recontext_shown"].status == "miss" and found["recontext_shown"].next == SIZE_FIX
+    assert "small 60% of the time vs 10%" in found["recontext_shown"].text
+    lost = {f.measure: f for f in findings(shapes_report(**(smaller | {"recontext_shown_at_subject_sizes": 0.5})))}
+    assert lost["recontext_shown"].next == CONTEXT_FIX  # lost at its own sizes too: not a size effect
+    same_sizes = smaller | {"recontext_small_share": 0.1}
+    assert {f.measure: f for f in findings(shapes_report(**same_sizes))}["recontext_shown"].next == CONTEXT_FIX

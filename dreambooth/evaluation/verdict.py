@@ -61,7 +61,19 @@ OTHER_FIX = ("keep the other prompts: priors of other captions (--extra-prior-pr
 LEARN_FIX = "learn more of the subject: more --max-train-steps or a higher --learning-rate"
 CONTEXT_FIX = ("keep the subject in new contexts: fewer --max-train-steps (800 steps instead of 600 lost it in new "
                "contexts 0.11 more often than on the bare prompt)")
+SIZE_FIX = ("keep the subject's size in new contexts: caption each photo with its place and background but not its "
+            "size (a .txt beside it: 'a {identifier} {class_noun} in the top left on a blue background') and train with "
+            "--bare-prompt-with-captions")
 PRES_FIX = "keep the class prior: --prior-loss-weight 1 or more, and more --num-class-images"
+
+
+def _drawn_smaller(tuned: dict) -> bool:
+    """New contexts lose the subject only by drawing it small: at the bare prompt's sizes they show it
+    as often as the bare prompt does (``SubjectReport.recontext_shown_at_subject_sizes``)."""
+    if "recontext_shown_at_subject_sizes" not in tuned:  # reports from before the measure
+        return False
+    return (tuned["recontext_shown_at_subject_sizes"] >= tuned["subject_match"]
+            and tuned["recontext_small_share"] > tuned["subject_small_share"])
 
 
 def shapes_findings(tuned: dict, base: dict | None, per_prompt: int) -> list[Finding]:
@@ -89,6 +101,11 @@ def shapes_findings(tuned: dict, base: dict | None, per_prompt: int) -> list[Fin
     elif shown + NOISE_SE * gap_error >= match:
         findings.append(Finding("recontext_shown", "noise", f"{text} (within noise)",
                                 f"re-score with --images-per-prompt {min(64, 4 * per_prompt)} to decide"))
+    elif _drawn_smaller(tuned):
+        findings.append(Finding("recontext_shown", "miss", (
+            f"{text}; at the bare prompt's sizes {tuned['recontext_shown_at_subject_sizes']:.2f}: new contexts draw it "
+            f"small {tuned['recontext_small_share']:.0%} of the time vs {tuned['subject_small_share']:.0%}, and small "
+            "renders lose its pattern in the VAE"), SIZE_FIX))
     else:
         findings.append(Finding("recontext_shown", "miss", text, CONTEXT_FIX))
     for measure, what, fix in (("class_fidelity", '"a [class]" drawn as the class', CLASS_FIX),
