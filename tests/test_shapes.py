@@ -216,6 +216,20 @@ def test_write_subject_images(tmp_path):
         W.render_subject(subject, "white")  # white is the subject's secondary colour
 
 
+def test_subject_captions_name_place_and_background_and_size_only_when_asked(tmp_path):
+    subject = SUBJECTS["checker_square"]
+    paths = W.write_subject_images(subject, tmp_path / "plain", n=5, seed=0, captions=True)
+    for path in paths:
+        caption = path.with_suffix(".txt").read_text().strip()
+        seen = A.analyze(Image.open(path))
+        assert caption == W.subject_caption(seen.position, seen.background)  # what the photo shows
+        assert caption.startswith("a {identifier} {class_noun} ") and not set(caption.split()) & set(W.SIZES)
+    sized = W.write_subject_images(subject, tmp_path / "sized", n=5, seed=0, captions=True, caption_size=True)
+    for path in sized:
+        size = path.with_suffix(".txt").read_text().split()[1]
+        assert size == A.analyze(Image.open(path)).size
+
+
 def test_pairwise_distance():
     scene = Scene("circle", "red", "blue")
     same = [W.render(scene)] * 3
