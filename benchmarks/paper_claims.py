@@ -43,7 +43,7 @@ from dreambooth.config import fill_prior_prompt  # noqa: E402
 from dreambooth.priors import prompt_at  # noqa: E402
 from dreambooth.models import load_components, load_pipeline, quiet_libraries, read_recipe, resolve_model  # noqa: E402
 from dreambooth.shapes import COLORS, SUBJECTS  # noqa: E402
-from dreambooth.subjects import load_subject_images  # noqa: E402
+from dreambooth.subjects import load_subject_images, training_examples  # noqa: E402
 from dreambooth.training.inprocess import FinetuneSettings, finetune  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,8 +99,13 @@ def run(args) -> dict:
                 if condition != "base":
                     parts = copy.copy(base)
                     parts.unet, parts.text_encoder = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
-                    finetune(parts, images, FinetuneSettings(
-                        instance_prompt=f"a {identifier} {subject.class_noun}",
+                    # As `run` trains the photos: each on its caption, and on the bare prompt too where the
+                    # recipe says --bare-prompt-with-captions.
+                    examples, prompts = training_examples(images, f"a {identifier} {subject.class_noun}", identifier,
+                                                          subject.class_noun,
+                                                          bare_prompt_with_captions=args.bare_prompt_with_captions)
+                    finetune(parts, examples, FinetuneSettings(
+                        instance_prompt=prompts,
                         class_prompt=f"a {subject.class_noun}",
                         max_train_steps=args.steps, learning_rate=args.learning_rate,
                         text_encoder_learning_rate=args.text_encoder_learning_rate,
@@ -214,9 +219,11 @@ def main() -> None:
     args.extra_prior_prompts = recipe.get("extra_prior_prompts", [])  # priors of other captions, as the recipe makes them
     args.extra_prior_share = recipe.get("extra_prior_share", 0.0)
     args.unconditional_prior_share = recipe.get("unconditional_prior_share", 0.0)
+    args.bare_prompt_with_captions = recipe.get("bare_prompt_with_captions", False)
     print("recipe: " + ", ".join(f"{k} {v}" for k, v in vars(args).items() if k in (
         "steps", "learning_rate", "text_encoder_learning_rate", "num_priors", "guidance", "sampling_steps", "resolution",
-        "extra_prior_share", "unconditional_prior_share")) + f", {len(args.extra_prior_prompts)} extra prior prompts")
+        "extra_prior_share", "unconditional_prior_share", "bare_prompt_with_captions"))
+          + f", {len(args.extra_prior_prompts)} extra prior prompts")
     if args.quick:
         args.subjects, args.seeds, args.steps, args.num_priors, args.images_per_prompt = \
             args.subjects[:1], args.seeds[:1], 4, 4, 2
