@@ -417,7 +417,8 @@ def _finish_record(work: SubjectWork, metrics: dict, curve: dict, exported: dict
     record = {
         **work.record,
         "instance_images": [img.name for img in images],
-        # The prompt each photo trained on, where captions gave some their own (else instance_prompt).
+        # The prompt each photo trained on, where captions gave some their own (else instance_prompt;
+        # with train.bare_prompt_with_captions a captioned photo trained on instance_prompt as well).
         "instance_captions": {img.name: p for img, p in zip(images, prompts) if img.caption is not None},
         "metrics": metrics,
         "loss_curve": curve,  # the steps this attempt ran (after the checkpoint it resumed from)
