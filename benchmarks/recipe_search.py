@@ -83,7 +83,8 @@ class Recipe:
     """Guidance scale the priors were generated with."""
     captioned: bool = False
     """Each subject photo trains on its own caption (size, place, background: ``shapes.subject_caption``
-    beside the photo, as ``dreambooth.subjects`` reads it) instead of "a [V] [class]"."""
+    beside the photo, as ``dreambooth.subjects`` reads it; the size dropped unless ``captions_name_size``)
+    instead of "a [V] [class]"."""
     captioned_and_bare: bool = False
     """Each photo trains twice as often: once on its caption, once on "a [V] [class]" (the bare prompt
     stays the identifier's anchor while the captions say what else a photo shows)."""
@@ -240,8 +241,8 @@ scripted --scripted-seed 2027``). Round 14 shipped the UNet at 3e-4 for 600 step
 seeds and the 4 seed-2027 subjects) subject fidelity 0.76, class fidelity 0.94, other prompts 0.95, but new contexts
 showed the subject 0.03 ± 0.03 less often than the bare prompt. Round 17 found why (new contexts drew it smaller,
 where the VAE loses its pattern) and trained each photo on a caption naming its place and background but not its
-size, beside the bare prompt: on the same 36 runs new contexts show the subject more often than the bare prompt,
-at the same subject fidelity, class and other-prompt fidelity. See RESULTS.md."""
+size, beside the bare prompt: on the same 36 runs new contexts show the subject as often as the bare prompt (+0.02 ±
+0.03), at the same subject fidelity and class fidelity, other prompts 0.01 lower. See RESULTS.md."""
 
 EVAL_GUIDANCE = 4.0
 """Classifier-free guidance of the evaluation images unless ``--guidance`` says otherwise (the recipe's)."""
@@ -311,7 +312,7 @@ class Study:
         references = [image.to_pil() for image in images]
         identifier = pick_identifiers(self.base.tokenizer, 1, seed)[0]
         instance_prompt = f"a {identifier} {subject.class_noun}"
-        if not recipe.captions_name_size:
+        if not recipe.captions_name_size:  # subjects_of writes a caption beside every photo
             images = [dataclasses.replace(image, caption=without_size(image.caption)) for image in images]
         if recipe.captioned:
             instance_prompt = instance_prompts(images, instance_prompt, identifier, subject.class_noun)

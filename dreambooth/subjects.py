@@ -73,14 +73,15 @@ def instance_prompts(images: list[SubjectImage], instance_prompt: str, identifie
 def training_examples(images: list[SubjectImage], instance_prompt: str, identifier: str, class_noun: str, *,
                       bare_prompt_with_captions: bool = False) -> tuple[list[SubjectImage], list[str]]:
     """The (photo, prompt) pairs training draws from, uniformly: each photo on ``instance_prompts``'
-    prompt, and with ``bare_prompt_with_captions`` each captioned photo a second time on the bare
-    ``instance_prompt`` — the bare prompt stays the identifier's anchor while the captions tie the
-    subject to the places and backgrounds they name."""
+    prompt. With ``bare_prompt_with_captions`` (and at least one caption) every photo is listed twice,
+    a captioned one on its caption and on the bare ``instance_prompt``, the others on the bare prompt
+    both times: each photo is still drawn equally often, and a captioned one on either prompt half the
+    time — the bare prompt stays the identifier's anchor while the captions tie the subject to the
+    places and backgrounds they name."""
     prompts = instance_prompts(images, instance_prompt, identifier, class_noun)
-    if not bare_prompt_with_captions:
+    if not bare_prompt_with_captions or all(image.caption is None for image in images):
         return list(images), prompts
-    captioned = [image for image in images if image.caption is not None]
-    return list(images) + captioned, prompts + [instance_prompt] * len(captioned)
+    return list(images) * 2, prompts + [instance_prompt] * len(images)
 
 
 def _stem(name: str) -> str:

@@ -228,6 +228,8 @@ def test_subject_captions_name_place_and_background_and_size_only_when_asked(tmp
     for path in sized:
         size = path.with_suffix(".txt").read_text().split()[1]
         assert size == A.analyze(Image.open(path)).size
+    W.write_subject_images(subject, tmp_path / "sized", n=5, seed=0)  # rewritten without: no stale caption
+    assert not list((tmp_path / "sized").glob("*.txt"))
 
 
 def test_pairwise_distance():

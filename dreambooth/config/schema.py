@@ -221,7 +221,7 @@ class TrainConfig:
     """A photo with a caption (``.txt`` beside it) trains on the caption and on the bare instance
     prompt, half the time each, instead of on its caption only: the bare "a [V] [class]" stays the
     identifier's anchor while the captions bind the subject to the places and backgrounds they name.
-    No effect on photos without a caption."""
+    Photos without a caption train on the bare prompt as before, each photo drawn as often as the others."""
 
     seed: int = 0
     """Seed of noise, timesteps and augmentation (each rank adds its rank)."""

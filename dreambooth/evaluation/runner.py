@@ -281,7 +281,7 @@ def format_table(report: dict) -> str:
         error = scores.get(measure + STDERR)
         return f"{scores[measure]:.3f}" + ("" if error is None else f" ± {error:.3f}")
 
-    width = max(26, *(len(m) + 2 for m in measures))
+    width = max([26, *(len(m) + 2 for m in measures)])
     lines = [f"{'measure':<{width}}" + "".join(f"{m:>18}" for m in models)]
     for measure in measures:
         lines.append(f"{measure:<{width}}" + "".join(f"{cell(report['scores'][m], measure):>18}" for m in models))

@@ -422,7 +422,9 @@ def write_subject_images(subject: Subject, folder: str | Path, n: int = 5, resol
         image = render_subject(subject, background, position, size, resolution, rng)
         paths.append(folder / f"{subject.name}_{i:02d}.png")
         image.save(paths[-1])
+        caption = paths[-1].with_suffix(".txt")
         if captions:
-            paths[-1].with_suffix(".txt").write_text(
-                subject_caption(position, background, size if caption_size else None) + "\n")
+            caption.write_text(subject_caption(position, background, size if caption_size else None) + "\n")
+        else:
+            caption.unlink(missing_ok=True)  # a caption left from an earlier run would still be trained on
     return paths
