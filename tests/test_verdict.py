@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dreambooth.evaluation.verdict import (CAPTIONED_CONTEXT_FIX, CAPTIONED_SIZE_FIX, CLASS_FIX, CONTEXT_FIX, LEARN_FIX,
-                                           OTHER_FIX, PRES_FIX, SIZE_FIX, findings, format_findings)
+from dreambooth.evaluation.verdict import (CLASS_FIX, CONTEXT_FIX, LEARN_FIX, OTHER_FIX, PRES_FIX, SIZE_FIX, findings,
+                                           format_findings)
 
 
 def shapes_report(per_prompt: int = 8, **personalized) -> dict:
@@ -85,14 +85,3 @@ def test_new_contexts_that_only_draw_the_subject_smaller_name_size_free_captions
     assert lost["recontext_shown"].next == CONTEXT_FIX  # lost at its own sizes too: not a size effect
     same_sizes = smaller | {"recontext_small_share": 0.1}
     assert {f.measure: f for f in findings(shapes_report(**same_sizes))}["recontext_shown"].next == CONTEXT_FIX
-
-
-def test_a_run_that_already_trained_captions_beside_the_bare_prompt_is_not_told_to_do_it_again():
-    captioned = {"captioned_photos": 5, "bare_prompt_with_captions": True}
-    lost = shapes_report(subject_match=0.9, recontext_shown=0.4) | {"training": captioned}
-    assert {f.measure: f for f in findings(lost)}["recontext_shown"].next == CAPTIONED_CONTEXT_FIX
-    smaller = shapes_report(subject_match=0.9, recontext_shown=0.4, recontext_shown_at_subject_sizes=0.92,
-                            subject_small_share=0.1, recontext_small_share=0.6) | {"training": captioned}
-    assert {f.measure: f for f in findings(smaller)}["recontext_shown"].next == CAPTIONED_SIZE_FIX
-    uncaptioned = lost | {"training": {"captioned_photos": 0, "bare_prompt_with_captions": True}}
-    assert {f.measure: f for f in findings(uncaptioned)}["recontext_shown"].next == CONTEXT_FIX

@@ -85,10 +85,6 @@ class RunInfo:
     identifier: str
     class_noun: str
     instance_dir: str
-    captioned_photos: int = 0
-    """Photos that trained on their own caption (``run.json``'s ``instance_captions``)."""
-    bare_prompt_with_captions: bool = False
-    """Whether those also trained on the bare prompt (``train.bare_prompt_with_captions``)."""
 
 
 MAX_RUN_RECORD_BYTES = 16 << 20
@@ -109,9 +105,7 @@ def read_run(output: str) -> RunInfo:
         config, subject = record["config"], record["config"]["subject"]
         return RunInfo(output=output, model=str(config["model"]), revision=config.get("revision"),
                        identifier=str(record.get("identifier", subject["identifier"])),
-                       class_noun=str(subject["class_noun"]), instance_dir=str(subject["instance_dir"]),
-                       captioned_photos=len(record.get("instance_captions") or {}),
-                       bare_prompt_with_captions=bool(config.get("train", {}).get("bare_prompt_with_captions", False)))
+                       class_noun=str(subject["class_noun"]), instance_dir=str(subject["instance_dir"]))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         what = "is empty" if size == 0 else f"is not a run record ({type(exc).__name__}: {shorten(str(exc))})"
         raise ConfigError(f"{uri} {what}; re-run `dreambooth run` with --overwrite to write it again") from None
@@ -267,8 +261,6 @@ def evaluate(options: EvalOptions) -> dict:
               "class_noun": run.class_noun, "model": run.model,
               "settings": {k: v for k, v in vars(options).items() if k not in ("output", "report")},
               "settings_sources": {k: v for k, v in sampler.sources.items() if k != "resolution"},
-              "training": {"captioned_photos": run.captioned_photos,
-                           "bare_prompt_with_captions": run.bare_prompt_with_captions},
               "scores": scores}
     report["verdict"] = [finding.as_dict() for finding in verdict.findings(report)]
     storage.write_bytes_atomic(options.report or storage.join(run.output, EVAL_RECORD),

@@ -65,12 +65,6 @@ CONTEXT_FIX = ("keep the subject in new contexts: caption each photo with its pl
 SIZE_FIX = ("keep the subject's size in new contexts: caption each photo with its place and background but not its "
             "size (a .txt beside it: 'a {identifier} {class_noun} in the top left on a blue background') and train with "
             "--bare-prompt-with-captions")
-CAPTIONED_CONTEXT_FIX = ("keep the subject in new contexts: fewer --max-train-steps (800 steps instead of 600 lost it "
-                         "in new contexts 0.11 more often than on the bare prompt); this run already trained its "
-                         "photos' captions beside the bare prompt")
-CAPTIONED_SIZE_FIX = ("keep the subject's size in new contexts: this run already trained its photos' captions beside "
-                      "the bare prompt; check that no caption names a size ('a large {identifier} ...'), which ties "
-                      "the size to that word")
 PRES_FIX = "keep the class prior: --prior-loss-weight 1 or more, and more --num-class-images"
 
 
@@ -83,10 +77,8 @@ def _drawn_smaller(tuned: dict) -> bool:
             and tuned["recontext_small_share"] > tuned["subject_small_share"])
 
 
-def shapes_findings(tuned: dict, base: dict | None, per_prompt: int, training: dict | None = None) -> list[Finding]:
-    """Findings of a shapes-suite report (``tuned``/``base``: the two models' scores; ``training``: how the
-    run trained its photos, so a fix it already used is not named again)."""
-    captioned = bool(training and training.get("captioned_photos") and training.get("bare_prompt_with_captions"))
+def shapes_findings(tuned: dict, base: dict | None, per_prompt: int) -> list[Finding]:
+    """Findings of a shapes-suite report (``tuned``/``base``: the two models' scores)."""
     findings = []
     fidelity, ceiling = tuned["subject_fidelity"], tuned.get("vae_ceiling")
     reference = base["subject_fidelity"] if base else None
@@ -114,9 +106,9 @@ def shapes_findings(tuned: dict, base: dict | None, per_prompt: int, training: d
         findings.append(Finding("recontext_shown", "miss", (
             f"{text}; at the bare prompt's sizes {tuned['recontext_shown_at_subject_sizes']:.2f}: new contexts draw it "
             f"small {tuned['recontext_small_share']:.0%} of the time vs {tuned['subject_small_share']:.0%}, and small "
-            "renders lose its pattern in the VAE"), CAPTIONED_SIZE_FIX if captioned else SIZE_FIX))
+            "renders lose its pattern in the VAE"), SIZE_FIX))
     else:
-        findings.append(Finding("recontext_shown", "miss", text, CAPTIONED_CONTEXT_FIX if captioned else CONTEXT_FIX))
+        findings.append(Finding("recontext_shown", "miss", text, CONTEXT_FIX))
     for measure, what, fix in (("class_fidelity", '"a [class]" drawn as the class', CLASS_FIX),
                                ("other_prompt_fidelity", "other prompts drawn as asked", OTHER_FIX)):
         found = _ratio_finding(measure, tuned, what, fix, per_prompt)
@@ -152,9 +144,8 @@ def findings(report: dict) -> list[Finding]:
     """The verdict of an eval report (``runner.evaluate``'s dict)."""
     scores = report["scores"]
     per_prompt = int(report.get("settings", {}).get("images_per_prompt", 8))
-    if report["suite"] == "shapes":
-        return shapes_findings(scores["personalized"], scores.get("base"), per_prompt, report.get("training"))
-    return dreambench_findings(scores["personalized"], scores.get("base"), per_prompt)
+    of_suite = shapes_findings if report["suite"] == "shapes" else dreambench_findings
+    return of_suite(scores["personalized"], scores.get("base"), per_prompt)
 
 
 def format_findings(found: list[Finding]) -> str:
