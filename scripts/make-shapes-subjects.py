@@ -4,8 +4,8 @@
     python scripts/make-shapes-subjects.py --new 4 --seed 7 --output /tmp/new-subjects
                                                                         # 4 subjects unlike the shipped ones, each with a
                                                                         # subject.json that `dreambooth eval` reads
-    ... --no-captions                                                   # the photos alone, without the caption
-                                                                        # (place, background) beside each
+    ... --captions                                                      # and a caption beside each photo (its place
+                                                                        # and background), which `run` trains on
 
 Deterministic: tests/test_shapes_model.py checks the committed files equal what the first form writes.
 """
@@ -26,9 +26,9 @@ if __name__ == "__main__":
     parser.add_argument("--new", type=int, default=0, help="write this many new subjects instead of the shipped ones")
     parser.add_argument("--seed", type=int, default=SEED, help="which new subjects, and their photos")
     parser.add_argument("--output", type=Path, default=ROOT, help="parent folder of the subject folders")
-    parser.add_argument("--captions", action=argparse.BooleanOptionalAction, default=True,
-                        help="a caption beside each photo (its place and background), which `run` trains on with the "
-                             "shapes recipe's --bare-prompt-with-captions (default: on)")
+    parser.add_argument("--captions", action="store_true",
+                        help="also a caption beside each photo (its place and background), which `run` trains on "
+                             "(with --bare-prompt-with-captions beside the bare prompt)")
     args = parser.parse_args()
     if args.new:
         for subject in new_subjects(args.new, args.seed):

@@ -138,10 +138,7 @@ def test_recipe_search_chosen_variant_is_the_shapes_models_shipped_recipe(monkey
     # Levers the study has and the cluster loop's recipe must then name too.
     assert train.get("lr_scheduler", "constant") == chosen.lr_scheduler
     assert chosen.prior_examples_per_subject_example == 1  # the cluster loop pairs one prior with each photo
-    # Photos trained on their captions beside the bare prompt, captions naming no size: what the recipe's
-    # --bare-prompt-with-captions does with the captions scripts/make-shapes-subjects.py writes.
     assert train.get("bare_prompt_with_captions", False) == chosen.captioned_and_bare and not chosen.captioned
-    assert not chosen.captions_name_size
 
 
 def test_recipe_search_pools_a_variants_seeds_with_the_standard_error_of_each_mean(monkeypatch):
