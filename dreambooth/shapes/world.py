@@ -396,10 +396,9 @@ def render_subject(subject: Subject, background: str, position: str = "center",
 def subject_caption(position: str, background: str, size: str | None = None) -> str:
     """A subject photo's caption (``dreambooth.subjects``): the base grammar with ``{identifier}
     {class_noun}`` for colour and shape, e.g. "a {identifier} {class_noun} in the top left on a blue
-    background". ``size`` adds the size word ("a large {identifier} ..."); left out by default, so the
-    size the photos show stays the subject's in every context: a prompt that names no size (every
-    recontextualization prompt) otherwise falls back to the base model's sizes, small ones included,
-    where the VAE loses the subject's pattern (benchmarks/RESULTS.md, round 17)."""
+    background". ``size`` adds the size word ("a large {identifier} ..."); left out by default: a
+    caption that names the size ties the photo's size to that word rather than to the subject, and
+    the recontextualization prompts name none (benchmarks/RESULTS.md, round 17)."""
     words = " ".join(w for w in ("a", size, "{identifier} {class_noun}") if w)
     return f"{words} {PLACE_PHRASES[position]} on {article(background)} {background} background"
 
