@@ -90,9 +90,8 @@ class Recipe:
     stays the identifier's anchor while the captions say what else a photo shows)."""
     captions_name_size: bool = True
     """Whether a captioned photo's caption keeps its size word ("a large [V] star in the top left on a blue
-    background"). Without it the caption names only place and background, so the size the photos show is
-    bound to "[V] [class]" in every context rather than to the size word: prompts that name no size (every
-    recontextualization prompt) otherwise fall back to the base model's sizes, small ones included."""
+    background"). Round 17 left it out to bind the photos' size to "[V] [class]" (recontextualization
+    prompts name no size, and new contexts drew the subject small more often); they still did."""
     in_class_captions: int = 0
     """How many of the ``caption_priors`` are captions of the class itself in every colour, size, place
     and background ("a small green triangle in the top left on a red background"; the rest are of any
@@ -222,8 +221,8 @@ VARIANTS: dict[str, Recipe] = {
     "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps, min-SNR 5": dataclasses.replace(
         START, num_priors=96, caption_priors=32, unconditional_priors=32, learning_rate=3e-4,
         text_encoder_learning_rate=1e-4, steps=600, snr_gamma=5.0),
-    # Round 17: the recontextualization gap is the subject drawn smaller (round 17's size analysis), so photos
-    # trained on captions that name place and background but not size.
+    # Round 17: on the seed-0 cell the recontextualization gap was the subject drawn smaller, so photos trained
+    # on captions that name place and background but not size.
     "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps, size-free captions": dataclasses.replace(
         START, num_priors=96, caption_priors=32, unconditional_priors=32, learning_rate=3e-4,
         text_encoder_learning_rate=1e-4, steps=600, captioned=True, captions_name_size=False),

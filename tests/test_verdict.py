@@ -75,7 +75,7 @@ def test_dreambench_verdict_compares_dino_clip_t_and_pres_with_the_base():
     assert findings(report) == []
 
 
-def test_new_contexts_that_only_draw_the_subject_smaller_name_size_free_captions():
+def test_new_contexts_that_only_draw_the_subject_smaller_are_told_apart_from_a_lost_subject():
     smaller = dict(subject_match=0.9, recontext_shown=0.4, recontext_shown_at_subject_sizes=0.92,
                    subject_small_share=0.1, recontext_small_share=0.6)
     found = {f.measure: f for f in findings(shapes_report(**smaller))}
