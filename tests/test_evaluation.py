@@ -14,7 +14,8 @@ import torch
 from dreambooth.cli import main
 from dreambooth.config import ConfigError
 from dreambooth.evaluation import runner
-from dreambooth.evaluation.shapes import evaluate_subject, recontext_asks, score, shown_at_sizes
+from dreambooth.evaluation.shapes import (evaluate_subject, photographed_contexts, recontext_asks, score,
+                                          shown_at_sizes)
 from dreambooth.shapes import SUBJECTS, Scene, caption, render, render_subject
 from dreambooth.shapes.world import PLACE_PHRASES
 
@@ -31,11 +32,12 @@ class ScriptedPipe:
     image whatever the prompt; ``base`` never draws the subject; ``shrinks`` is ``faithful`` except
     that a prompt naming a place or background gets, on odd seeds, a small object without the
     subject's pattern (as a model that draws the subject smaller in new contexts, where the VAE loses
-    the pattern); ``loses`` does the same at the subject's own size.
+    the pattern); ``loses`` does the same at the subject's own size; ``recalls`` is ``faithful`` only
+    in the ``photographed`` contexts (and on the bare prompt), as a model that memorized its photos.
     """
 
-    def __init__(self, mode: str):
-        self.mode = mode
+    def __init__(self, mode: str, photographed: set | None = None):
+        self.mode, self.photographed = mode, photographed or set()
 
     def __call__(self, prompts, num_inference_steps, guidance_scale, generator):
         images = []
@@ -48,10 +50,12 @@ class ScriptedPipe:
             bg = match[1] if match else SUBJECT.backgrounds[rng.integers(len(SUBJECT.backgrounds))]
             position = next((p for p, phrase in PLACE_PHRASES.items() if phrase in prompt), "center")
             in_context = prompt != f"a {V} {SUBJECT.class_noun}"
+            asked = {("background", match[1])} if match else {("position", position)} if in_context else set()
+            forgets = self.mode == "recalls" and not asked <= self.photographed
             if self.mode in ("shrinks", "loses") and V in prompt.split() and in_context and gen.initial_seed() % 2:
                 size = "small" if self.mode == "shrinks" else "large"
                 images.append(render(Scene(SUBJECT.class_noun, SUBJECT.color, bg, position, size), 32, rng))
-            elif self.mode in ("faithful", "shrinks", "loses") and V in prompt.split():
+            elif self.mode in ("faithful", "shrinks", "loses", "recalls") and V in prompt.split() and not forgets:
                 images.append(render_subject(SUBJECT, bg, position, "large", 32, rng))
             else:
                 color = "yellow" if bg != "yellow" else "black"
@@ -109,6 +113,30 @@ def test_a_model_that_draws_the_subject_smaller_in_new_contexts_keeps_it_at_the_
     loses = evaluate_subject(ScriptedPipe("loses"), SUBJECT, references, V, images_per_prompt=4)
     assert loses.recontext_shown == 0.5 and loses.recontext_small_share == 0.0
     assert loses.recontext_shown_at_subject_sizes == 0.5
+
+
+def test_photographed_contexts_are_read_from_the_photos_pixels():
+    photos = [render_subject(SUBJECT, "green", "top left", "large", 32, 0),
+              render_subject(SUBJECT, "yellow", "center", "medium", 32, 1)]
+    assert photographed_contexts(photos) == {("background", "green"), ("background", "yellow"),
+                                             ("position", "top left"), ("position", "center")}
+
+
+def test_new_contexts_are_split_into_those_the_photos_show_and_those_none_shows(references):
+    photographed = photographed_contexts(references)
+    asks = {(field, value) for _, field, value in recontext_asks(SUBJECT)}
+    assert asks - photographed and asks & photographed  # the fixture's photos leave asks on both sides
+    recalls = evaluate_subject(ScriptedPipe("recalls", photographed), SUBJECT, references, V, images_per_prompt=4)
+    assert recalls.subject_match == 1.0
+    assert recalls.recontext_shown_seen == 1.0 and recalls.recontext_shown_unseen == 0.0
+    unseen_share = len(asks - photographed) / len(asks)
+    assert recalls.recontext_shown == pytest.approx(1 - unseen_share)
+    faithful = evaluate_subject(ScriptedPipe("faithful"), SUBJECT, references, V, images_per_prompt=4)
+    assert faithful.recontext_shown_unseen == faithful.recontext_shown_seen == 1.0
+    corners = ["top left", "top right", "bottom left", "bottom right"]
+    everywhere = [render_subject(SUBJECT, bg, corners[i % 4], "large", 32, i) for i, bg in enumerate(SUBJECT.backgrounds)]
+    all_seen = evaluate_subject(ScriptedPipe("faithful"), SUBJECT, everywhere, V, images_per_prompt=1).as_dict()
+    assert all_seen["recontext_shown_seen"] == 1.0 and "recontext_shown_unseen" not in all_seen
 
 
 def test_score_reports_each_asked_field():

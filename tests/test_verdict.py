@@ -85,3 +85,10 @@ def test_new_contexts_that_only_draw_the_subject_smaller_are_told_apart_from_a_l
     assert lost["recontext_shown"].next == CONTEXT_FIX  # lost at its own sizes too: not a size effect
     same_sizes = smaller | {"recontext_small_share": 0.1}
     assert {f.measure: f for f in findings(shapes_report(**same_sizes))}["recontext_shown"].next == CONTEXT_FIX
+
+
+def test_the_new_contexts_line_names_the_share_in_contexts_no_photo_shows_when_measured():
+    text = {f.measure: f.text for f in findings(shapes_report(recontext_shown_unseen=0.31))}["recontext_shown"]
+    assert "contexts none of the photos shows: 0.31" in text
+    older = {f.measure: f.text for f in findings(shapes_report())}["recontext_shown"]
+    assert "none of the photos" not in older  # reports from before the split

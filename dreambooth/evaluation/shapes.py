@@ -120,6 +120,10 @@ class SubjectReport:
     is about half that of large ones) has it >= ``subject_match`` while ``recontext_shown`` is below.
     ``subject_small_share`` / ``recontext_small_share``: share of the bare prompt's / the new
     contexts' images drawn small.
+    ``recontext_shown_unseen`` / ``recontext_shown_seen``: ``recontext_shown`` over the asks whose
+    background or place none of the subject's photos shows / some photo shows (None when every ask
+    is on one side). The unseen share is the paper's question, a subject carried into a context it
+    was never photographed in, and one that recall of the photos (or of their captions) cannot raise.
     ``pres``: share of "a [class]" images that show the subject (lower is better: the
     class prior survived). ``div``: mean pairwise RMS pixel distance between "a [V] [class]" images
     (higher is more varied, the analogue of the paper's LPIPS-based DIV).
@@ -138,9 +142,26 @@ class SubjectReport:
     recontext_shown_at_subject_sizes: float = 0.0
     subject_small_share: float = 0.0
     recontext_small_share: float = 0.0
+    recontext_shown_unseen: float | None = None
+    recontext_shown_unseen_stderr: float | None = None
+    recontext_shown_seen: float | None = None
+    recontext_shown_seen_stderr: float | None = None
 
     def as_dict(self) -> dict:
-        return dict(vars(self))
+        """The measures that apply (an unseen/seen share with no ask on its side is left out)."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+def photographed_contexts(references: Sequence[Image.Image]) -> set[tuple[str, str]]:
+    """The (field, value) contexts the subject's photos show, as the analyzers read them:
+    ``("background", "green")``, ``("position", "top left")``; read from the pixels, not from any
+    caption, so a user's photos need no labels."""
+    readings = [analyze(r) for r in references]
+    return {("background", a.background) for a in readings} | {("position", a.position) for a in readings}
+
+
+def _share_and_stderr(hits: Sequence[bool]) -> tuple[float | None, float | None]:
+    return (float(np.mean(hits)), rate_stderr(hits)) if hits else (None, None)
 
 
 def shown_at_sizes(shown: Sequence[bool], sizes: Sequence[str], reference_sizes: Sequence[str]) -> float:
@@ -171,13 +192,17 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
     subject_images, class_images, recontext = per_prompt[0], per_prompt[1], per_prompt[2:]
     ref_features = [subject_features(r) for r in references]
     fidelity = [subject_similarity(subject_features(img), ref) for img in subject_images for ref in ref_features]
-    asked, shown, recontext_sizes = [], [], []
+    photographed = photographed_contexts(references)
+    asked, shown, recontext_sizes, seen = [], [], [], []
     for (_, field, value), group in zip(asks, recontext):
         for img in group:
             analysis = analyze(img)
             asked.append(getattr(analysis, field) == value)
             shown.append(is_subject(img, subject))
             recontext_sizes.append(analysis.size)
+            seen.append((field, value) in photographed)
+    unseen_share, unseen_stderr = _share_and_stderr([hit for hit, s in zip(shown, seen) if not s])
+    seen_share, seen_stderr = _share_and_stderr([hit for hit, s in zip(shown, seen) if s])
     matched = [is_subject(i, subject) for i in subject_images]
     subject_sizes = [analyze(i).size for i in subject_images]
     return SubjectReport(
@@ -193,6 +218,8 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
         recontext_shown_at_subject_sizes=shown_at_sizes(shown, recontext_sizes, subject_sizes),
         subject_small_share=float(np.mean([size == "small" for size in subject_sizes])),
         recontext_small_share=float(np.mean([size == "small" for size in recontext_sizes])),
+        recontext_shown_unseen=unseen_share, recontext_shown_unseen_stderr=unseen_stderr,
+        recontext_shown_seen=seen_share, recontext_shown_seen_stderr=seen_stderr,
     )
 
 
