@@ -449,13 +449,23 @@ def _cell(rows: list[dict], measure: str, spread: bool = False) -> str:
     return f"{np.mean(values):.2f}{error}"
 
 
-def recontext_gap(rows: list[dict]) -> str:
-    """Mean ± standard error over runs of recontext_shown − subject_match, each run against itself: #13's
+def recontext_gap(rows: list[dict], measure: str = "recontext_shown") -> str:
+    """Mean ± standard error over runs of ``measure`` − subject_match, each run against itself: #13's
     "recontextualized prompts show the subject at least as often as the bare prompt" as one paired
-    figure (the two means' own errors overlap too much to tell a 0.02 gap from none)."""
-    gaps = [r["recontext_shown"] - r["subject_match"] for r in rows]
+    figure (the two means' own errors overlap too much to tell a 0.02 gap from none). ``measure`` may be
+    one of its splits (``recontext_shown_unseen``: contexts no photo shows; ``..._at_subject_sizes``);
+    runs that predate it, or have no ask on its side, are left out ("-" if none is left)."""
+    gaps = [r[measure] - r["subject_match"] for r in rows if r.get(measure) is not None]
+    if not gaps:
+        return "-"
     error = f" ± {rate_stderr(gaps):.2f}" if len(gaps) > 1 else ""
     return f"{np.mean(gaps):+.2f}{error}"
+
+
+PAIRED_GAPS = {"recontext − match, paired": "recontext_shown",
+               "unseen contexts − match": "recontext_shown_unseen",
+               "at the bare prompt's sizes − match": "recontext_shown_at_subject_sizes"}
+"""The pooled table's paired gaps: every new context, those no photo shows, and counted at the bare prompt's sizes."""
 
 
 def _label(row: dict) -> str:
@@ -479,11 +489,12 @@ def table(rows: list[dict]) -> str:
                      + f" | {sum(passes(r) for r in mine)}/{len(mine)} |")
     pooled = {v: [r for r in rows if r["variant"] == v] for v in dict.fromkeys(r["variant"] for r in rows)}
     if any(len({r.get("seed", 0) for r in mine}) > 1 for mine in pooled.values()):
-        lines += ["", "| variant (every seed and subject) | runs | " + " | ".join(MEASURES)
-                  + " | recontext − match, paired | passes |", "|" + "---|" * (len(MEASURES) + 4)]
+        lines += ["", "| variant (every seed and subject) | runs | " + " | ".join([*MEASURES, *PAIRED_GAPS])
+                  + " | passes |", "|" + "---|" * (len(MEASURES) + len(PAIRED_GAPS) + 3)]
         for variant, mine in pooled.items():
+            gaps = [recontext_gap(mine, measure) for measure in PAIRED_GAPS.values()]
             lines.append(f"| {variant} | {len(mine)} | " + " | ".join(_cell(mine, m, spread=True) for m in MEASURES)
-                         + f" | {recontext_gap(mine)} | {sum(passes(r) for r in mine)}/{len(mine)} |")
+                         + " | " + " | ".join(gaps) + f" | {sum(passes(r) for r in mine)}/{len(mine)} |")
     return "\n".join(lines)
 
 
