@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,3 +164,28 @@ def test_recipe_search_pools_a_variants_seeds_with_the_standard_error_of_each_me
     split = [gap[0] | {"recontext_shown_unseen": 0.4, "recontext_shown_at_subject_sizes": 0.3},
              gap[1] | {"recontext_shown_unseen": None, "recontext_shown_at_subject_sizes": 0.5}]
     assert "| +0.05 ± 0.11 | +0.10 | +0.10 ± 0.07 | 1/2 |" in table(split).split("every seed and subject")[1]
+
+
+def test_recipe_search_identifier_warmup_moves_only_the_identifiers_embedding(monkeypatch, tiny_model_path, dog_dir):
+    """Round 18's lever: textual inversion of the identifier before the fine-tune changes its embedding row
+    and nothing else (the UNet at rate 0, every other text-encoder gradient zeroed)."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks.recipe_search import warm_identifier
+    from dreambooth.models import load_components
+    from dreambooth.subjects import load_subject_images
+    from dreambooth.training.inprocess import FinetuneSettings
+
+    parts = load_components(tiny_model_path)
+    embedding = parts.text_encoder.get_input_embeddings().weight
+    text_before = {name: p.detach().clone() for name, p in parts.text_encoder.named_parameters()}
+    embedding_name = next(name for name, p in parts.text_encoder.named_parameters() if p is embedding)
+    unet_before = [p.detach().clone() for p in parts.unet.parameters()]
+    row = parts.tokenizer("sks", add_special_tokens=False).input_ids
+    warm_identifier(parts, load_subject_images(str(dog_dir), 32), "sks",
+                    FinetuneSettings(instance_prompt="a sks dog", class_prompt="a dog", prior_loss_weight=0.0),
+                    steps=3, learning_rate=1e-2)
+    moved = (embedding.detach() - text_before[embedding_name]).abs().sum(dim=1)
+    assert moved[row].min() > 0 and moved.sum() == moved[row].sum()
+    assert all(torch.equal(p, text_before[name]) for name, p in parts.text_encoder.named_parameters()
+               if p is not embedding)
+    assert all(torch.equal(p, before) for p, before in zip(parts.unet.parameters(), unet_before))
