@@ -497,9 +497,11 @@ def recontext_gap(rows: list[dict], measure: str = "recontext_shown") -> str:
 
 
 PAIRED_GAPS = {"recontext − match, paired": "recontext_shown",
+               "new backgrounds − match": "recontext_shown_backgrounds",
                "unseen contexts − match": "recontext_shown_unseen",
                "at the bare prompt's sizes − match": "recontext_shown_at_subject_sizes"}
-"""The pooled table's paired gaps: every new context, those no photo shows, and counted at the bare prompt's sizes."""
+"""The pooled table's paired gaps: every new context, the background asks alone (the shapes model ignores place
+words), those no photo shows, and counted at the bare prompt's sizes."""
 
 
 def _label(row: dict) -> str:

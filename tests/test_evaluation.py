@@ -111,6 +111,8 @@ def test_a_model_that_draws_the_subject_smaller_in_new_contexts_keeps_it_at_the_
     assert shrinks.subject_small_share == 0.0 and shrinks.recontext_small_share == 0.5
     assert shrinks.recontext_shown_at_subject_sizes == 1.0
     loses = evaluate_subject(ScriptedPipe("loses"), SUBJECT, references, V, images_per_prompt=4)
+    # Odd seeds lose it on every ask, background or place: each kind's share is the half kept.
+    assert loses.recontext_shown_backgrounds == loses.recontext_shown_places == 0.5
     assert loses.recontext_shown == 0.5 and loses.recontext_small_share == 0.0
     assert loses.recontext_shown_at_subject_sizes == 0.5
 
@@ -131,8 +133,12 @@ def test_new_contexts_are_split_into_those_the_photos_show_and_those_none_shows(
     assert recalls.recontext_shown_seen == 1.0 and recalls.recontext_shown_unseen == 0.0
     unseen_share = len(asks - photographed) / len(asks)
     assert recalls.recontext_shown == pytest.approx(1 - unseen_share)
+    for kind, share in (("background", recalls.recontext_shown_backgrounds), ("position", recalls.recontext_shown_places)):
+        of_kind = {ask for ask in asks if ask[0] == kind}
+        assert share == pytest.approx(len(of_kind & photographed) / len(of_kind))
     faithful = evaluate_subject(ScriptedPipe("faithful"), SUBJECT, references, V, images_per_prompt=4)
     assert faithful.recontext_shown_unseen == faithful.recontext_shown_seen == 1.0
+    assert faithful.recontext_shown_backgrounds == faithful.recontext_shown_places == 1.0
     corners = ["top left", "top right", "bottom left", "bottom right"]
     everywhere = [render_subject(SUBJECT, bg, corners[i % 4], "large", 32, i) for i, bg in enumerate(SUBJECT.backgrounds)]
     all_seen = evaluate_subject(ScriptedPipe("faithful"), SUBJECT, everywhere, V, images_per_prompt=1).as_dict()

@@ -124,6 +124,10 @@ class SubjectReport:
     background or place none of the subject's photos shows / some photo shows (None when every ask
     is on one side). The unseen share is the paper's question, a subject carried into a context it
     was never photographed in, and one that recall of the photos (or of their captions) cannot raise.
+    ``recontext_shown_backgrounds`` / ``recontext_shown_places``: ``recontext_shown`` over the background
+    asks / the place asks. The shipped ``shapes`` model draws every asked background but puts an object in
+    the asked corner about as often as chance (0.12 of 256 images, 1/9 by chance; benchmarks/RESULTS.md,
+    round 18), so there place asks sample the bare prompt again and only backgrounds are new contexts.
     ``pres``: share of "a [class]" images that show the subject (lower is better: the
     class prior survived). ``div``: mean pairwise RMS pixel distance between "a [V] [class]" images
     (higher is more varied, the analogue of the paper's LPIPS-based DIV).
@@ -146,6 +150,10 @@ class SubjectReport:
     recontext_shown_unseen_stderr: float | None = None
     recontext_shown_seen: float | None = None
     recontext_shown_seen_stderr: float | None = None
+    recontext_shown_backgrounds: float | None = None
+    recontext_shown_backgrounds_stderr: float | None = None
+    recontext_shown_places: float | None = None
+    recontext_shown_places_stderr: float | None = None
 
     def as_dict(self) -> dict:
         """The measures that apply (an unseen/seen share with no ask on its side is left out)."""
@@ -203,6 +211,9 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
             seen.append((field, value) in photographed)
     unseen_share, unseen_stderr = _share_and_stderr([hit for hit, s in zip(shown, seen) if not s])
     seen_share, seen_stderr = _share_and_stderr([hit for hit, s in zip(shown, seen) if s])
+    kinds = [field for _, field, _ in asks for _ in seeds]
+    background_share, background_stderr = _share_and_stderr([h for h, k in zip(shown, kinds) if k == "background"])
+    place_share, place_stderr = _share_and_stderr([h for h, k in zip(shown, kinds) if k == "position"])
     matched = [is_subject(i, subject) for i in subject_images]
     subject_sizes = [analyze(i).size for i in subject_images]
     return SubjectReport(
@@ -220,6 +231,8 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
         recontext_small_share=float(np.mean([size == "small" for size in recontext_sizes])),
         recontext_shown_unseen=unseen_share, recontext_shown_unseen_stderr=unseen_stderr,
         recontext_shown_seen=seen_share, recontext_shown_seen_stderr=seen_stderr,
+        recontext_shown_backgrounds=background_share, recontext_shown_backgrounds_stderr=background_stderr,
+        recontext_shown_places=place_share, recontext_shown_places_stderr=place_stderr,
     )
 
 

@@ -96,8 +96,11 @@ def shapes_findings(tuned: dict, base: dict | None, per_prompt: int) -> list[Fin
     match, shown = tuned["subject_match"], tuned["recontext_shown"]
     gap_error = max(tuned.get("subject_match_stderr", 0.0), tuned.get("recontext_shown_stderr", 0.0))
     text = f"new contexts show the subject {shown:.2f} of the time, the bare prompt {match:.2f}"
-    if "recontext_shown_unseen" in tuned:  # the paper's question: contexts no photo was taken in
-        text += f" (contexts none of the photos shows: {tuned['recontext_shown_unseen']:.2f})"
+    splits = [f"{what}: {tuned[measure]:.2f}" for measure, what in (
+        ("recontext_shown_backgrounds", "new backgrounds"),  # the asks the shapes model follows
+        ("recontext_shown_unseen", "contexts none of the photos shows")) if measure in tuned]
+    if splits:
+        text += f" ({'; '.join(splits)})"
     if shown >= match:
         findings.append(Finding("recontext_shown", "ok", text))
     elif shown + NOISE_SE * gap_error >= match:
