@@ -253,7 +253,9 @@ seed-2027 subjects) class fidelity 0.88 ± 0.04, 0.70 on star subjects. Round 13
 (0.90). Recontextualized prompts still show the subject 0.03 ± 0.03 less often than the bare prompt (paired
 over runs), the one part of #13's bound its means do not meet. Round 17's size-free captions beside the bare
 prompt moved that to +0.02 ± 0.03, but only on the contexts the captions name (on the others it was no better);
-not shipped. See RESULTS.md."""
+not shipped. Round 18 (16 images per prompt): the model follows background words but not place words, and on new
+backgrounds alone the shipped recipe shows the subject 0.07 ± 0.03 less often than on the bare prompt, on the
+backgrounds it contrasts weakly with; learning the identifier's embedding first did not help. See RESULTS.md."""
 
 EVAL_GUIDANCE = 4.0
 """Classifier-free guidance of the evaluation images unless ``--guidance`` says otherwise (the recipe's)."""
