@@ -254,8 +254,8 @@ seed-2027 subjects) class fidelity 0.88 ± 0.04, 0.70 on star subjects. Round 13
 over runs), the one part of #13's bound its means do not meet. Round 17's size-free captions beside the bare
 prompt moved that to +0.02 ± 0.03, but only on the contexts the captions name (on the others it was no better);
 not shipped. Round 18 (16 images per prompt): the model follows background words but not place words, and on new
-backgrounds alone the shipped recipe shows the subject 0.07 ± 0.03 less often than on the bare prompt, on the
-backgrounds it contrasts weakly with; learning the identifier's embedding first did not help. See RESULTS.md."""
+backgrounds asked by name the shipped recipe shows the subject 0.07 ± 0.03 less often than on the bare prompt, on
+the backgrounds it contrasts weakly with; learning the identifier's embedding first did not help. See RESULTS.md."""
 
 EVAL_GUIDANCE = 4.0
 """Classifier-free guidance of the evaluation images unless ``--guidance`` says otherwise (the recipe's)."""
@@ -344,7 +344,8 @@ class Study:
             prior_examples_per_subject_example=recipe.prior_examples_per_subject_example,
             snr_gamma=recipe.snr_gamma, resolution=self.args.resolution, seed=seed)
         if recipe.identifier_warmup_steps:
-            warm_identifier(parts, images, identifier, settings, recipe.identifier_warmup_steps,
+            warm_identifier(parts, images, identifier, settings,
+                            min(recipe.identifier_warmup_steps, self.args.steps_override or recipe.identifier_warmup_steps),
                             recipe.identifier_warmup_learning_rate)
         finetune(parts, images, settings, priors, prior_prompts)
         return {g: self.score(parts, subject, references, identifier, g) for g in self.args.guidance}
@@ -354,17 +355,18 @@ def warm_identifier(parts, images, identifier: str, settings: FinetuneSettings, 
                     learning_rate: float) -> None:
     """Textual inversion of ``identifier`` on the photos (``Recipe.identifier_warmup_steps``): the same
     loop as the fine-tune with the UNet's rate at 0, no priors, and every text-encoder gradient but the
-    identifier's embedding rows zeroed (Adam leaves a parameter whose gradients are all zero where it is)."""
+    identifier's embedding rows zeroed (AdamW without weight decay leaves a parameter whose gradients are all
+    zero where it is). The UNet's backward pass still runs, for nothing: the fine-tune's own loop, reused."""
     embedding = parts.text_encoder.get_input_embeddings().weight
     rows = torch.zeros_like(embedding)
     rows[parts.tokenizer(identifier, add_special_tokens=False).input_ids] = 1.0
-    parts.text_encoder.requires_grad_(True)
+    parts.text_encoder.requires_grad_(True)  # a hook needs a tensor that requires grad
     hooks = [p.register_hook((lambda grad: grad * rows) if p is embedding else torch.zeros_like)
              for p in parts.text_encoder.parameters()]
     try:
         finetune(parts, images, dataclasses.replace(settings, learning_rate=0.0, text_encoder_learning_rate=learning_rate,
                                                     max_train_steps=steps, prior_loss_weight=0.0,
-                                                    text_encoder_steps=None))
+                                                    text_encoder_steps=None, adam_weight_decay=0.0))
     finally:
         for hook in hooks:
             hook.remove()
@@ -499,7 +501,7 @@ def recontext_gap(rows: list[dict], measure: str = "recontext_shown") -> str:
 
 
 PAIRED_GAPS = {"recontext − match, paired": "recontext_shown",
-               "new backgrounds − match": "recontext_shown_backgrounds",
+               "asked backgrounds − match": "recontext_shown_backgrounds",
                "unseen contexts − match": "recontext_shown_unseen",
                "at the bare prompt's sizes − match": "recontext_shown_at_subject_sizes"}
 """The pooled table's paired gaps: every new context, the background asks alone (the shapes model ignores place

@@ -122,12 +122,13 @@ class SubjectReport:
     contexts' images drawn small.
     ``recontext_shown_unseen`` / ``recontext_shown_seen``: ``recontext_shown`` over the asks whose
     background or place none of the subject's photos shows / some photo shows (None when every ask
-    is on one side). The unseen share is the paper's question, a subject carried into a context it
-    was never photographed in, and one that recall of the photos (or of their captions) cannot raise.
+    is on one side): the unseen share is the paper's question, a subject carried into a context it was
+    never photographed in. Like ``recontext_shown`` it counts the subject whether or not the asked
+    context was drawn, so read it beside ``prompt_fidelity``.
     ``recontext_shown_backgrounds`` / ``recontext_shown_places``: ``recontext_shown`` over the background
     asks / the place asks. The shipped ``shapes`` model draws every asked background but puts an object in
     the asked corner about as often as chance (0.12 of 256 images, 1/9 by chance; benchmarks/RESULTS.md,
-    round 18), so there place asks sample the bare prompt again and only backgrounds are new contexts.
+    round 18), so on it place asks sample the bare prompt again and background asks are the ones it follows.
     ``pres``: share of "a [class]" images that show the subject (lower is better: the
     class prior survived). ``div``: mean pairwise RMS pixel distance between "a [V] [class]" images
     (higher is more varied, the analogue of the paper's LPIPS-based DIV).
@@ -201,7 +202,7 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
     ref_features = [subject_features(r) for r in references]
     fidelity = [subject_similarity(subject_features(img), ref) for img in subject_images for ref in ref_features]
     photographed = photographed_contexts(references)
-    asked, shown, recontext_sizes, seen = [], [], [], []
+    asked, shown, recontext_sizes, seen, kinds = [], [], [], [], []
     for (_, field, value), group in zip(asks, recontext):
         for img in group:
             analysis = analyze(img)
@@ -209,9 +210,9 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
             shown.append(is_subject(img, subject))
             recontext_sizes.append(analysis.size)
             seen.append((field, value) in photographed)
+            kinds.append(field)
     unseen_share, unseen_stderr = _share_and_stderr([hit for hit, s in zip(shown, seen) if not s])
     seen_share, seen_stderr = _share_and_stderr([hit for hit, s in zip(shown, seen) if s])
-    kinds = [field for _, field, _ in asks for _ in seeds]
     background_share, background_stderr = _share_and_stderr([h for h, k in zip(shown, kinds) if k == "background"])
     place_share, place_stderr = _share_and_stderr([h for h, k in zip(shown, kinds) if k == "position"])
     matched = [is_subject(i, subject) for i in subject_images]
