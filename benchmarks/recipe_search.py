@@ -344,9 +344,8 @@ class Study:
             prior_examples_per_subject_example=recipe.prior_examples_per_subject_example,
             snr_gamma=recipe.snr_gamma, resolution=self.args.resolution, seed=seed)
         if recipe.identifier_warmup_steps:
-            warm_identifier(parts, images, identifier, settings,
-                            min(recipe.identifier_warmup_steps, self.args.steps_override or recipe.identifier_warmup_steps),
-                            recipe.identifier_warmup_learning_rate)
+            warmup = min(recipe.identifier_warmup_steps, self.args.steps_override or recipe.identifier_warmup_steps)
+            warm_identifier(parts, images, identifier, settings, warmup, recipe.identifier_warmup_learning_rate)
         finetune(parts, images, settings, priors, prior_prompts)
         return {g: self.score(parts, subject, references, identifier, g) for g in self.args.guidance}
 

@@ -153,7 +153,7 @@ def test_recipe_search_pools_a_variants_seeds_with_the_standard_error_of_each_me
     text = table([run("a", 0, 0.8, 1.0), run("a", 1, 0.6, 0.8), run("b", 0, 0.9, 1.0)])
     pooled = text.split("every seed and subject")[1]
     # Mean ± std / sqrt(runs): 0.1 / sqrt(2); seed 0 passes, seed 1 (fidelity 0.6, other prompts 0.8) does not.
-    # Runs that predate the unseen-context and size splits leave their paired gaps "-".
+    # Runs that predate the background, unseen-context and size splits leave their paired gaps "-".
     assert "| a | 2 | 0.70 ± 0.07 |" in pooled and "| 0.90 ± 0.07 | +0.00 ± 0.00 | - | - | - | 1/2 |" in pooled
     assert "| b | 1 | 0.90 |" in pooled  # one run: no spread to report
     assert "every seed" not in table([run("a", 0, 0.6, 1.0), run("b", 0, 0.9, 1.0)])  # one seed: nothing to pool

@@ -169,7 +169,9 @@ def photographed_contexts(references: Sequence[Image.Image]) -> set[tuple[str, s
     return {("background", a.background) for a in readings} | {("position", a.position) for a in readings}
 
 
-def _share_and_stderr(hits: Sequence[bool]) -> tuple[float | None, float | None]:
+def _share_where(shown: Sequence[bool], keep: Sequence[bool]) -> tuple[float | None, float | None]:
+    """Share of the kept images that show the subject, and its standard error; (None, None) if none is kept."""
+    hits = [hit for hit, kept in zip(shown, keep, strict=True) if kept]
     return (float(np.mean(hits)), rate_stderr(hits)) if hits else (None, None)
 
 
@@ -211,10 +213,10 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
             recontext_sizes.append(analysis.size)
             seen.append((field, value) in photographed)
             kinds.append(field)
-    unseen_share, unseen_stderr = _share_and_stderr([hit for hit, s in zip(shown, seen) if not s])
-    seen_share, seen_stderr = _share_and_stderr([hit for hit, s in zip(shown, seen) if s])
-    background_share, background_stderr = _share_and_stderr([h for h, k in zip(shown, kinds) if k == "background"])
-    place_share, place_stderr = _share_and_stderr([h for h, k in zip(shown, kinds) if k == "position"])
+    unseen_share, unseen_stderr = _share_where(shown, [not s for s in seen])
+    seen_share, seen_stderr = _share_where(shown, seen)
+    background_share, background_stderr = _share_where(shown, [k == "background" for k in kinds])
+    place_share, place_stderr = _share_where(shown, [k == "position" for k in kinds])
     matched = [is_subject(i, subject) for i in subject_images]
     subject_sizes = [analyze(i).size for i in subject_images]
     return SubjectReport(
