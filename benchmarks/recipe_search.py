@@ -3,6 +3,8 @@
     python benchmarks/recipe_search.py                     # every lever, on the 2 tuning subjects (~40 min)
     python benchmarks/recipe_search.py --variants chosen --subjects held-out scripted
                                                            # the chosen recipe, unchanged, elsewhere
+    python benchmarks/recipe_search.py --variants chosen --photo-backgrounds 2
+                                                           # photos on 2 backgrounds: most background asks new
     python benchmarks/recipe_search.py --quick             # CI: proves it runs
 
 Each variant is the starting recipe (``start``: the demo's settings before issue #13) with one or
@@ -377,27 +379,28 @@ def without_size(caption: str) -> str:
     return " ".join(word for word in caption.split() if word not in SIZES)
 
 
-def subjects_of(sets: list[str], scripted: int, root: Path, scripted_seed: int = SCRIPTED_SEED):
+def subjects_of(sets: list[str], scripted: int, root: Path, scripted_seed: int = SCRIPTED_SEED,
+                photo_backgrounds: int | None = None):
     """(subject, photo folder) pairs, written under ``root`` with captions beside the photos naming size, place
     and background (read only by ``captioned`` recipes, which drop the size unless ``captions_name_size``); the
-    shipped subjects' photos are the committed ones (seed 0)."""
+    shipped subjects' photos are the committed ones (seed 0) unless ``photo_backgrounds`` redraws them on that
+    many of their backgrounds (``write_subject_images``)."""
     chosen = []
+    shared = dict(captions=True, caption_size=True, photo_backgrounds=photo_backgrounds)
     scripted_names = {subject.name: subject for subject in new_subjects(scripted, scripted_seed)}
     for name in sets:
         if name == "scripted":
             for subject in new_subjects(scripted, scripted_seed):
                 folder = root / subject.name
-                write_subject_images(subject, folder, seed=scripted_seed, sizes=("small", "medium", "large"),
-                                     captions=True, caption_size=True)
+                write_subject_images(subject, folder, seed=scripted_seed, sizes=("small", "medium", "large"), **shared)
                 chosen.append((subject, folder))
         elif name in scripted_names:  # one scripted subject, by its name
             subject = scripted_names[name]
-            write_subject_images(subject, root / name, seed=scripted_seed, sizes=("small", "medium", "large"),
-                                 captions=True, caption_size=True)
+            write_subject_images(subject, root / name, seed=scripted_seed, sizes=("small", "medium", "large"), **shared)
             chosen.append((subject, root / name))
         else:
             for shipped in SUBJECT_SETS.get(name, (name,)):
-                write_subject_images(SUBJECTS[shipped], root / shipped, seed=0, captions=True, caption_size=True)
+                write_subject_images(SUBJECTS[shipped], root / shipped, seed=0, **shared)
                 chosen.append((SUBJECTS[shipped], root / shipped))
     return chosen
 
@@ -410,6 +413,9 @@ def main() -> None:
     parser.add_argument("--scripted", type=int, default=4, help="new subjects in the scripted set")
     parser.add_argument("--scripted-seed", type=int, default=SCRIPTED_SEED,
                         help="seed of the scripted subjects (another seed: subjects no recipe was compared on)")
+    parser.add_argument("--photo-backgrounds", type=int,
+                        help="photograph every subject on only this many of its backgrounds (the eval's other "
+                             "background asks are then contexts no photo shows)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, "chosen"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--images-per-prompt", type=int, default=4)
@@ -443,7 +449,8 @@ def main() -> None:
     study = Study(args)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        subjects = subjects_of(args.subjects, args.scripted, Path(scratch), args.scripted_seed)
+        subjects = subjects_of(args.subjects, args.scripted, Path(scratch), args.scripted_seed,
+                               args.photo_backgrounds)
         ceilings = {}
         for subject, folder in subjects:
             images = load_subject_images(str(folder), args.resolution)

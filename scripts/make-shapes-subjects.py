@@ -6,6 +6,8 @@
                                                                         # subject.json that `dreambooth eval` reads
     ... --captions                                                      # and a caption beside each photo (its place
                                                                         # and background), which `run` trains on
+    ... --photo-backgrounds 2                                           # every subject's photos on 2 of its backgrounds,
+                                                                        # so most of eval's background asks are new
 
 Deterministic: tests/test_shapes_model.py checks the committed files equal what the first form writes.
 """
@@ -16,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dreambooth.shapes import SIZES, SUBJECTS, new_subjects, write_subject_images
+from dreambooth.shapes.world import article
 from dreambooth.subjects import SUBJECT_SPEC
 
 ROOT = Path(__file__).resolve().parent.parent / "examples" / "subjects"
@@ -29,14 +32,17 @@ if __name__ == "__main__":
     parser.add_argument("--captions", action="store_true",
                         help="also a caption beside each photo (its place and background), which `run` trains on "
                              "(with --bare-prompt-with-captions beside the bare prompt)")
+    parser.add_argument("--photo-backgrounds", type=int,
+                        help="photograph each new subject on only this many of its backgrounds (default: one per photo)")
     args = parser.parse_args()
     if args.new:
         for subject in new_subjects(args.new, args.seed):
             folder = args.output / subject.name
             paths = write_subject_images(subject, folder, n=IMAGES, resolution=RESOLUTION, seed=args.seed,
-                                         sizes=tuple(SIZES), captions=args.captions)
+                                         sizes=tuple(SIZES), captions=args.captions,
+                                         photo_backgrounds=args.photo_backgrounds)
             (folder / SUBJECT_SPEC).write_text(json.dumps(asdict(subject), indent=1) + "\n")
-            print(f"{subject.name}: a {subject.color} {subject.class_noun} with {subject.secondary} "
+            print(f"{subject.name}: {article(subject.color)} {subject.color} {subject.class_noun} with {subject.secondary} "
                   f"{subject.pattern.replace('_', ' ')}, {len(paths)} images in {folder}\n"
                   f"  dreambooth run --model shapes --instance-dir {folder} --class-noun {subject.class_noun} "
                   f"--output runs/{subject.name}")

@@ -232,6 +232,17 @@ def test_subject_captions_name_place_and_background_and_size_only_when_asked(tmp
     assert not list((tmp_path / "sized").glob("*.txt"))
 
 
+def test_photos_can_share_a_few_backgrounds_leaving_the_rest_unseen(tmp_path):
+    subject = SUBJECTS["checker_square"]
+    spread = W.write_subject_images(subject, tmp_path / "spread", n=5, seed=0)
+    shared = W.write_subject_images(subject, tmp_path / "shared", n=5, seed=0, photo_backgrounds=2)
+    spread_backgrounds = [A.analyze(Image.open(p)).background for p in spread]
+    shared_backgrounds = [A.analyze(Image.open(p)).background for p in shared]
+    assert len(set(spread_backgrounds)) == 5  # one per photo by default
+    assert len(set(shared_backgrounds)) == 2 and set(shared_backgrounds) <= set(subject.backgrounds)
+    assert all(A.is_subject(Image.open(p), subject) for p in shared)
+
+
 def test_pairwise_distance():
     scene = Scene("circle", "red", "blue")
     same = [W.render(scene)] * 3

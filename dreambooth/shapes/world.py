@@ -405,14 +405,16 @@ def subject_caption(position: str, background: str, size: str | None = None) -> 
 
 def write_subject_images(subject: Subject, folder: str | Path, n: int = 5, resolution: int = 32,
                          seed: int = 0, sizes: Sequence[str] = ("medium", "large"), captions: bool = False,
-                         caption_size: bool = False) -> list[Path]:
+                         caption_size: bool = False, photo_backgrounds: int | None = None) -> list[Path]:
     """n PNGs of the subject at varied positions, sizes and plain backgrounds; returns the paths.
     ``captions``: also a ``.txt`` beside each saying what it shows (``subject_caption``: place and
-    background, and its size with ``caption_size``)."""
+    background, and its size with ``caption_size``). ``photo_backgrounds``: the photos share this many of
+    the subject's backgrounds (as a real subject's photos share a room), leaving the rest for new contexts;
+    None: one background per photo while they last."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    backgrounds = [subject.backgrounds[i] for i in rng.permutation(len(subject.backgrounds))]
+    backgrounds = [subject.backgrounds[i] for i in rng.permutation(len(subject.backgrounds))][:photo_backgrounds]
     positions = [list(POSITIONS)[i] for i in rng.permutation(len(POSITIONS))]
     paths = []
     for i in range(n):
