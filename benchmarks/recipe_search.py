@@ -242,6 +242,10 @@ VARIANTS: dict[str, Recipe] = {
     "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps, identifier warmed 200 steps at 5e-4":
         dataclasses.replace(START, num_priors=96, caption_priors=32, unconditional_priors=32, learning_rate=3e-4,
                             text_encoder_learning_rate=1e-4, steps=600, identifier_warmup_steps=200),
+    # Round 19, on photos that share 2 backgrounds (--photo-backgrounds 2): the subject in the UNet alone.
+    "96 + 32 + 32 unconditional, lr 3e-4, te frozen, 600 steps": dataclasses.replace(
+        START, num_priors=96, caption_priors=32, unconditional_priors=32, learning_rate=3e-4,
+        text_encoder_learning_rate=0.0, steps=600),
 }
 CHOSEN = "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps"
 """The shapes model's shipped recipe (``dreambooth/data/shapes/dreambooth.yaml``). Rounds 1-3 were chosen on the
@@ -508,10 +512,12 @@ def recontext_gap(rows: list[dict], measure: str = "recontext_shown") -> str:
 
 PAIRED_GAPS = {"recontext − match, paired": "recontext_shown",
                "asked backgrounds − match": "recontext_shown_backgrounds",
+               "backgrounds no photo shows − match": "recontext_shown_new_backgrounds",
                "unseen contexts − match": "recontext_shown_unseen",
                "at the bare prompt's sizes − match": "recontext_shown_at_subject_sizes"}
 """The pooled table's paired gaps: every new context, the background asks alone (the shapes model ignores place
-words), those no photo shows, and counted at the bare prompt's sizes."""
+words), the backgrounds no photo shows (round 19: with photos on 2 backgrounds, the paper's recontextualization),
+every context no photo shows, and counted at the bare prompt's sizes."""
 
 
 def _label(row: dict) -> str:

@@ -153,17 +153,17 @@ def test_recipe_search_pools_a_variants_seeds_with_the_standard_error_of_each_me
     text = table([run("a", 0, 0.8, 1.0), run("a", 1, 0.6, 0.8), run("b", 0, 0.9, 1.0)])
     pooled = text.split("every seed and subject")[1]
     # Mean ± std / sqrt(runs): 0.1 / sqrt(2); seed 0 passes, seed 1 (fidelity 0.6, other prompts 0.8) does not.
-    # Runs that predate the background, unseen-context and size splits leave their paired gaps "-".
-    assert "| a | 2 | 0.70 ± 0.07 |" in pooled and "| 0.90 ± 0.07 | +0.00 ± 0.00 | - | - | - | 1/2 |" in pooled
+    # Runs that predate the background, new-background, unseen-context and size splits leave their gaps "-".
+    assert "| a | 2 | 0.70 ± 0.07 |" in pooled and "| 0.90 ± 0.07 | +0.00 ± 0.00 | - | - | - | - | 1/2 |" in pooled
     assert "| b | 1 | 0.90 |" in pooled  # one run: no spread to report
     assert "every seed" not in table([run("a", 0, 0.6, 1.0), run("b", 0, 0.9, 1.0)])  # one seed: nothing to pool
     # recontext − match is taken within each run: runs 0.5 / 0.3 and 0.2 / 0.3 → +0.2 and −0.1: mean +0.05, std 0.15 / √2.
     gap = [run("c", s, 0.8, 1.0) | {"recontext_shown": r, "subject_match": m} for s, r, m in ((0, 0.5, 0.3), (1, 0.2, 0.3))]
-    assert "| +0.05 ± 0.11 | - | - | - | 1/2 |" in table(gap).split("every seed and subject")[1]
+    assert "| +0.05 ± 0.11 | - | - | - | - | 1/2 |" in table(gap).split("every seed and subject")[1]
     # The splits are paired the same way; a run with no unseen ask (None) is left out of that column only.
     split = [gap[0] | {"recontext_shown_unseen": 0.4, "recontext_shown_at_subject_sizes": 0.3},
              gap[1] | {"recontext_shown_unseen": None, "recontext_shown_at_subject_sizes": 0.5}]
-    assert "| +0.05 ± 0.11 | - | +0.10 | +0.10 ± 0.07 | 1/2 |" in table(split).split("every seed and subject")[1]
+    assert "| +0.05 ± 0.11 | - | - | +0.10 | +0.10 ± 0.07 | 1/2 |" in table(split).split("every seed and subject")[1]
 
 
 def test_recipe_search_identifier_warmup_moves_only_the_identifiers_embedding(monkeypatch, tiny_model_path, dog_dir):

@@ -87,11 +87,16 @@ def test_new_contexts_that_only_draw_the_subject_smaller_are_told_apart_from_a_l
     assert {f.measure: f for f in findings(shapes_report(**same_sizes))}["recontext_shown"].next == CONTEXT_FIX
 
 
-def test_the_new_contexts_line_names_the_shares_on_asked_backgrounds_and_in_contexts_no_photo_shows():
+def test_the_new_contexts_line_names_the_shares_on_asked_and_unphotographed_backgrounds_and_in_contexts_no_photo_shows():
     text = {f.measure: f.text for f in findings(shapes_report(recontext_shown_unseen=0.31))}["recontext_shown"]
     assert text.endswith("(contexts none of the photos shows: 0.31)")
     both = shapes_report(recontext_shown_unseen=0.31, recontext_shown_backgrounds=0.42)
     text = {f.measure: f.text for f in findings(both)}["recontext_shown"]
     assert text.endswith("(asked backgrounds: 0.42; contexts none of the photos shows: 0.31)")
+    three = shapes_report(recontext_shown_unseen=0.31, recontext_shown_backgrounds=0.42,
+                          recontext_shown_new_backgrounds=0.12)
+    text = {f.measure: f.text for f in findings(three)}["recontext_shown"]
+    assert text.endswith("(asked backgrounds: 0.42; backgrounds none of the photos shows: 0.12; "
+                         "contexts none of the photos shows: 0.31)")
     older = {f.measure: f.text for f in findings(shapes_report())}["recontext_shown"]
     assert "none of the photos" not in older  # reports from before the split

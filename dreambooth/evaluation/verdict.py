@@ -98,6 +98,7 @@ def shapes_findings(tuned: dict, base: dict | None, per_prompt: int) -> list[Fin
     text = f"new contexts show the subject {shown:.2f} of the time, the bare prompt {match:.2f}"
     splits = [f"{what}: {tuned[measure]:.2f}" for measure, what in (
         ("recontext_shown_backgrounds", "asked backgrounds"),  # the asks the shapes model follows
+        ("recontext_shown_new_backgrounds", "backgrounds none of the photos shows"),
         ("recontext_shown_unseen", "contexts none of the photos shows")) if measure in tuned]
     if splits:
         text += f" ({'; '.join(splits)})"
