@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dreambooth.evaluation.verdict import (CLASS_FIX, CONTEXT_FIX, LEARN_FIX, OTHER_FIX, PRES_FIX, SIZE_FIX, findings,
+from dreambooth.evaluation.verdict import (CLASS_FIX, CONTEXT_FIX, LEARN_FIX, OTHER_FIX, PHOTOS_FIX, PRES_FIX, SIZE_FIX, findings,
                                            format_findings)
 
 
@@ -85,6 +85,22 @@ def test_new_contexts_that_only_draw_the_subject_smaller_are_told_apart_from_a_l
     assert lost["recontext_shown"].next == CONTEXT_FIX  # lost at its own sizes too: not a size effect
     same_sizes = smaller | {"recontext_small_share": 0.1}
     assert {f.measure: f for f in findings(shapes_report(**same_sizes))}["recontext_shown"].next == CONTEXT_FIX
+
+
+def test_a_subject_lost_on_backgrounds_no_photo_shows_is_sent_back_to_the_photos():
+    # The user check of round 19: 5 photos on 2 backgrounds; the bare prompt 1.00, photographed contexts 0.94,
+    # backgrounds none of the photos shows 0.58 ± 0.06.
+    lost = dict(subject_match=1.0, subject_match_stderr=0.0, recontext_shown=0.8, recontext_shown_stderr=0.03,
+                recontext_shown_seen=0.94, recontext_shown_new_backgrounds=0.58,
+                recontext_shown_new_backgrounds_stderr=0.06)
+    found = {f.measure: f for f in findings(shapes_report(**lost))}["recontext_shown"]
+    assert found.status == "miss" and found.next == PHOTOS_FIX
+    # Lost as much where a photo shows the context: the recipe's miss, not the photos'.
+    everywhere = {f.measure: f for f in findings(shapes_report(**(lost | {"recontext_shown_seen": 0.5})))}
+    assert everywhere["recontext_shown"].next == CONTEXT_FIX
+    # Within noise of the bare prompt on the new backgrounds: not their fault either.
+    close = {f.measure: f for f in findings(shapes_report(**(lost | {"recontext_shown_new_backgrounds": 0.9})))}
+    assert close["recontext_shown"].next == CONTEXT_FIX
 
 
 def test_the_new_contexts_line_names_the_shares_on_asked_and_unphotographed_backgrounds_and_in_contexts_no_photo_shows():
