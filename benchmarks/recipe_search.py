@@ -270,9 +270,9 @@ not shipped. Round 18 (16 images per prompt): the model follows background words
 backgrounds asked by name the shipped recipe shows the subject 0.07 ± 0.03 less often than on the bare prompt, on
 the backgrounds it contrasts weakly with; learning the identifier's embedding first did not help. Round 19 drew the
 photos on 2 backgrounds (``--photo-backgrounds 2``): backgrounds no photo shows kept the subject 0.26 of the time
-against 0.61 on the bare prompt, and neither captions, a masked subject loss (probe), a frozen text encoder nor
-priors of the class on other backgrounds beside the caption priors carried it there (in their place those priors
-did, +0.14, at other prompts 0.88). See RESULTS.md."""
+against 0.61 on the bare prompt; captions, a masked subject loss (probe), a frozen text encoder and priors of the
+class on other backgrounds beside the caption priors did not move it, and those priors in place of the caption
+priors raised it by 0.14, still 0.26 below the bare prompt, at other prompts 0.88. See RESULTS.md."""
 
 EVAL_GUIDANCE = 4.0
 """Classifier-free guidance of the evaluation images unless ``--guidance`` says otherwise (the recipe's)."""
@@ -477,7 +477,9 @@ def main() -> None:
                 for seed in args.seeds:
                     t0 = time.time()
                     for guidance, scores in study.run(subject, folder, VARIANTS[variant], seed).items():
-                        row = {"variant": variant + guidance_label(guidance), "subject": subject.name, "seed": seed,
+                        label = variant + guidance_label(guidance) + photos_label(args.photo_backgrounds)
+                        row = {"variant": label, "subject": subject.name, "seed": seed,
+                               "photo_backgrounds": args.photo_backgrounds,
                                "vae_ceiling": ceilings[subject.name], **scores, "seconds": time.time() - t0}
                         rows.append(row)
                         print(f"{row['variant']:<20} {subject.name:<28} "
@@ -495,6 +497,12 @@ def main() -> None:
 def guidance_label(guidance: float) -> str:
     """What a row's variant name gains when its images were sampled at another than the usual guidance."""
     return "" if guidance == EVAL_GUIDANCE else f", sampled at guidance {guidance:g}"
+
+
+def photos_label(photo_backgrounds: int | None) -> str:
+    """What a row's variant name gains when its subjects were photographed on fewer backgrounds than usual, so
+    ``--report`` never pools those runs with the usual ones."""
+    return "" if photo_backgrounds is None else f", photos on {photo_backgrounds} backgrounds"
 
 
 def _cell(rows: list[dict], measure: str, spread: bool = False) -> str:
@@ -523,7 +531,7 @@ def recontext_gap(rows: list[dict], measure: str = "recontext_shown") -> str:
 
 PAIRED_GAPS = {"recontext − match, paired": "recontext_shown",
                "asked backgrounds − match": "recontext_shown_backgrounds",
-               "backgrounds no photo shows − match": "recontext_shown_new_backgrounds",
+               "backgrounds no photo shows − match": "recontext_shown_unseen_backgrounds",
                "unseen contexts − match": "recontext_shown_unseen",
                "at the bare prompt's sizes − match": "recontext_shown_at_subject_sizes"}
 """The pooled table's paired gaps: every new context, the background asks alone (the shapes model ignores place

@@ -35,6 +35,8 @@ if __name__ == "__main__":
     parser.add_argument("--photo-backgrounds", type=int,
                         help="photograph each new subject on only this many of its backgrounds (default: one per photo)")
     args = parser.parse_args()
+    if args.photo_backgrounds is not None and not args.new:
+        parser.error("--photo-backgrounds applies to new subjects (--new N); the shipped ones keep their photos")
     if args.new:
         for subject in new_subjects(args.new, args.seed):
             folder = args.output / subject.name
@@ -42,7 +44,8 @@ if __name__ == "__main__":
                                          sizes=tuple(SIZES), captions=args.captions,
                                          photo_backgrounds=args.photo_backgrounds)
             (folder / SUBJECT_SPEC).write_text(json.dumps(asdict(subject), indent=1) + "\n")
-            print(f"{subject.name}: {article(subject.color)} {subject.color} {subject.class_noun} with {subject.secondary} "
+            print(f"{subject.name}: {article(subject.color)} {subject.color} {subject.class_noun} "
+                  f"with {subject.secondary} "
                   f"{subject.pattern.replace('_', ' ')}, {len(paths)} images in {folder}\n"
                   f"  dreambooth run --model shapes --instance-dir {folder} --class-noun {subject.class_noun} "
                   f"--output runs/{subject.name}")

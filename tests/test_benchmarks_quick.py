@@ -161,9 +161,13 @@ def test_recipe_search_pools_a_variants_seeds_with_the_standard_error_of_each_me
     gap = [run("c", s, 0.8, 1.0) | {"recontext_shown": r, "subject_match": m} for s, r, m in ((0, 0.5, 0.3), (1, 0.2, 0.3))]
     assert "| +0.05 ± 0.11 | - | - | - | - | 1/2 |" in table(gap).split("every seed and subject")[1]
     # The splits are paired the same way; a run with no unseen ask (None) is left out of that column only.
-    split = [gap[0] | {"recontext_shown_unseen": 0.4, "recontext_shown_at_subject_sizes": 0.3},
-             gap[1] | {"recontext_shown_unseen": None, "recontext_shown_at_subject_sizes": 0.5}]
-    assert "| +0.05 ± 0.11 | - | - | +0.10 | +0.10 ± 0.07 | 1/2 |" in table(split).split("every seed and subject")[1]
+    split = [gap[0] | {"recontext_shown_unseen": 0.4, "recontext_shown_at_subject_sizes": 0.3,
+                       "recontext_shown_unseen_backgrounds": 0.1},
+             gap[1] | {"recontext_shown_unseen": None, "recontext_shown_at_subject_sizes": 0.5,
+                       "recontext_shown_unseen_backgrounds": 0.2}]
+    # unseen backgrounds: 0.1 − 0.3 and 0.2 − 0.3 → −0.15, std 0.05 / √2
+    assert "| +0.05 ± 0.11 | - | -0.15 ± 0.04 | +0.10 | +0.10 ± 0.07 | 1/2 |" in table(split).split(
+        "every seed and subject")[1]
 
 
 def test_recipe_search_identifier_warmup_moves_only_the_identifiers_embedding(monkeypatch, tiny_model_path, dog_dir):

@@ -136,19 +136,25 @@ def test_new_contexts_are_split_into_those_the_photos_show_and_those_none_shows(
     for kind, share in (("background", recalls.recontext_shown_backgrounds), ("position", recalls.recontext_shown_places)):
         of_kind = {ask for ask in asks if ask[0] == kind}
         assert share == pytest.approx(len(of_kind & photographed) / len(of_kind))
-    new_backgrounds = {ask for ask in asks if ask[0] == "background"} - photographed
-    assert new_backgrounds  # the fixture's 5 photos leave one of the 6 backgrounds unseen
-    assert recalls.recontext_shown_new_backgrounds == 0.0
+    unseen_backgrounds = {ask for ask in asks if ask[0] == "background"} - photographed
+    assert unseen_backgrounds  # the fixture's 5 photos leave one of the 6 backgrounds unseen
+    assert recalls.recontext_shown_unseen_backgrounds == 0.0 and recalls.recontext_shown_seen_backgrounds == 1.0
+    # A model that also recalls the unseen places: every unseen context but the backgrounds keeps the subject.
+    unseen_places = {ask for ask in asks if ask[0] == "position"} - photographed
+    assert unseen_places
+    places_too = evaluate_subject(ScriptedPipe("recalls", photographed | unseen_places), SUBJECT, references, V,
+                                  images_per_prompt=4)
+    assert places_too.recontext_shown_unseen > 0.0 and places_too.recontext_shown_unseen_backgrounds == 0.0
     faithful = evaluate_subject(ScriptedPipe("faithful"), SUBJECT, references, V, images_per_prompt=4)
     assert faithful.recontext_shown_unseen == faithful.recontext_shown_seen == 1.0
     assert faithful.recontext_shown_backgrounds == faithful.recontext_shown_places == 1.0
-    assert faithful.recontext_shown_new_backgrounds == 1.0
+    assert faithful.recontext_shown_unseen_backgrounds == faithful.recontext_shown_seen_backgrounds == 1.0
     corners = ["top left", "top right", "bottom left", "bottom right"]
     everywhere = [render_subject(SUBJECT, bg, corners[i % 4], "large", 32, i) for i, bg in enumerate(SUBJECT.backgrounds)]
     all_seen = evaluate_subject(ScriptedPipe("faithful"), SUBJECT, everywhere, V, images_per_prompt=1).as_dict()
     assert all_seen["recontext_shown_seen"] == 1.0
     assert "recontext_shown_unseen" not in all_seen and "recontext_shown_unseen_stderr" not in all_seen
-    assert "recontext_shown_new_backgrounds" not in all_seen
+    assert "recontext_shown_unseen_backgrounds" not in all_seen
 
 
 def test_score_reports_each_asked_field():

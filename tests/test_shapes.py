@@ -241,6 +241,9 @@ def test_photos_can_share_a_few_backgrounds_leaving_the_rest_unseen(tmp_path):
     assert len(set(spread_backgrounds)) == 5  # one per photo by default
     assert len(set(shared_backgrounds)) == 2 and set(shared_backgrounds) <= set(subject.backgrounds)
     assert all(A.is_subject(Image.open(p), subject) for p in shared)
+    for wrong in (0, -1, len(subject.backgrounds) + 1):
+        with pytest.raises(ValueError, match="photo_backgrounds"):
+            W.write_subject_images(subject, tmp_path / "wrong", n=5, seed=0, photo_backgrounds=wrong)
 
 
 def test_pairwise_distance():

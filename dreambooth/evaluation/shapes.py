@@ -129,10 +129,11 @@ class SubjectReport:
     asks / the place asks. The shipped ``shapes`` model draws every asked background but puts an object in
     the asked corner about as often as chance (0.12 of 256 images, 1/9 by chance; benchmarks/RESULTS.md,
     round 18), so on it place asks sample the bare prompt again and background asks are the ones it follows.
-    ``recontext_shown_new_backgrounds``: ``recontext_shown`` over the background asks no photo shows, the
-    closest this world has to the paper's "a [V] dog on the beach": a background the model follows, that the
-    subject was never photographed on (one per subject when each photo has a background of its own; most of
-    them when the photos share a few, as a real subject's photos share a room; round 19).
+    ``recontext_shown_unseen_backgrounds`` / ``recontext_shown_seen_backgrounds``: ``recontext_shown`` over the
+    background asks no photo shows / some photo shows. The unseen one is the closest this world has to the
+    paper's "a [V] dog on the beach": a background the model follows that the subject was never photographed on
+    (one ask per subject when each photo has a background of its own; most of them when the photos share a few,
+    as a real subject's photos share a room; benchmarks/RESULTS.md, round 19).
     ``pres``: share of "a [class]" images that show the subject (lower is better: the
     class prior survived). ``div``: mean pairwise RMS pixel distance between "a [V] [class]" images
     (higher is more varied, the analogue of the paper's LPIPS-based DIV).
@@ -159,8 +160,10 @@ class SubjectReport:
     recontext_shown_backgrounds_stderr: float | None = None
     recontext_shown_places: float | None = None
     recontext_shown_places_stderr: float | None = None
-    recontext_shown_new_backgrounds: float | None = None
-    recontext_shown_new_backgrounds_stderr: float | None = None
+    recontext_shown_unseen_backgrounds: float | None = None
+    recontext_shown_unseen_backgrounds_stderr: float | None = None
+    recontext_shown_seen_backgrounds: float | None = None
+    recontext_shown_seen_backgrounds_stderr: float | None = None
 
     def as_dict(self) -> dict:
         """The measures that apply (an unseen/seen share with no ask on its side is left out)."""
@@ -223,8 +226,10 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
     seen_share, seen_stderr = _share_where(shown, seen)
     background_share, background_stderr = _share_where(shown, [k == "background" for k in kinds])
     place_share, place_stderr = _share_where(shown, [k == "position" for k in kinds])
-    new_background_share, new_background_stderr = _share_where(
+    unseen_background_share, unseen_background_stderr = _share_where(
         shown, [k == "background" and not s for k, s in zip(kinds, seen)])
+    seen_background_share, seen_background_stderr = _share_where(
+        shown, [k == "background" and s for k, s in zip(kinds, seen)])
     matched = [is_subject(i, subject) for i in subject_images]
     subject_sizes = [analyze(i).size for i in subject_images]
     return SubjectReport(
@@ -244,8 +249,10 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
         recontext_shown_seen=seen_share, recontext_shown_seen_stderr=seen_stderr,
         recontext_shown_backgrounds=background_share, recontext_shown_backgrounds_stderr=background_stderr,
         recontext_shown_places=place_share, recontext_shown_places_stderr=place_stderr,
-        recontext_shown_new_backgrounds=new_background_share,
-        recontext_shown_new_backgrounds_stderr=new_background_stderr,
+        recontext_shown_unseen_backgrounds=unseen_background_share,
+        recontext_shown_unseen_backgrounds_stderr=unseen_background_stderr,
+        recontext_shown_seen_backgrounds=seen_background_share,
+        recontext_shown_seen_backgrounds_stderr=seen_background_stderr,
     )
 
 

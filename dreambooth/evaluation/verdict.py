@@ -64,10 +64,10 @@ CONTEXT_FIX = ("keep the subject in new contexts: fewer --max-train-steps (800 s
 SIZE_FIX = ("no lever tried keeps the subject's size in new contexts (benchmarks/RESULTS.md, round 17: captions "
             "without a size, or a size word in the prompt, did not): the VAE cannot carry its pattern small, so judge "
             "new contexts by recontext_shown_at_subject_sizes")
-PHOTOS_FIX = ("photograph the subject on more of the backgrounds you will ask for: it is lost on backgrounds none of "
-              "its photos shows (with 5 photos on 2 backgrounds, 0.26 of the time vs 0.61 on the bare prompt over 8 "
-              "shapes runs), and no training lever tried carries it there (captions, a masked loss: "
-              "benchmarks/RESULTS.md, round 19)")
+PHOTOS_FIX = ("photograph the subject on more varied backgrounds: it is lost on the backgrounds none of its photos "
+              "shows (with 5 photos on 2 backgrounds, 0.26 of the time vs 0.61 on the bare prompt over 8 shapes "
+              "runs), and no training flag tried brought it there level with the bare prompt without loosening the "
+              "rest of the model (benchmarks/RESULTS.md, round 19)")
 PRES_FIX = "keep the class prior: --prior-loss-weight 1 or more, and more --num-class-images"
 
 
@@ -80,15 +80,22 @@ def _drawn_smaller(tuned: dict) -> bool:
             and tuned["recontext_small_share"] > tuned["subject_small_share"])
 
 
-def _lost_on_new_backgrounds(tuned: dict) -> bool:
+def _lost_on_unseen_backgrounds(tuned: dict) -> bool:
     """New contexts lose the subject on the backgrounds no photo shows
-    (``SubjectReport.recontext_shown_new_backgrounds``), beyond noise, while keeping it better where a photo
-    shows the context: a gap in the photos, not in the recipe."""
-    if "recontext_shown_new_backgrounds" not in tuned or "recontext_shown_seen" not in tuned:
+    (``SubjectReport.recontext_shown_unseen_backgrounds``), beyond noise, both against the bare prompt and
+    against the backgrounds a photo shows: a gap in the photos, not in the recipe."""
+    needed = ("recontext_shown_unseen_backgrounds", "recontext_shown_seen_backgrounds")
+    if any(measure not in tuned for measure in needed):
         return False
-    new = tuned["recontext_shown_new_backgrounds"]
-    noise = NOISE_SE * tuned.get("recontext_shown_new_backgrounds_stderr", 0.0)
-    return new + noise < tuned["subject_match"] and new < tuned["recontext_shown_seen"]
+    unseen, seen = tuned["recontext_shown_unseen_backgrounds"], tuned["recontext_shown_seen_backgrounds"]
+
+    def beyond_noise(low: float, high: float, *errors: str) -> bool:
+        return low + NOISE_SE * max(tuned.get(error, 0.0) for error in errors) < high
+
+    return (beyond_noise(unseen, tuned["subject_match"], "recontext_shown_unseen_backgrounds_stderr",
+                         "subject_match_stderr")
+            and beyond_noise(unseen, seen, "recontext_shown_unseen_backgrounds_stderr",
+                             "recontext_shown_seen_backgrounds_stderr"))
 
 
 def shapes_findings(tuned: dict, base: dict | None, per_prompt: int) -> list[Finding]:
@@ -113,7 +120,7 @@ def shapes_findings(tuned: dict, base: dict | None, per_prompt: int) -> list[Fin
     text = f"new contexts show the subject {shown:.2f} of the time, the bare prompt {match:.2f}"
     splits = [f"{what}: {tuned[measure]:.2f}" for measure, what in (
         ("recontext_shown_backgrounds", "asked backgrounds"),  # the asks the shapes model follows
-        ("recontext_shown_new_backgrounds", "backgrounds none of the photos shows"),
+        ("recontext_shown_unseen_backgrounds", "backgrounds none of the photos shows"),
         ("recontext_shown_unseen", "contexts none of the photos shows")) if measure in tuned]
     if splits:
         text += f" ({'; '.join(splits)})"
@@ -127,7 +134,7 @@ def shapes_findings(tuned: dict, base: dict | None, per_prompt: int) -> list[Fin
             f"{text}; at the bare prompt's sizes {tuned['recontext_shown_at_subject_sizes']:.2f}: new contexts draw it "
             f"small {tuned['recontext_small_share']:.0%} of the time vs {tuned['subject_small_share']:.0%}, and small "
             "renders lose its pattern in the VAE"), SIZE_FIX))
-    elif _lost_on_new_backgrounds(tuned):
+    elif _lost_on_unseen_backgrounds(tuned):
         findings.append(Finding("recontext_shown", "miss", text, PHOTOS_FIX))
     else:
         findings.append(Finding("recontext_shown", "miss", text, CONTEXT_FIX))

@@ -411,6 +411,9 @@ def write_subject_images(subject: Subject, folder: str | Path, n: int = 5, resol
     background, and its size with ``caption_size``). ``photo_backgrounds``: the photos share this many of
     the subject's backgrounds (as a real subject's photos share a room), leaving the rest for new contexts;
     None: one background per photo while they last."""
+    if photo_backgrounds is not None and not 1 <= photo_backgrounds <= len(subject.backgrounds):
+        raise ValueError(f"photo_backgrounds {photo_backgrounds}: {subject.name} has {len(subject.backgrounds)} "
+                         f"backgrounds; ask for 1 to {len(subject.backgrounds)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
