@@ -33,20 +33,23 @@ if __name__ == "__main__":
                         help="also a caption beside each photo (its place and background), which `run` trains on "
                              "(with --bare-prompt-with-captions beside the bare prompt)")
     parser.add_argument("--photo-backgrounds", type=int,
-                        help="photograph each new subject on only this many of its backgrounds (default: one per photo)")
+                        help="photograph each new subject on only this many of its backgrounds "
+                             "(default: one per photo)")
     args = parser.parse_args()
     if args.photo_backgrounds is not None and not args.new:
         parser.error("--photo-backgrounds applies to new subjects (--new N); the shipped ones keep their photos")
     if args.new:
         for subject in new_subjects(args.new, args.seed):
             folder = args.output / subject.name
-            paths = write_subject_images(subject, folder, n=IMAGES, resolution=RESOLUTION, seed=args.seed,
-                                         sizes=tuple(SIZES), captions=args.captions,
-                                         photo_backgrounds=args.photo_backgrounds)
+            try:  # checked before any file is written
+                paths = write_subject_images(subject, folder, n=IMAGES, resolution=RESOLUTION, seed=args.seed,
+                                             sizes=tuple(SIZES), captions=args.captions,
+                                             photo_backgrounds=args.photo_backgrounds)
+            except ValueError as error:
+                parser.error(f"--photo-backgrounds: {error}")
             (folder / SUBJECT_SPEC).write_text(json.dumps(asdict(subject), indent=1) + "\n")
-            print(f"{subject.name}: {article(subject.color)} {subject.color} {subject.class_noun} "
-                  f"with {subject.secondary} "
-                  f"{subject.pattern.replace('_', ' ')}, {len(paths)} images in {folder}\n"
+            print(f"{subject.name}: {article(subject.color)} {subject.color} {subject.class_noun} with "
+                  f"{subject.secondary} {subject.pattern.replace('_', ' ')}, {len(paths)} images in {folder}\n"
                   f"  dreambooth run --model shapes --instance-dir {folder} --class-noun {subject.class_noun} "
                   f"--output runs/{subject.name}")
     else:

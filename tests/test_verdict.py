@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dreambooth.evaluation.verdict import (CLASS_FIX, CONTEXT_FIX, LEARN_FIX, OTHER_FIX, PHOTOS_FIX, PRES_FIX, SIZE_FIX, findings,
-                                           format_findings)
+from dreambooth.evaluation.verdict import (CLASS_FIX, CONTEXT_FIX, LEARN_FIX, OTHER_FIX, PHOTOS_FIX, PRES_FIX, SIZE_FIX,
+                                           findings, format_findings)
 
 
 def shapes_report(per_prompt: int = 8, **personalized) -> dict:

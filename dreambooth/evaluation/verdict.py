@@ -80,6 +80,12 @@ def _drawn_smaller(tuned: dict) -> bool:
             and tuned["recontext_small_share"] > tuned["subject_small_share"])
 
 
+def _gap_error(tuned: dict, *measures: str) -> float:
+    """The larger standard error of two shares compared (0 for a report without errors): a gap counts as
+    real when it exceeds ``NOISE_SE`` of it."""
+    return max(tuned.get(f"{measure}_stderr", 0.0) for measure in measures)
+
+
 def _lost_on_unseen_backgrounds(tuned: dict) -> bool:
     """New contexts lose the subject on the backgrounds no photo shows
     (``SubjectReport.recontext_shown_unseen_backgrounds``), beyond noise, both against the bare prompt and
@@ -87,15 +93,9 @@ def _lost_on_unseen_backgrounds(tuned: dict) -> bool:
     needed = ("recontext_shown_unseen_backgrounds", "recontext_shown_seen_backgrounds")
     if any(measure not in tuned for measure in needed):
         return False
-    unseen, seen = tuned["recontext_shown_unseen_backgrounds"], tuned["recontext_shown_seen_backgrounds"]
-
-    def beyond_noise(low: float, high: float, *errors: str) -> bool:
-        return low + NOISE_SE * max(tuned.get(error, 0.0) for error in errors) < high
-
-    return (beyond_noise(unseen, tuned["subject_match"], "recontext_shown_unseen_backgrounds_stderr",
-                         "subject_match_stderr")
-            and beyond_noise(unseen, seen, "recontext_shown_unseen_backgrounds_stderr",
-                             "recontext_shown_seen_backgrounds_stderr"))
+    unseen = tuned["recontext_shown_unseen_backgrounds"]
+    return all(unseen + NOISE_SE * _gap_error(tuned, "recontext_shown_unseen_backgrounds", other) < tuned[other]
+               for other in ("subject_match", "recontext_shown_seen_backgrounds"))
 
 
 def shapes_findings(tuned: dict, base: dict | None, per_prompt: int) -> list[Finding]:
@@ -116,7 +116,7 @@ def shapes_findings(tuned: dict, base: dict | None, per_prompt: int) -> list[Fin
         findings.append(Finding("subject_fidelity", "miss", learned,
                                 "the VAE cannot render this subject better; no fine-tune will" if limited else LEARN_FIX))
     match, shown = tuned["subject_match"], tuned["recontext_shown"]
-    gap_error = max(tuned.get("subject_match_stderr", 0.0), tuned.get("recontext_shown_stderr", 0.0))
+    gap_error = _gap_error(tuned, "subject_match", "recontext_shown")
     text = f"new contexts show the subject {shown:.2f} of the time, the bare prompt {match:.2f}"
     splits = [f"{what}: {tuned[measure]:.2f}" for measure, what in (
         ("recontext_shown_backgrounds", "asked backgrounds"),  # the asks the shapes model follows
