@@ -118,6 +118,9 @@ class Recipe:
     tuning"). Round 18: a subject held in that one word might follow it into new contexts; it did not."""
     identifier_warmup_learning_rate: float = 5e-4
     """Learning rate of the identifier's embedding during ``identifier_warmup_steps``."""
+    background_swap: float = 0.0
+    """Share of subject examples drawn with the photo's backdrop repainted in a colour the base model never drew
+    (``--background-swap``, on the bare prompt): photos that share backdrops stop teaching them with the subject."""
     caption_priors: int = 0
     """Priors generated from base-grammar captions of any shape, colour and background
     (``extra_prior_captions``: none of them is scored by the drift measure), added to the ``num_priors`` class priors, each trained on its
@@ -253,6 +256,12 @@ VARIANTS: dict[str, Recipe] = {
     "96 + 32 + 32 in-class + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps": dataclasses.replace(
         START, num_priors=96, caption_priors=64, in_class_captions=32, unconditional_priors=32, learning_rate=3e-4,
         text_encoder_learning_rate=1e-4, steps=600),
+    "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps, backdrops swapped half the time": dataclasses.replace(
+        START, num_priors=96, caption_priors=32, unconditional_priors=32, learning_rate=3e-4,
+        text_encoder_learning_rate=1e-4, steps=600, background_swap=0.5),
+    "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps, backdrops swapped a quarter of the time":
+        dataclasses.replace(START, num_priors=96, caption_priors=32, unconditional_priors=32, learning_rate=3e-4,
+                            text_encoder_learning_rate=1e-4, steps=600, background_swap=0.25),
 }
 CHOSEN = "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps"
 """The shapes model's shipped recipe (``dreambooth/data/shapes/dreambooth.yaml``). Rounds 1-3 were chosen on the
@@ -359,7 +368,8 @@ class Study:
             text_encoder_steps=recipe.text_encoder_steps, prior_loss_weight=recipe.prior_loss_weight,
             lr_scheduler=recipe.lr_scheduler,
             prior_examples_per_subject_example=recipe.prior_examples_per_subject_example,
-            snr_gamma=recipe.snr_gamma, resolution=self.args.resolution, seed=seed)
+            snr_gamma=recipe.snr_gamma, background_swap=recipe.background_swap, resolution=self.args.resolution,
+            seed=seed)
         if recipe.identifier_warmup_steps:
             warmup = min(recipe.identifier_warmup_steps, self.args.steps_override or recipe.identifier_warmup_steps)
             warm_identifier(parts, images, identifier, settings, warmup, recipe.identifier_warmup_learning_rate)

@@ -18,7 +18,7 @@ from typing import Collection, Optional
 
 from dreambooth import cluster, export, identifier, models, priors, storage
 from dreambooth.config import ConfigError, RunConfig, validate
-from dreambooth.subjects import SubjectImage, load_subject_images
+from dreambooth.subjects import SubjectImage, check_backdrops_swappable, load_subject_images
 from dreambooth.training.engine import require_optimizer
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,8 @@ def preflight(
     model_path = models.resolve_model(cfg.model, cfg.revision)
     cfg = models.with_native_resolution(cfg)  # before anything reads cfg.train.resolution
     images = load_subject_images(cfg.subject.instance_dir, cfg.train.resolution)
+    if cfg.train.background_swap > 0:
+        check_backdrops_swappable(images)
     chosen, was_auto, warnings = resolve_identifier(cfg, model_path, taken_identifiers, drawers)
     cfg = with_identifier(cfg, chosen)
     if not keep_images:

@@ -31,6 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError, features
 from dreambooth import storage
 from dreambooth.config import MAX_INSTANCE_IMAGES, ConfigError, validate_prompt_template
 from dreambooth.inputs import MAX_PROMPT_CHARS
+from dreambooth.training.backgrounds import PLAIN_BORDER_SHARE, unswappable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic", ".heif")
 HEIF_SUFFIXES = (".heic", ".heif")
@@ -82,6 +83,16 @@ def training_examples(images: list[SubjectImage], instance_prompt: str, identifi
     if not bare_prompt_with_captions or all(image.caption is None for image in images):
         return list(images), prompts
     return list(images) * 2, prompts + [instance_prompt] * len(images)
+
+
+def check_backdrops_swappable(images: list[SubjectImage]) -> None:
+    """``--background-swap`` repaints plain backdrops only: a SubjectError naming every other photo."""
+    bad = unswappable([(image.name, image.to_pil()) for image in images])
+    if bad:
+        raise SubjectError(
+            f"--background-swap repaints a plain backdrop, and {len(bad)} photo(s) are not on one: {', '.join(bad)} "
+            f"(needs {PLAIN_BORDER_SHARE:.0%}); photograph the subject on a plain backdrop, or set "
+            "--background-swap 0")
 
 
 def _stem(name: str) -> str:

@@ -167,6 +167,8 @@ CASES = [
     Case("truncated-image", "subject images", lambda t, d: truncate(d / "01.jpg") and run_args(t, d), "01.jpg is corrupt or truncated"),
     Case("too-many-images", "subject images", many_images, "at most 50"),
     Case("image-too-small", "subject images", lambda t, d: run_args(t, d, "--resolution", "256"), "smaller than --resolution 256"),
+    Case("background-swap-photos-not-plain", "subject images", lambda t, d: run_args(t, d, "--background-swap", "0.5"),
+         "--background-swap repaints a plain backdrop, and 5 photo(s) are not on one"),
     # config files and flags
     Case("config-file-missing", "config", lambda t, d: ["run", "--config", str(t / "nope.yaml")], "does not exist; pass an existing YAML"),
     Case("config-file-bad-yaml", "config", lambda t, d: ["run", "--config", str(write(t / "c.yaml", "a: [1,"))], "is not valid YAML"),
@@ -178,6 +180,7 @@ CASES = [
     Case("unknown-precision", "config", lambda t, d: run_args(t, d, "--mixed-precision", "fp8"), "--mixed-precision must be one of"),
     Case("resolution-not-multiple-of-8", "config", lambda t, d: run_args(t, d, "--resolution", "100"), "multiple of 8"),
     Case("learning-rate-out-of-range", "config", lambda t, d: run_args(t, d, "--learning-rate", "5"), "--learning-rate must be in (0, 1)"),
+    Case("background-swap-out-of-range", "config", lambda t, d: run_args(t, d, "--background-swap", "1.5"), "--background-swap must be between 0 and 1"),
     Case("offload-without-zero", "config", lambda t, d: run_args(t, d, "--zero-stage", "0", "--offload-optimizer"), "--offload-optimizer needs --zero-stage"),
     Case("offload-params-without-zero3", "config", lambda t, d: run_args(t, d, "--offload-params"), "--offload-params needs --zero-stage 3"),
     Case("optimizer-unknown", "config", lambda t, d: run_args(t, d, "--optimizer", "sgd"), "--optimizer must be one of adamw, adafactor, adamw8bit"),

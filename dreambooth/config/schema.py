@@ -223,6 +223,14 @@ class TrainConfig:
     identifier's anchor while the captions bind the subject to the places and backgrounds they name.
     Photos without a caption train on the bare prompt as before, each photo drawn as often as the others."""
 
+    background_swap: float = 0.0
+    """Share of subject examples drawn as a copy of the photo with its plain backdrop repainted in another
+    colour (``training.backgrounds``), on the bare instance prompt: photos that share a backdrop otherwise
+    teach it with the subject, and "a [V] [class] on the beach" loses the subject. Needs every photo on a
+    plain backdrop (refused before training otherwise). Trades subject fidelity for new backdrops
+    (shapes, photos on 2 backgrounds, 0.5: backgrounds no photo shows +0.14, subject fidelity −0.11;
+    benchmarks/RESULTS.md round 20). 0: off, as in the paper."""
+
     seed: int = 0
     """Seed of noise, timesteps and augmentation (each rank adds its rank)."""
 

@@ -8,7 +8,8 @@ A micro-batch of a worker (``B`` = ``--train-batch-size``) is a ``MixedBatch``::
                                           rows B..B+P-1: cached prior latents (already scaled)
     conditions                            the model family's inputs (``families.base.Conditions``):
       input_ids  int64 [B + P, L]         for subject rows the photo's prompt ("a [V] [class]", or
-                                          its caption: ``subjects.instance_prompts``); for prior rows the prompt
+                                          its caption: ``subjects.instance_prompts``; the bare prompt
+                                          for a backdrop-swapped copy); for prior rows the prompt
                                           each prior was generated from ("a [class]" unless the
                                           pool carries prompts of its own)
                                           (SDXL: also ``input_ids_2`` from its second tokenizer)
@@ -18,6 +19,8 @@ A micro-batch of a worker (``B`` = ``--train-batch-size``) is a ``MixedBatch``::
 
 where ``h = w = resolution / vae_scale_factor`` (R = resolution) and ``L`` is the tokenizer's max
 length (77 for CLIP).
+With ``background_swap`` = p a subject row is, with probability p, a copy of the drawn photo with its
+plain backdrop repainted (``training.backgrounds``).
 Prior rows come from this worker's ``PriorPool``, filled once from the prior cache
 (``priors.read_priors``: this rank's share of the seeds, with the prompt of each).
 
@@ -38,6 +41,7 @@ from PIL import Image
 
 from dreambooth.families import SD, Components, Conditions
 from dreambooth.subjects import SubjectImage
+from dreambooth.training.backgrounds import BACKGROUND_FILLS, swapped_copies
 
 
 Crop = tuple[int, int, bool]
@@ -158,6 +162,8 @@ class BatchMaker:
         seed: int,
         priors: Optional[PriorPool],
         device: torch.device,
+        background_swap: float = 0.0,
+        bare_prompt: Optional[str] = None,
     ):
         self.images = [img.to_pil() for img in images]
         self.vae = parts.vae
@@ -178,6 +184,19 @@ class BatchMaker:
         self._posteriors: dict[tuple[int, Crop], tuple[torch.Tensor, torch.Tensor]] = {}
         self.priors = priors
         self.device = device
+        self.photos = len(self.images)
+        self.background_swap = background_swap
+        if background_swap > 0:
+            # copies of photo i sit at photos + i * len(BACKGROUND_FILLS) + fill, all on the bare prompt
+            # (a caption may name the backdrop the copy no longer shows)
+            if bare_prompt is None:
+                raise ValueError("background_swap needs the bare instance prompt the swapped copies train on")
+            bare = self._inputs_of(bare_prompt)
+            for index in range(self.photos):
+                copies = swapped_copies(self.images[index])
+                self.images += copies
+                self.instance_inputs += [bare] * len(copies)
+        self.swap_rng = random.Random(f"background-swap-{seed}")  # apart, so p = 0 leaves the draws as they were
 
     MAX_CACHED_VIEWS = 1024
     """Views whose posterior is kept (2 x 64 KiB each at 512 px); photos far from square have
@@ -207,7 +226,9 @@ class BatchMaker:
         views, subject_rows = [], []
         square = (self.resolution, self.resolution)
         for _ in range(self.batch_size):
-            index = self.rng.randrange(len(self.images))
+            index = self.rng.randrange(self.photos)
+            if self.background_swap and self.swap_rng.random() < self.background_swap:
+                index = self.photos + index * len(BACKGROUND_FILLS) + self.swap_rng.randrange(len(BACKGROUND_FILLS))
             image = self.images[index]
             crop = draw_crop(image, self.resolution, self.rng, self.center_crop, self.random_flip)
             views.append(self._posterior(index, crop))

@@ -57,6 +57,10 @@ class FinetuneSettings:
     """Training image side."""
     random_flip: bool = False
     """Horizontal flips (off for asymmetric subjects)."""
+    background_swap: float = 0.0
+    """``TrainConfig.background_swap``: share of subject examples shown on a repainted backdrop."""
+    bare_prompt: str | None = None
+    """The prompt backdrop-swapped copies train on; None: ``instance_prompt`` when it is one prompt."""
     seed: int = 0
     """Seeds batch order, noise and timesteps."""
 
@@ -86,7 +90,9 @@ def finetune(parts, images: list[SubjectImage], settings: FinetuneSettings,
         random_flip=settings.random_flip, seed=settings.seed,
         priors=PriorPool(prior_latents, settings.train_batch_size * settings.prior_examples_per_subject_example,
                          settings.seed, prior_prompts) if with_priors else None,
-        device=torch.device("cpu"),
+        device=torch.device("cpu"), background_swap=settings.background_swap,
+        bare_prompt=settings.bare_prompt or (settings.instance_prompt
+                                             if isinstance(settings.instance_prompt, str) else None),
     )
     schedule = get_scheduler(settings.lr_scheduler, optimizer=optimizer, num_warmup_steps=settings.lr_warmup_steps,
                              num_training_steps=settings.max_train_steps)

@@ -256,6 +256,7 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
         examples, worker.base, prompts, cfg.subject.class_prompt,
         resolution=train.resolution, batch_size=train.train_batch_size, center_crop=train.center_crop,
         random_flip=train.random_flip, seed=batch_seed, priors=priors, device=device,
+        background_swap=train.background_swap, bare_prompt=cfg.subject.instance_prompt,
     )
     metrics, curve = _train_steps(worker, work, engine, scheduler, batches, start_step)
     warm = worker.subjects_done > 0
