@@ -262,6 +262,11 @@ VARIANTS: dict[str, Recipe] = {
     "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps, backdrops swapped a quarter of the time":
         dataclasses.replace(START, num_priors=96, caption_priors=32, unconditional_priors=32, learning_rate=3e-4,
                             text_encoder_learning_rate=1e-4, steps=600, background_swap=0.25),
+    "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps, size-free captioned and bare photos, backdrops "
+    "swapped a quarter of the time": dataclasses.replace(
+        START, num_priors=96, caption_priors=32, unconditional_priors=32, learning_rate=3e-4,
+        text_encoder_learning_rate=1e-4, steps=600, captioned_and_bare=True, captions_name_size=False,
+        background_swap=0.25),
 }
 CHOSEN = "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps"
 """The shapes model's shipped recipe (``dreambooth/data/shapes/dreambooth.yaml``). Rounds 1-3 were chosen on the
@@ -350,7 +355,7 @@ class Study:
         images = load_subject_images(str(folder), self.args.resolution)
         references = [image.to_pil() for image in images]
         identifier = pick_identifiers(self.base.tokenizer, 1, seed)[0]
-        instance_prompt = f"a {identifier} {subject.class_noun}"
+        instance_prompt = bare_prompt = f"a {identifier} {subject.class_noun}"
         if not recipe.captions_name_size:  # subjects_of writes a caption beside every photo
             images = [dataclasses.replace(image, caption=without_size(image.caption)) for image in images]
         if recipe.captioned:
@@ -368,8 +373,8 @@ class Study:
             text_encoder_steps=recipe.text_encoder_steps, prior_loss_weight=recipe.prior_loss_weight,
             lr_scheduler=recipe.lr_scheduler,
             prior_examples_per_subject_example=recipe.prior_examples_per_subject_example,
-            snr_gamma=recipe.snr_gamma, background_swap=recipe.background_swap, resolution=self.args.resolution,
-            seed=seed)
+            snr_gamma=recipe.snr_gamma, background_swap=recipe.background_swap, bare_prompt=bare_prompt,
+            resolution=self.args.resolution, seed=seed)
         if recipe.identifier_warmup_steps:
             warmup = min(recipe.identifier_warmup_steps, self.args.steps_override or recipe.identifier_warmup_steps)
             warm_identifier(parts, images, identifier, settings, warmup, recipe.identifier_warmup_learning_rate)
