@@ -91,8 +91,8 @@ def check_backdrops_swappable(images: list[SubjectImage]) -> None:
     if bad:
         raise SubjectError(
             f"--background-swap repaints a plain backdrop, and {len(bad)} photo(s) are not on one: {', '.join(bad)} "
-            f"(needs {PLAIN_BORDER_SHARE:.0%}); photograph the subject on a plain backdrop, or set "
-            "--background-swap 0")
+            f"(a plain backdrop: {PLAIN_BORDER_SHARE:.0%} of the border); photograph the subject on a plain "
+            "backdrop, or set --background-swap 0")
 
 
 def _stem(name: str) -> str:

@@ -180,7 +180,7 @@ CASES = [
     Case("unknown-precision", "config", lambda t, d: run_args(t, d, "--mixed-precision", "fp8"), "--mixed-precision must be one of"),
     Case("resolution-not-multiple-of-8", "config", lambda t, d: run_args(t, d, "--resolution", "100"), "multiple of 8"),
     Case("learning-rate-out-of-range", "config", lambda t, d: run_args(t, d, "--learning-rate", "5"), "--learning-rate must be in (0, 1)"),
-    Case("background-swap-out-of-range", "config", lambda t, d: run_args(t, d, "--background-swap", "1.5"), "--background-swap must be between 0 and 1"),
+    Case("background-swap-out-of-range", "config", lambda t, d: run_args(t, d, "--background-swap", "1"), "--background-swap must be at least 0 and below 1"),
     Case("offload-without-zero", "config", lambda t, d: run_args(t, d, "--zero-stage", "0", "--offload-optimizer"), "--offload-optimizer needs --zero-stage"),
     Case("offload-params-without-zero3", "config", lambda t, d: run_args(t, d, "--offload-params"), "--offload-params needs --zero-stage 3"),
     Case("optimizer-unknown", "config", lambda t, d: run_args(t, d, "--optimizer", "sgd"), "--optimizer must be one of adamw, adafactor, adamw8bit"),

@@ -203,7 +203,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         f"--offload-params needs --zero-stage 3 (only ZeRO-3 partitions the parameters it offloads), got "
         f"--zero-stage {t.zero_stage}; add --zero-stage 3, or drop --offload-params",
     )
-    check_range(t.background_swap, 0, 1, "--background-swap", " (the share of subject examples drawn repainted, 0 = off)")
+    _check(0 <= t.background_swap < 1, f"--background-swap must be at least 0 and below 1 (the share of subject "
+           f"examples drawn repainted: 0 = off, and the photos themselves must train too), got {t.background_swap:g}")
     check_range(t.checkpointing_steps, 0, 10_000_000, "--checkpointing-steps", " (0 = no checkpoints)")
     check_range(t.max_failures, 0, 1000, "--max-failures")
     check_range(t.seed, 0, MAX_SEED, "--seed")

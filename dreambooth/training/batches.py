@@ -41,7 +41,7 @@ from PIL import Image
 
 from dreambooth.families import SD, Components, Conditions
 from dreambooth.subjects import SubjectImage
-from dreambooth.training.backgrounds import BACKGROUND_FILLS, swapped_copies
+from dreambooth.training.backgrounds import Repaintable
 
 
 Crop = tuple[int, int, bool]
@@ -184,31 +184,37 @@ class BatchMaker:
         self._posteriors: dict[tuple[int, Crop], tuple[torch.Tensor, torch.Tensor]] = {}
         self.priors = priors
         self.device = device
-        self.photos = len(self.images)
         self.background_swap = background_swap
+        self.swap_rng = random.Random(f"background-swap-{seed}")  # apart, so p = 0 leaves the draws as they were
+        self._repaintable: dict[str, Repaintable] = {}  # by photo name: examples may list a photo twice
+        self._names = [img.name for img in images]
         if background_swap > 0:
-            # copies of photo i sit at photos + i * len(BACKGROUND_FILLS) + fill, all on the bare prompt
-            # (a caption may name the backdrop the copy no longer shows)
             if bare_prompt is None:
                 raise ValueError("background_swap needs the bare instance prompt the swapped copies train on")
-            bare = self._inputs_of(bare_prompt)
-            for index in range(self.photos):
-                copies = swapped_copies(self.images[index])
-                self.images += copies
-                self.instance_inputs += [bare] * len(copies)
-        self.swap_rng = random.Random(f"background-swap-{seed}")  # apart, so p = 0 leaves the draws as they were
+            self._bare_inputs = self._inputs_of(bare_prompt)  # a caption may name the backdrop a copy lost
+            for name, image in zip(self._names, self.images):
+                if name not in self._repaintable:  # at the size crops are cut from: full-size copies cost GBs
+                    self._repaintable[name] = Repaintable.of(image.resize(_resized_size(image, resolution),
+                                                                          Image.BICUBIC))
 
     MAX_CACHED_VIEWS = 1024
     """Views whose posterior is kept (2 x 64 KiB each at 512 px); photos far from square have
     many crop offsets, and views beyond the cap are encoded every time they are drawn."""
 
-    def _posterior(self, index: int, crop: Crop) -> tuple[torch.Tensor, torch.Tensor]:
+    def _view_image(self, index: int | tuple[str, int]) -> Image.Image:
+        """An example's photo, or (photo name, fill) → that photo repainted (built when its view is encoded)."""
+        if isinstance(index, tuple):
+            name, fill = index
+            return self._repaintable[name].copy(fill)
+        return self.images[index]
+
+    def _posterior(self, index: int | tuple[str, int], crop: Crop) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) [C, h, w] of the VAE posterior of one view, encoded on first use."""
         key = (index, crop)
         cached = self._posteriors.get(key)
         if cached is not None:
             return cached
-        pixels = render_crop(self.images[index], self.resolution, crop)[None]
+        pixels = render_crop(self._view_image(index), self.resolution, crop)[None]
         with torch.no_grad():
             dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
         posterior = (dist.mean[0].float(), dist.std[0].float())
@@ -226,13 +232,16 @@ class BatchMaker:
         views, subject_rows = [], []
         square = (self.resolution, self.resolution)
         for _ in range(self.batch_size):
-            index = self.rng.randrange(self.photos)
+            index = self.rng.randrange(len(self.images))
+            image, view, inputs = self.images[index], index, self.instance_inputs[index]
             if self.background_swap and self.swap_rng.random() < self.background_swap:
-                index = self.photos + index * len(BACKGROUND_FILLS) + self.swap_rng.randrange(len(BACKGROUND_FILLS))
-            image = self.images[index]
+                name = self._names[index]
+                view = (name, self.swap_rng.randrange(len(self._repaintable[name].fills)))
+                inputs = self._bare_inputs
+            # a copy has the photo's resized size, so the photo's crop (and SDXL's size conditions) fit it
             crop = draw_crop(image, self.resolution, self.rng, self.center_crop, self.random_flip)
-            views.append(self._posterior(index, crop))
-            subject_rows.append(self.instance_inputs[index] | self.family.size_conditions(
+            views.append(self._posterior(view, crop))
+            subject_rows.append(inputs | self.family.size_conditions(
                 (image.height, image.width), crop_top_left(image, self.resolution, crop), square))
         mean, std = torch.stack([m for m, _ in views]), torch.stack([s for _, s in views])
         noise = torch.randn(mean.shape, generator=self.noise).to(self.device)

@@ -33,7 +33,8 @@ import torch
 from dreambooth import export, storage, tracking
 from dreambooth.models import Components, load_components, load_sampling_scheduler, quiet_libraries
 from dreambooth.priors import read_priors
-from dreambooth.subjects import instance_prompts, load_subject_images, training_examples
+from dreambooth.subjects import (check_backdrops_swappable, instance_prompts, load_subject_images,
+                                 training_examples)
 from dreambooth.training import checkpoint
 from dreambooth.training.batches import BatchMaker, PriorPool
 from dreambooth.training.engine import build_engine, skip_shared_memory_comm_for_one_rank
@@ -227,6 +228,8 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
     failure, images, prior_latents, prior_prompts = None, [], None, None
     try:  # what can fail for this subject alone, before any collective
         images = work.images or load_subject_images(cfg.subject.instance_dir, train.resolution)
+        if train.background_swap > 0:  # again: a bulk run reads the photos anew, and they may have changed
+            check_backdrops_swappable(images)
         if work.prior_set is not None:
             prior_latents, prior_prompts = read_priors(work.prior_set, rank, worker.world)
     except Exception as exc:
