@@ -228,10 +228,9 @@ class TrainConfig:
     colour (``training.backgrounds``), on the bare instance prompt: photos that share a backdrop otherwise
     teach it with the subject, and "a [V] [class] on the beach" loses the subject. Needs every photo on a
     plain backdrop (refused before training otherwise). Shapes, photos on 2 backgrounds (benchmarks/RESULTS.md,
-    round 20): 0.25 showed the subject on backgrounds no photo shows 0.12 ± 0.05 more often over 8 runs, the
-    bare prompt's share unchanged, at subject fidelity −0.04 (on one new subject: no gain there, the bare
-    prompt −0.31); 0.5 +0.14, but the bare prompt −0.12 and fidelity −0.11. Photos on a backdrop each did
-    not gain. 0: off, as in the paper."""
+    round 20, 8 runs): 0.25 showed the subject on backgrounds no photo shows 0.10 ± 0.05 more often (its gap
+    to the bare prompt −0.35 → −0.17), at subject fidelity 0.82 → 0.77 and the bare prompt −0.07; with
+    each photo on a backdrop of its own it did not help (−0.06 ± 0.03 on the one background none shows). 0: off, as in the paper."""
 
     seed: int = 0
     """Seed of noise, timesteps and augmentation (each rank adds its rank)."""
