@@ -68,7 +68,7 @@ PHOTOS_FIX = ("photograph the subject on more varied backgrounds: it is lost on 
               "shows (with 5 photos on 2 backgrounds, 0.26 of the time vs 0.61 on the bare prompt over 8 shapes "
               "runs), and no training flag tried brought it there level with the bare prompt without loosening the "
               "rest of the model; for photos on a plain backdrop --background-swap 0.25 came closest (+0.10 there "
-              "on average, the gap halved; benchmarks/RESULTS.md, rounds 19-20)")
+              "on average, the gap halved, but not on every subject; benchmarks/RESULTS.md, rounds 19-20)")
 PRES_FIX = "keep the class prior: --prior-loss-weight 1 or more, and more --num-class-images"
 
 
