@@ -91,7 +91,7 @@ def check_backdrops_swappable(images: list[SubjectImage]) -> None:
     if bad:
         raise SubjectError(
             f"--background-swap repaints a plain backdrop, and {len(bad)} photo(s) are not on one: {', '.join(bad)} "
-            f"(a plain backdrop: {PLAIN_BORDER_SHARE:.0%} of the border); photograph the subject on a plain "
+            f"(a plain backdrop needs {PLAIN_BORDER_SHARE:.0%} or more); photograph the subject on a plain "
             "backdrop, or set --background-swap 0")
 
 

@@ -230,8 +230,8 @@ class TrainConfig:
     plain backdrop (refused before training otherwise). Shapes, photos on 2 backgrounds (benchmarks/RESULTS.md,
     round 20, 8 runs): 0.25 showed the subject on backgrounds no photo shows 0.10 ± 0.05 more often (its gap
     to the bare prompt −0.35 → −0.17), at subject fidelity 0.82 → 0.77 and the bare prompt −0.07 (on one
-    new subject no gain: 0.53 vs 0.58, the bare prompt 0.69 vs 1.00); with
-    each photo on a backdrop of its own it did not help (−0.06 ± 0.03 on the one background none shows). 0: off, as in the paper."""
+    new subject no gain: 0.53 vs 0.58, the bare prompt 0.69 vs 1.00); with each photo on a backdrop of
+    its own it did not help (−0.06 ± 0.03 on the one background none shows). 0: off, as in the paper."""
 
     seed: int = 0
     """Seed of noise, timesteps and augmentation (each rank adds its rank)."""
