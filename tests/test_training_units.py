@@ -330,6 +330,25 @@ def test_subject_latents_sample_the_cached_posterior_of_each_view(tiny_model_pat
     assert abs(eps.mean()) < 0.5 and 0.5 < eps.std() < 1.5  # a standard normal draw, not the mean
 
 
+def test_the_posterior_cache_stays_within_its_byte_budget_and_encodes_the_rest_each_draw(
+        tiny_model_path, dog_dir, monkeypatch):
+    """Views past the cache's byte budget are encoded on every draw rather than kept (photos far from
+    square, or repainted copies, have more views than a device should hold)."""
+    parts = load_components(tiny_model_path)
+    images = load_subject_images(str(dog_dir), 32)
+    encodes = []
+    real_encode = parts.vae.encode
+    parts.vae.encode = lambda pixels: encodes.append(pixels.shape[0]) or real_encode(pixels)
+    view_bytes = 2 * parts.vae.config.latent_channels * (32 // 2 ** (len(parts.vae.config.block_out_channels) - 1)) ** 2 * 4
+    monkeypatch.setattr(BatchMaker, "MAX_CACHED_BYTES", 2 * view_bytes)
+    maker = BatchMaker(images, parts, "a sks dog", "a dog", resolution=32, batch_size=2,
+                       center_crop=True, random_flip=True, seed=0, priors=None, device=torch.device("cpu"))
+    for _ in range(40):
+        maker.next()
+    assert len(maker._posteriors) == 2 and maker._cached_bytes == 2 * view_bytes
+    assert len(encodes) > 2 * len(images)  # 80 draws of up to 2 views per photo: the uncached are re-encoded
+
+
 def test_each_rank_reads_its_own_share_of_the_prior_cache(tmp_path):
     from dreambooth.priors import PriorSet, read_prior_latents, read_priors
 

@@ -181,7 +181,8 @@ class BatchMaker:
         self.center_crop, self.random_flip = center_crop, random_flip
         self.rng = random.Random(seed)
         self.noise = torch.Generator().manual_seed(seed)  # posterior samples
-        self._posteriors: dict[tuple[int, Crop], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._posteriors: dict[tuple[int | tuple[str, int], Crop], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cached_bytes = 0
         self.priors = priors
         self.device = device
         self.background_swap = background_swap
@@ -197,9 +198,10 @@ class BatchMaker:
                     self._repaintable[name] = Repaintable.of(image.resize(_resized_size(image, resolution),
                                                                           Image.BICUBIC))
 
-    MAX_CACHED_VIEWS = 1024
-    """Views whose posterior is kept (2 x 64 KiB each at 512 px); photos far from square have
-    many crop offsets, and views beyond the cap are encoded every time they are drawn."""
+    MAX_CACHED_BYTES = 256 * 2**20
+    """Device memory the kept posteriors may take (2 x 64 KiB a view at 512 px, 2 x 256 KiB at 1024 px):
+    photos far from square have many crop offsets, and repainted copies multiply the views, so the
+    cache is bounded in bytes; views beyond it are encoded every time they are drawn."""
 
     def _view_image(self, index: int | tuple[str, int]) -> Image.Image:
         """An example's photo, or (photo name, fill) → that photo repainted (built when its view is encoded)."""
@@ -218,8 +220,10 @@ class BatchMaker:
         with torch.no_grad():
             dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
         posterior = (dist.mean[0].float(), dist.std[0].float())
-        if len(self._posteriors) < self.MAX_CACHED_VIEWS:
+        size = sum(t.numel() * t.element_size() for t in posterior)
+        if self._cached_bytes + size <= self.MAX_CACHED_BYTES:
             self._posteriors[key] = posterior
+            self._cached_bytes += size
         return posterior
 
     def _inputs_of(self, prompt: str) -> Conditions:
