@@ -110,6 +110,7 @@ def run(args) -> dict:
                         max_train_steps=args.steps, learning_rate=args.learning_rate,
                         text_encoder_learning_rate=args.text_encoder_learning_rate,
                         prior_loss_weight=0.0 if condition == "no_prior" else 1.0,
+                        background_swap=args.background_swap, bare_prompt=f"a {identifier} {subject.class_noun}",
                         resolution=args.resolution, seed=seed,
                     ), priors, prior_prompts)
                 pipe = parts.pipeline(sampler_scheduler)
@@ -220,9 +221,10 @@ def main() -> None:
     args.extra_prior_share = recipe.get("extra_prior_share", 0.0)
     args.unconditional_prior_share = recipe.get("unconditional_prior_share", 0.0)
     args.bare_prompt_with_captions = recipe.get("bare_prompt_with_captions", False)
+    args.background_swap = recipe.get("background_swap", 0.0)
     print("recipe: " + ", ".join(f"{k} {v}" for k, v in vars(args).items() if k in (
         "steps", "learning_rate", "text_encoder_learning_rate", "num_priors", "guidance", "sampling_steps", "resolution",
-        "extra_prior_share", "unconditional_prior_share", "bare_prompt_with_captions"))
+        "extra_prior_share", "unconditional_prior_share", "bare_prompt_with_captions", "background_swap"))
           + f", {len(args.extra_prior_prompts)} extra prior prompts")
     if args.quick:
         args.subjects, args.seeds, args.steps, args.num_priors, args.images_per_prompt = \

@@ -102,12 +102,14 @@ def test_paper_claims_quick_prints_every_condition_and_verdict(tmp_path):
     assert Image.open(figure).size[0] > 600
 
 
-def test_recipe_search_quick_scores_each_variant_with_drift_and_the_vae_ceiling():
+def test_recipe_search_quick_scores_each_variant_with_drift_and_the_vae_ceiling(monkeypatch):
     """CI mode of the recipe lever study: 1 subject, 2 variants, 4 fine-tuning steps, each fine-tune scored
     at the usual guidance and at a second one."""
+    monkeypatch.syspath_prepend(str(REPO))  # benchmarks/ is a folder of scripts, not an installed package
+    from benchmarks.recipe_search import CHOSEN as chosen
+
     out = run_benchmark("recipe_search.py", "--quick", "--guidance", "4", "7", timeout=600)
     rows = [r for r in table_rows(out) if len(r) == 10]  # the per-(variant, subject) table
-    chosen = re.search(r'^CHOSEN = "(.+)"$', (REPO / "benchmarks" / "recipe_search.py").read_text(), re.M)[1]
     assert [r[0] for r in rows] == ["start", "start, sampled at guidance 7",
                                     chosen, f"{chosen}, sampled at guidance 7"]
     assert {r[1] for r in rows} == {"two_tone_triangle"}
@@ -140,6 +142,9 @@ def test_recipe_search_chosen_variant_is_the_shapes_models_shipped_recipe(monkey
     assert train.get("lr_scheduler", "constant") == chosen.lr_scheduler
     assert chosen.prior_examples_per_subject_example == 1  # the cluster loop pairs one prior with each photo
     assert train.get("bare_prompt_with_captions", False) == chosen.captioned_and_bare and not chosen.captioned
+    assert train.get("background_swap", 0.0) == chosen.background_swap
+    # captions as shapes.subject_caption writes them for a user (no size), when the recipe trains on captions
+    assert not (chosen.captioned_and_bare and chosen.captions_name_size)
 
 
 def test_recipe_search_pools_a_variants_seeds_with_the_standard_error_of_each_mean(monkeypatch):
