@@ -297,8 +297,8 @@ photos on 2 backgrounds (``--photo-backgrounds 2``): backgrounds no photo shows 
 against 0.61 on the bare prompt; captions, a masked subject loss (probe), a frozen text encoder and priors of the
 class on other backgrounds beside the caption priors did not move it, and those priors in place of the caption
 priors raised it by 0.14, still 0.26 below the bare prompt, at other prompts 0.88. Round 20 repainted a share of the
-photos' backdrops (``--background-swap``): with the photos' captions beside the bare prompt, the first variant level
-with the bare prompt on new contexts. Round 21 ran it on the same 36 runs: new contexts − bare prompt +0.03 ± 0.02,
+photos' backdrops (``--background-swap``): with the photos' captions beside the bare prompt, it also lifted the
+backgrounds no photo shows (round 17's captions alone lifted only the contexts the captions name). Round 21 ran it on the same 36 runs: new contexts − bare prompt +0.03 ± 0.02,
 subject fidelity 0.70, class 0.95, other prompts 0.93 — the bound on the means, but by a bare prompt showing the
 subject 0.10 ± 0.04 less often (paired), new contexts 0.03 ± 0.02 less often, and paper claim (a) no longer
 reproduced on it: not shipped. See RESULTS.md."""

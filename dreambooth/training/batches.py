@@ -219,7 +219,8 @@ class BatchMaker:
         pixels = render_crop(self._view_image(index), self.resolution, crop)[None]
         with torch.no_grad():
             dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-        posterior = (dist.mean[0].float(), dist.std[0].float())
+        # a copy: the mean is a view into the encoder's output, which holds the log-variance beside it
+        posterior = (dist.mean[0].to(torch.float32, copy=True), dist.std[0].float())
         size = sum(t.numel() * t.element_size() for t in posterior)
         if self._cached_bytes + size <= self.MAX_CACHED_BYTES:
             self._posteriors[key] = posterior
