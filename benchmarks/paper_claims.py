@@ -101,8 +101,8 @@ def run(args) -> dict:
                     parts.unet, parts.text_encoder = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
                     # As `run` trains the photos: each on its caption, and on the bare prompt too where the
                     # recipe says --bare-prompt-with-captions.
-                    examples, prompts = training_examples(images, f"a {identifier} {subject.class_noun}", identifier,
-                                                          subject.class_noun,
+                    bare_prompt = f"a {identifier} {subject.class_noun}"
+                    examples, prompts = training_examples(images, bare_prompt, identifier, subject.class_noun,
                                                           bare_prompt_with_captions=args.bare_prompt_with_captions)
                     finetune(parts, examples, FinetuneSettings(
                         instance_prompt=prompts,
@@ -110,7 +110,7 @@ def run(args) -> dict:
                         max_train_steps=args.steps, learning_rate=args.learning_rate,
                         text_encoder_learning_rate=args.text_encoder_learning_rate,
                         prior_loss_weight=0.0 if condition == "no_prior" else 1.0,
-                        background_swap=args.background_swap, bare_prompt=f"a {identifier} {subject.class_noun}",
+                        background_swap=args.background_swap, bare_prompt=bare_prompt,
                         resolution=args.resolution, seed=seed,
                     ), priors, prior_prompts)
                 pipe = parts.pipeline(sampler_scheduler)

@@ -128,6 +128,11 @@ class Recipe:
 
 
 START = Recipe()
+CAPTIONED_AND_SWAPPED = dataclasses.replace(
+    START, num_priors=96, caption_priors=32, unconditional_priors=32, learning_rate=3e-4,
+    text_encoder_learning_rate=1e-4, steps=600, captioned_and_bare=True, captions_name_size=False, background_swap=0.25)
+"""Rounds 20-21's candidate: round 14's recipe with size-free captions beside the bare prompt and a quarter of the
+subject rows on repainted backdrops (round 21 varies its steps and share)."""
 VARIANTS: dict[str, Recipe] = {
     "start": START,
     "te lr 5e-5": dataclasses.replace(START, text_encoder_learning_rate=5e-5),
@@ -263,20 +268,11 @@ VARIANTS: dict[str, Recipe] = {
         dataclasses.replace(START, num_priors=96, caption_priors=32, unconditional_priors=32, learning_rate=3e-4,
                             text_encoder_learning_rate=1e-4, steps=600, background_swap=0.25),
     "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps, size-free captioned and bare photos, backdrops "
-    "swapped a quarter of the time": dataclasses.replace(
-        START, num_priors=96, caption_priors=32, unconditional_priors=32, learning_rate=3e-4,
-        text_encoder_learning_rate=1e-4, steps=600, captioned_and_bare=True, captions_name_size=False,
-        background_swap=0.25),
+    "swapped a quarter of the time": CAPTIONED_AND_SWAPPED,
     "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 800 steps, size-free captioned and bare photos, backdrops "
-    "swapped a quarter of the time": dataclasses.replace(
-        START, num_priors=96, caption_priors=32, unconditional_priors=32, learning_rate=3e-4,
-        text_encoder_learning_rate=1e-4, steps=800, captioned_and_bare=True, captions_name_size=False,
-        background_swap=0.25),
+    "swapped a quarter of the time": dataclasses.replace(CAPTIONED_AND_SWAPPED, steps=800),
     "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps, size-free captioned and bare photos, backdrops "
-    "swapped a tenth of the time": dataclasses.replace(
-        START, num_priors=96, caption_priors=32, unconditional_priors=32, learning_rate=3e-4,
-        text_encoder_learning_rate=1e-4, steps=600, captioned_and_bare=True, captions_name_size=False,
-        background_swap=0.1),
+    "swapped a tenth of the time": dataclasses.replace(CAPTIONED_AND_SWAPPED, background_swap=0.1),
 }
 CHOSEN = "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps"
 """The shapes model's shipped recipe (``dreambooth/data/shapes/dreambooth.yaml``). Rounds 1-3 were chosen on the
@@ -298,10 +294,10 @@ against 0.61 on the bare prompt; captions, a masked subject loss (probe), a froz
 class on other backgrounds beside the caption priors did not move it, and those priors in place of the caption
 priors raised it by 0.14, still 0.26 below the bare prompt, at other prompts 0.88. Round 20 repainted a share of the
 photos' backdrops (``--background-swap``): with the photos' captions beside the bare prompt, it also lifted the
-backgrounds no photo shows (round 17's captions alone lifted only the contexts the captions name). Round 21 ran it on the same 36 runs: new contexts − bare prompt +0.03 ± 0.02,
-subject fidelity 0.70, class 0.95, other prompts 0.93 — the bound on the means, but by a bare prompt showing the
-subject 0.10 ± 0.04 less often (paired), new contexts 0.03 ± 0.02 less often, and paper claim (a) no longer
-reproduced on it: not shipped. See RESULTS.md."""
+backgrounds no photo shows (round 17's captions alone lifted only the contexts the captions name). Round 21 ran it
+on the same 36 runs: new contexts − bare prompt +0.03 ± 0.02, subject fidelity 0.70, class 0.95, other prompts 0.93
+— the bound on the means, but by a bare prompt showing the subject 0.10 ± 0.04 less often (paired), new contexts
+0.03 ± 0.02 less often, and paper claim (a) no longer reproduced on it: not shipped. See RESULTS.md."""
 
 EVAL_GUIDANCE = 4.0
 """Classifier-free guidance of the evaluation images unless ``--guidance`` says otherwise (the recipe's)."""

@@ -339,7 +339,8 @@ def test_the_posterior_cache_stays_within_its_byte_budget_and_encodes_the_rest_e
     encodes = []
     real_encode = parts.vae.encode
     parts.vae.encode = lambda pixels: encodes.append(pixels.shape[0]) or real_encode(pixels)
-    view_bytes = 2 * parts.vae.config.latent_channels * (32 // 2 ** (len(parts.vae.config.block_out_channels) - 1)) ** 2 * 4
+    side = 32 // 2 ** (len(parts.vae.config.block_out_channels) - 1)  # the latents of a 32 px photo
+    view_bytes = 2 * parts.vae.config.latent_channels * side * side * 4  # mean and std, float32
     monkeypatch.setattr(BatchMaker, "MAX_CACHED_BYTES", 2 * view_bytes)
     maker = BatchMaker(images, parts, "a sks dog", "a dog", resolution=32, batch_size=2,
                        center_crop=True, random_flip=True, seed=0, priors=None, device=torch.device("cpu"))
