@@ -49,7 +49,7 @@ from benchmarks.common import append_results, environment  # noqa: E402
 from benchmarks.paper_claims import prior_latents  # noqa: E402
 from dreambooth.evaluation.runner import SHAPES_DRIFT, drift_ratios  # noqa: E402
 from dreambooth.evaluation.shapes import (class_caption_templates, evaluate_drift, evaluate_subject,  # noqa: E402
-                                         extra_prior_captions, rate_stderr, vae_ceiling)
+                                         extra_prior_captions, rate_stderr, vae_carry, vae_ceiling)
 from dreambooth.config import fill_prior_prompt  # noqa: E402
 from dreambooth.identifier import pick_identifiers  # noqa: E402
 from dreambooth.priors import prompt_at  # noqa: E402
@@ -321,6 +321,7 @@ class Study:
         self.sampler_scheduler = load_pipeline(resolve_model(args.model)).scheduler
         self._priors: dict[tuple, torch.Tensor] = {}
         self._drift: dict[tuple[str, float], dict] = {}
+        self._carry: dict[str, dict[str, float]] = {}
 
     def sample(self, guidance: float) -> dict:
         return dict(images_per_prompt=self.args.images_per_prompt, steps=self.args.sampling_steps,
@@ -352,10 +353,16 @@ class Study:
                                                                **self.sample(guidance)).as_dict()
         return self._drift[class_noun, guidance]
 
+    def carry(self, subject) -> dict[str, float]:
+        """``vae_carry`` of the subject (the VAE is frozen: once per subject)."""
+        if subject.name not in self._carry:
+            self._carry[subject.name] = vae_carry(self.base.vae, subject, self.args.resolution)
+        return self._carry[subject.name]
+
     def score(self, parts, subject, references, identifier: str, guidance: float) -> dict:
         """The measures of one fine-tune, sampled at ``guidance`` (the base's drift ratios at the same)."""
         pipe, sample = self.pipe(parts), self.sample(guidance)
-        report = evaluate_subject(pipe, subject, references, identifier, **sample).as_dict()
+        report = evaluate_subject(pipe, subject, references, identifier, carry=self.carry(subject), **sample).as_dict()
         scores = {"base": self.base_drift(subject.class_noun, guidance),
                   "personalized": report | evaluate_drift(pipe, subject.class_noun, **sample).as_dict()}
         drift_ratios(scores, SHAPES_DRIFT)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -198,3 +199,53 @@ def test_recipe_search_identifier_warmup_moves_only_the_identifiers_embedding(mo
     assert all(torch.equal(p, text_before[name]) for name, p in parts.text_encoder.named_parameters()
                if p is not embedding)
     assert all(torch.equal(p, before) for p, before in zip(parts.unet.parameters(), unet_before))
+
+
+def test_lever_probes_near_fills_stay_near_the_subjects_colours_and_off_every_eval_background(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import lever_probes as probes
+    from dreambooth.shapes import SUBJECTS, write_subject_images
+    from dreambooth.shapes.world import PALETTE
+    from dreambooth.training.backgrounds import Repaintable
+
+    from PIL import Image
+
+    palette = np.array(list(PALETTE.values()))
+    subject = SUBJECTS["two_tone_triangle"]  # orange and blue
+    for path in write_subject_images(subject, tmp_path, n=2, seed=0):
+        photo = Repaintable.of(Image.open(path).convert("RGB"))
+        colours = probes.subject_colours(photo.image, photo.alpha)
+        nearest = {min(PALETTE, key=lambda name: np.abs(np.subtract(PALETTE[name], colour)).max()) for colour in colours}
+        assert nearest == {subject.color, subject.secondary}
+        fills = probes.near_fills(colours, photo.backdrop)
+        assert 0 < len(fills) <= probes.NEAR_FILLS_PER_PHOTO
+        for fill in fills:
+            assert min(np.abs(np.subtract(fill, c)).max() for c in colours) <= probes.NEAR_OFFSET
+            assert np.abs(palette - fill).max(-1).min() >= probes.NEAR_MIN_FROM_PALETTE
+
+
+def test_lever_probes_subject_timesteps_lean_low_for_subject_rows_only(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import lever_probes as probes
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, noisy, timesteps, conditions):
+            seen.append(timesteps)
+            return noisy * self.weight
+
+    scheduler = SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000, prediction_type="epsilon"),
+                                add_noise=lambda latents, noise, t: latents + noise)
+    loss = probes.subject_timesteps_loss(3.0)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        loss(Recorder(), scheduler, torch.zeros(4, 1, 2, 2), {}, 2, 1.0, generator)
+    steps = torch.stack(seen).float()
+    assert steps[:, :2].mean() < 350 and steps[:, 2:].mean() > 400  # E[T u^3] = T/4; the priors' T/2

@@ -289,6 +289,10 @@ def test_drift_measures_carry_their_standard_error_over_the_seeds():
     table = runner.format_table({"scores": scores, "settings": {"images_per_prompt": 8}})
     assert re.search(r"class_fidelity +1\.000 +0\.500 ± 0\.177", table), table
     assert "8 images per prompt" in table and "class_fidelity_stderr" not in table
+    assert "vae_carry" not in table  # a dreambench report has none
+    carried = runner.format_table({"scores": scores, "settings": {"images_per_prompt": 8},
+                                   "vae_carry": {"blue": 0.0, "orange": 0.92, "black": 0.33}})
+    assert carried.splitlines()[-1].endswith("blue 0.00, black 0.33, orange 0.92")  # the lost ones first
 
 
 class SmudgePipe:
@@ -355,6 +359,33 @@ def test_vae_ceiling_is_what_the_decoder_keeps_of_the_subject(references):
     assert lossless > 0.8 and lossy < 0.5
     shipped = vae_ceiling(load_components(resolve_model("shapes")).vae, references, 32)
     assert 0.7 < shipped <= lossless + 1e-6  # the shipped VAE carries the shipped subjects
+
+
+def test_vae_carry_is_per_asked_background_what_the_decoder_keeps_of_true_renders():
+    from dreambooth.evaluation.shapes import VAE_CARRIED, vae_carry
+    from dreambooth.models import load_components, resolve_model
+
+    lossless, lossy = vae_carry(_PixelVae(False), SUBJECT, 32, 2), vae_carry(_PixelVae(True), SUBJECT, 32, 2)
+    assert set(lossless) == set(lossy) == set(SUBJECT.backgrounds)
+    assert min(lossless.values()) > 0.8 and max(lossy.values()) == 0.0
+    shipped = vae_carry(load_components(resolve_model("shapes")).vae, SUBJECTS["dotted_star"], 32)
+    assert shipped["blue"] < VAE_CARRIED <= shipped["orange"]  # a purple star blurs into blue, not into orange
+
+
+def test_background_asks_are_split_by_whether_the_vae_carries_the_subject_there(references):
+    photographed = photographed_contexts(references)
+    carry = {bg: 1.0 if ("background", bg) in photographed else 0.5 for bg in SUBJECT.backgrounds}
+    recalls = evaluate_subject(ScriptedPipe("recalls", photographed), SUBJECT, references, V, images_per_prompt=2,
+                               carry=carry)
+    assert recalls.recontext_shown_carried_backgrounds == 1.0 and recalls.recontext_shown_uncarried_backgrounds == 0.0
+    faithful = evaluate_subject(ScriptedPipe("faithful"), SUBJECT, references, V, images_per_prompt=2, carry=carry)
+    assert faithful.recontext_shown_carried_backgrounds == faithful.recontext_shown_uncarried_backgrounds == 1.0
+    everywhere = {bg: 1.0 for bg in SUBJECT.backgrounds}
+    one_side = evaluate_subject(ScriptedPipe("faithful"), SUBJECT, references, V, images_per_prompt=1,
+                                carry=everywhere).as_dict()
+    assert "recontext_shown_uncarried_backgrounds" not in one_side and "recontext_shown_carried_backgrounds" in one_side
+    unscored = evaluate_subject(ScriptedPipe("faithful"), SUBJECT, references, V, images_per_prompt=1).as_dict()
+    assert not any("carried" in measure for measure in unscored)
 
 
 def test_scripted_subjects_are_new_and_eval_reads_their_subject_json(tmp_path):

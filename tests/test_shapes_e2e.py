@@ -15,6 +15,8 @@ from dreambooth import models, pipeline
 from dreambooth.cli import main
 from dreambooth.config import build_config, load_yaml
 from dreambooth.evaluation.runner import SHAPES_DRIFT
+from dreambooth.evaluation.shapes import VAE_CARRIED
+from dreambooth.shapes import SUBJECTS
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +57,9 @@ def test_demo_personalizes_two_tone_triangle_and_eval_beats_the_base(ray_cluster
     assert set(SHAPES_DRIFT) <= set(tuned) and "clean_class_fidelity" in SHAPES_DRIFT
     # Each ratio with its standard error over the 32 seeds (one image moves a share by 1/32).
     assert all(0 <= tuned[f"{ratio}_stderr"] < 0.25 for ratio in SHAPES_DRIFT)
+    # Which asked backgrounds the VAE alone carries the subject on, and the background asks split by it.
+    assert set(report["vae_carry"]) == set(SUBJECTS["two_tone_triangle"].backgrounds)
+    assert ("recontext_shown_carried_backgrounds" in tuned) == any(v >= VAE_CARRIED for v in report["vae_carry"].values())
     # The verdict agrees with the bounds above (clean class fidelity is not one of them).
     verdict = {finding["measure"]: finding["status"] for finding in report["verdict"]}
     assert {verdict[m] for m in ("subject_fidelity", "recontext_shown", "class_fidelity", "other_prompt_fidelity")} == {"ok"}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dreambooth.evaluation.verdict import (CLASS_FIX, CONTEXT_FIX, LEARN_FIX, OTHER_FIX, PHOTOS_FIX, PRES_FIX, SIZE_FIX,
-                                           findings, format_findings)
+                                           VAE_FIX, findings, format_findings)
 
 
 def shapes_report(per_prompt: int = 8, **personalized) -> dict:
@@ -120,3 +120,18 @@ def test_the_new_contexts_line_names_the_shares_on_asked_and_unphotographed_back
                          "contexts none of the photos shows: 0.31)")
     older = {f.measure: f.text for f in findings(shapes_report())}["recontext_shown"]
     assert "none of the photos" not in older  # reports from before the split
+
+
+def test_new_contexts_lost_only_where_the_vae_loses_the_subject_name_those_backgrounds():
+    missed = dict(subject_match=0.8, recontext_shown=0.6, recontext_shown_stderr=0.02,
+                  recontext_shown_carried_backgrounds=0.85, recontext_shown_uncarried_backgrounds=0.2)
+    report = shapes_report(**missed) | {"vae_carry": {"blue": 0.0, "orange": 0.92, "black": 0.33, "green": 0.88}}
+    found = {f.measure: f for f in findings(report)}["recontext_shown"]
+    assert found.status == "miss" and found.next == VAE_FIX
+    assert "blue 0.00, black 0.33" in found.text and "orange" not in found.text.split("(")[-1]
+    assert "backgrounds the VAE carries it on: 0.85" in found.text
+    # Lost on the backgrounds the VAE carries too: the recipe's miss, not the decoder's.
+    both = shapes_report(**(missed | {"recontext_shown_carried_backgrounds": 0.6})) | {"vae_carry": report["vae_carry"]}
+    assert {f.measure: f for f in findings(both)}["recontext_shown"].next == CONTEXT_FIX
+    assert {f.measure: f for f in findings(shapes_report(**{k: v for k, v in missed.items()
+                                                          if "carried" not in k}))}["recontext_shown"].next == CONTEXT_FIX

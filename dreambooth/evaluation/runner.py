@@ -181,22 +181,24 @@ DREAMBENCH_DRIFT = {"other_prompt_fidelity": "other_class_clip_t"}
 
 
 def _shapes_suite(options: EvalOptions, run: RunInfo, pipes: dict) -> dict:
-    from dreambooth.evaluation.shapes import evaluate_drift, evaluate_subject, vae_ceiling
+    from dreambooth.evaluation.shapes import evaluate_drift, evaluate_subject, vae_carry, vae_ceiling
 
     subject, refs = shapes_subject(options, run), _references(run)
     sampler = dict(images_per_prompt=options.images_per_prompt, seed=options.seed,
                    steps=options.num_inference_steps, guidance_scale=options.guidance_scale)
+    # The VAE is not fine-tuned: one ceiling (and one per asked background) for both models.
+    vae = pipes["personalized"].vae
+    resolution = pipes["personalized"].unet.config.sample_size * pipes["personalized"].vae_scale_factor
+    carry = vae_carry(vae, subject, resolution)
     scores = {name: evaluate_subject(pipe, subject, refs, run.identifier if name == "personalized" else "",
-                                     **sampler).as_dict()
+                                     carry=carry, **sampler).as_dict()
               | evaluate_drift(pipe, run.class_noun, **sampler).as_dict()
               for name, pipe in pipes.items()}
     drift_ratios(scores, SHAPES_DRIFT)
-    # The VAE is not fine-tuned: one ceiling for both models, the subject as its decoder renders it.
-    pipe = pipes["personalized"]
-    ceiling = vae_ceiling(pipe.vae, refs, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    ceiling = vae_ceiling(vae, refs, resolution)
     for measures in scores.values():
         measures["vae_ceiling"] = ceiling
-    return scores
+    return {"scores": scores, "vae_carry": carry}
 
 
 def _dreambench_suite(options: EvalOptions, run: RunInfo, pipes: dict) -> dict:
@@ -223,7 +225,7 @@ def _dreambench_suite(options: EvalOptions, run: RunInfo, pipes: dict) -> dict:
                                                               **sampler), others)
         results[name] = scores
     drift_ratios(results, DREAMBENCH_DRIFT)
-    return results
+    return {"scores": results}
 
 
 def _tracked_with(output: str) -> str:
@@ -256,12 +258,13 @@ def evaluate(options: EvalOptions) -> dict:
     pipes = {"personalized": load_any_pipeline(run.output)}
     if options.compare_base:
         pipes["base"] = load_any_pipeline(run.model, run.revision)
-    scores = (_shapes_suite if suite == "shapes" else _dreambench_suite)(options, run, pipes)
+    scored = (_shapes_suite if suite == "shapes" else _dreambench_suite)(options, run, pipes)
+    scores = scored["scores"]
     report = {"output": run.output, "suite": suite, "identifier": run.identifier,
               "class_noun": run.class_noun, "model": run.model,
               "settings": {k: v for k, v in vars(options).items() if k not in ("output", "report")},
               "settings_sources": {k: v for k, v in sampler.sources.items() if k != "resolution"},
-              "scores": scores}
+              **scored}
     report["verdict"] = [finding.as_dict() for finding in verdict.findings(report)]
     storage.write_bytes_atomic(options.report or storage.join(run.output, EVAL_RECORD),
                                json.dumps(report, indent=2).encode())
@@ -289,4 +292,8 @@ def format_table(report: dict) -> str:
         per_prompt = report.get("settings", {}).get("images_per_prompt")
         lines.append(f"± one standard error over the sampling seeds ({per_prompt} images per prompt); "
                      "4x --images-per-prompt halves it")
+    if report.get("vae_carry"):
+        carry = sorted(report["vae_carry"].items(), key=lambda item: item[1])
+        lines.append("vae_carry, the share of the subject's renders the VAE alone keeps on each asked background: "
+                     + ", ".join(f"{background} {share:.2f}" for background, share in carry))
     return "\n".join(lines)
