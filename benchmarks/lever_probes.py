@@ -87,6 +87,9 @@ def subject_timesteps_loss(gamma: float):
     """``mixed_batch_loss`` with the subject rows' timesteps drawn as ``T * u**gamma``."""
 
     def loss(model, noise_scheduler, latents, conditions, num_instance, prior_loss_weight, generator, snr_gamma=None):
+        if snr_gamma is not None:
+            raise ValueError("--subject-timestep-gamma does not weigh the loss by Min-SNR-γ: run it on a recipe "
+                             "without snr_gamma")
         steps = noise_scheduler.config.num_train_timesteps
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         u = torch.rand((latents.shape[0],), generator=generator)
@@ -100,9 +103,10 @@ def subject_timesteps_loss(gamma: float):
     return loss
 
 
-def record_per_ask(path: str) -> None:
+def record_per_ask(path: str, variant: str) -> None:
     """Wrap ``recipe_search``'s scoring so every recontext ask's images are kept: which show the subject, their
-    sizes, and whether a photo shows the asked context; written to ``path`` after each run."""
+    sizes, and whether a photo shows the asked context (with the run's variant, seed and sampling guidance);
+    written to ``path`` after each run."""
     records, current, last = [], {}, {}
     generate, evaluate, run = shapes_eval.generate, search.evaluate_subject, search.Study.run
 
@@ -126,7 +130,8 @@ def record_per_ask(path: str) -> None:
             for prompt, group in groups.items():
                 field, value, seen = labels[prompt]
                 readings = [analyze(image) for image in group]
-                records.append({"subject": subject.name, "seed": current["seed"], "field": field, "value": value,
+                records.append({"variant": variant, "guidance": kw.get("guidance_scale"),
+                                "subject": subject.name, "seed": current["seed"], "field": field, "value": value,
                                 "seen": seen, "shown": [bool(is_subject(image, subject)) for image in group],
                                 "sizes": [r.size for r in readings],
                                 "asked_ok": [field == "bare" or getattr(r, field) == value for r in readings]})
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         inprocess.mixed_batch_loss = subject_timesteps_loss(probes.subject_timestep_gamma)
         label += f", subject timesteps T·u^{probes.subject_timestep_gamma:g}"
     if probes.per_ask:
-        record_per_ask(probes.per_ask)
+        record_per_ask(probes.per_ask, label)
     search.VARIANTS[label] = recipe
     sys.argv = [sys.argv[0], *rest, "--variants", label]
     search.main()

@@ -12,6 +12,7 @@ from dreambooth.bulk import BulkOptions, BulkReport, SubjectResult, summary_payl
 from dreambooth.cli import main
 from dreambooth.evaluation.many import EVAL_SUMMARY
 from dreambooth.models import resolve_model
+from dreambooth.shapes import SUBJECTS
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--images-per-prompt", "2", "--steps", "2"]
@@ -48,6 +49,7 @@ def test_eval_of_a_bulk_output_scores_each_finished_subject_and_lists_the_rest(b
     for name in ("checker_square", "dotted_star"):
         own = json.loads((bulk_output / name / "eval.json").read_text())  # as a single eval writes it
         assert by_name[name]["scores"] == own["scores"]["personalized"] and by_name[name]["verdict"] == own["verdict"]
+        assert by_name[name]["vae_carry"] == own["vae_carry"] and set(own["vae_carry"]) == set(SUBJECTS[name].backgrounds)
         # The "runs" are the base model: nothing learned, and the verdict says so.
         assert "subject_fidelity" in [f["measure"] for f in own["verdict"] if f["status"] == "miss"]
     assert summary["within_every_bound"] == 0

@@ -40,6 +40,8 @@ class SubjectEval:
     scores: dict | None = None
     verdict: list[dict] | None = None
     error: str = ""
+    vae_carry: dict[str, float] | None = None
+    """The shapes suite's ``vae_carry`` (``eval.json`` beside the scores)."""
 
     @property
     def misses(self) -> list[str]:
@@ -74,7 +76,8 @@ def evaluate_bulk(root: str, options: EvalOptions, subjects: list[tuple[str, str
         except ConfigError as exc:
             results.append(SubjectEval(name, output, error=f"not scored: {exc}"))
             continue
-        results.append(SubjectEval(name, output, report["suite"], report["scores"]["personalized"], report["verdict"]))
+        results.append(SubjectEval(name, output, report["suite"], report["scores"]["personalized"], report["verdict"],
+                                   vae_carry=report.get("vae_carry")))
     storage.write_json_atomic(storage.join(root, EVAL_SUMMARY), {
         "bulk_output": root,
         "settings": {k: v for k, v in vars(options).items() if k not in ("output", "report")},

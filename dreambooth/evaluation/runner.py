@@ -7,7 +7,8 @@ suite, and writing ``<output>/eval.json``. Two suites:
                 folder is named after one of ``dreambooth.shapes.SUBJECTS``, holds a ``subject.json``
                 of a scripted one, or ``--shapes-subject`` names it): subject fidelity, prompt
                 fidelity, PRES and DIV from the world's analyzers (``evaluation.shapes``), collateral
-                drift (class and other-prompt fidelity, ratios to the base) and the VAE ceiling.
+                drift (class and other-prompt fidelity, ratios to the base), the VAE ceiling, and
+                ``vae_carry`` (how much of the subject the VAE alone keeps on each asked background).
 ``dreambench``  for real models: the paper's DINO, CLIP-I and CLIP-T on the DreamBench prompt list of
                 the class (25 prompts), plus PRES as the DINO similarity of "a [class]" images to
                 the subject photos. Embedding models are hub ids or local folders.
@@ -264,7 +265,9 @@ def evaluate(options: EvalOptions) -> dict:
               "class_noun": run.class_noun, "model": run.model,
               "settings": {k: v for k, v in vars(options).items() if k not in ("output", "report")},
               "settings_sources": {k: v for k, v in sampler.sources.items() if k != "resolution"},
-              **scored}
+              "scores": scores}
+    if scored.get("vae_carry") is not None:
+        report["vae_carry"] = scored["vae_carry"]
     report["verdict"] = [finding.as_dict() for finding in verdict.findings(report)]
     storage.write_bytes_atomic(options.report or storage.join(run.output, EVAL_RECORD),
                                json.dumps(report, indent=2).encode())
@@ -293,7 +296,8 @@ def format_table(report: dict) -> str:
         lines.append(f"± one standard error over the sampling seeds ({per_prompt} images per prompt); "
                      "4x --images-per-prompt halves it")
     if report.get("vae_carry"):
-        carry = sorted(report["vae_carry"].items(), key=lambda item: item[1])
-        lines.append("vae_carry, the share of the subject's renders the VAE alone keeps on each asked background: "
-                     + ", ".join(f"{background} {share:.2f}" for background, share in carry))
+        from dreambooth.evaluation.shapes import VAE_CARRIED, format_carry
+
+        lines.append(f"vae_carry, the share of the subject's renders the VAE alone keeps on each asked background "
+                     f"(carried: {VAE_CARRIED:g} or more): {format_carry(report['vae_carry'])}")
     return "\n".join(lines)

@@ -241,7 +241,8 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
         shown, [k == "background" and not s for k, s in zip(kinds, seen)])
     seen_background_share, seen_background_stderr = _share_where(
         shown, [k == "background" and s for k, s in zip(kinds, seen)])
-    carried = [carry[value] >= VAE_CARRIED if carry is not None and kind == "background" else None
+    carried_backgrounds = set(vae_carried(carry)[0]) if carry is not None else set()
+    carried = [value in carried_backgrounds if carry is not None and kind == "background" else None
                for kind, value in zip(kinds, values)]
     carried_share, carried_stderr = _share_where(shown, [c is True for c in carried])
     uncarried_share, uncarried_stderr = _share_where(shown, [c is False for c in carried])
@@ -277,10 +278,10 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
 def _through_vae(vae, images: Sequence[Image.Image]) -> list[Image.Image]:
     """``images`` (all of one size) encoded and decoded (the posterior mean) by ``vae`` alone."""
     pixels = torch.stack([torch.from_numpy(np.array(i.convert("RGB"))).permute(2, 0, 1) for i in images]).float()
-    dtype = next(vae.parameters()).dtype
+    weight = next(vae.parameters())  # where the VAE lives: a loaded pipeline sits on the GPU when there is one
     with torch.no_grad():
-        decoded = vae.decode(vae.encode((pixels / 127.5 - 1).to(dtype)).latent_dist.mean).sample.float()
-    arrays = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        decoded = vae.decode(vae.encode((pixels / 127.5 - 1).to(weight.device, weight.dtype)).latent_dist.mean).sample
+    arrays = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arrays]
 
 
@@ -297,9 +298,21 @@ def vae_ceiling(vae, references: Sequence[Image.Image], resolution: int) -> floa
 
 VAE_CARRIED = 0.85
 """A background on which at least this share of the subject's true renders still shows the subject after the
-VAE alone (``vae_carry``) counts as one the VAE carries it on. Over round 18's 36 shipped-recipe runs the
-background asks the VAE carries the subject on showed it more often than the bare prompt (+0.05 ± 0.04), the
-others less (−0.14 ± 0.06; benchmarks/RESULTS.md, round 22)."""
+VAE alone (``vae_carry``) counts as one the VAE carries it on. Over round 18's shipped-recipe runs the background
+asks below it showed the subject 0.14 ± 0.06 less often than the bare prompt (31 runs), those above it level with
+it or a little above (+0.05 ± 0.04, 32 runs; at a 0.75 line −0.00 ± 0.04): a diagnosis of where the misses are,
+with a line drawn from the same data (benchmarks/RESULTS.md, round 22)."""
+
+
+def vae_carried(carry: Mapping[str, float]) -> tuple[list[str], list[str]]:
+    """(the backgrounds ``carry`` reaches ``VAE_CARRIED`` on, those it does not), each from the lowest share up."""
+    ordered = sorted(carry, key=carry.get)
+    return [bg for bg in ordered if carry[bg] >= VAE_CARRIED], [bg for bg in ordered if carry[bg] < VAE_CARRIED]
+
+
+def format_carry(carry: Mapping[str, float], backgrounds: Sequence[str] | None = None) -> str:
+    """'blue 0.00, black 0.33': each background's share (``backgrounds``, else all, from the lowest up)."""
+    return ", ".join(f"{bg} {carry[bg]:.2f}" for bg in (backgrounds or sorted(carry, key=carry.get)))
 
 CARRY_RENDERS_PER_SIZE = 8
 """True renders per size (small, medium, large; centred) ``vae_carry`` passes through the VAE per background."""
@@ -308,9 +321,11 @@ CARRY_RENDERS_PER_SIZE = 8
 def vae_carry(vae, subject: Subject, resolution: int, renders_per_size: int = CARRY_RENDERS_PER_SIZE) -> dict[str, float]:
     """For each background the recontextualization prompts ask for (``subject.backgrounds``): the share of true
     renders of the subject on it (centred, each size ``renders_per_size`` times) that the analyzers still call the
-    subject after the VAE alone. The per-background ``vae_ceiling``: a subject whose colours the decoder blurs into
-    one background's is lost there by any fine-tune of the UNet and text encoder, however well it learned the
-    subject (the shipped VAE keeps dotted_star on blue in none of 24 renders, on orange in 22)."""
+    subject after the VAE alone (the analyzers call every render itself the subject). Like ``vae_ceiling`` a limit
+    the decoder sets, but per background and as a share of renders: where the decoder blurs the subject's colours
+    into the background's, a fine-tune of the UNet and text encoder rarely shows it (the shipped VAE keeps
+    dotted_star on blue in none of 24 renders, on orange in 22; the fine-tunes of round 18 showed it on blue 0.09
+    of the time)."""
     sizes = ("small", "medium", "large") * renders_per_size
     carry = {}
     for background in subject.backgrounds:
