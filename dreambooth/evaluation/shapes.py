@@ -314,6 +314,7 @@ def format_carry(carry: Mapping[str, float], backgrounds: Sequence[str] | None =
     """'blue 0.00, black 0.33': each background's share (``backgrounds``, else all, from the lowest up)."""
     return ", ".join(f"{bg} {carry[bg]:.2f}" for bg in (backgrounds or sorted(carry, key=carry.get)))
 
+
 CARRY_RENDERS_PER_SIZE = 8
 """True renders per size (small, medium, large; centred) ``vae_carry`` passes through the VAE per background."""
 
