@@ -494,8 +494,15 @@ def flat_config(cfg: RunConfig) -> dict[str, Any]:
     return values
 
 
+def cluster_config(cfg: RunConfig) -> dict[str, Any]:
+    """``flat_config`` for a job planned away from its photos (``submit``): less the settings the model's recipe
+    gives by whether the photos have captions, which the job's own preflight decides where the photos are."""
+    left_to_the_photos = models.settings_for_photos(cfg)
+    return {key: value for key, value in flat_config(cfg).items() if key not in left_to_the_photos}
+
+
 def subject_jobs(planned: list[tuple[str, RunConfig]], distinct: bool = True) -> list["SubjectJob"]:
-    """One RayJob description per subject: every `run` flag of its whole resolved config.
+    """One RayJob description per subject: every `run` flag of its whole resolved config (``cluster_config``).
 
     Sample prompts travel with the identifier and class noun filled in: the braces of a template
     would not survive the shells on the way to the Ray head.
@@ -505,7 +512,7 @@ def subject_jobs(planned: list[tuple[str, RunConfig]], distinct: bool = True) ->
     jobs = []
     for name, cfg in resolve_identifiers(planned, distinct):
         args: dict[str, Any] = {}
-        for key, value in flat_config(cfg).items():
+        for key, value in cluster_config(cfg).items():
             if key == "sample_prompts":
                 value = cfg.sample_prompts()
             args[key.replace("_", "-")] = [str(v) for v in value] if isinstance(value, list) else (
@@ -518,5 +525,5 @@ def manifest_for_cluster(planned: list[tuple[str, RunConfig]], distinct: bool = 
     """The manifest the in-cluster bulk driver runs: each subject's whole resolved config, identifiers drawn."""
     from dreambooth.kube.layouts import manifest_document
 
-    return manifest_document([(name, {k: v for k, v in flat_config(cfg).items() if k != "output"})
+    return manifest_document([(name, {k: v for k, v in cluster_config(cfg).items() if k != "output"})
                               for name, cfg in resolve_identifiers(planned, distinct)])

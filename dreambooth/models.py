@@ -254,11 +254,22 @@ RECIPE_FILE = "dreambooth.yaml"
 """A model's recommended run settings, beside its ``model_index.json`` (keys as in a ``--config`` file)."""
 RECIPE_SECTIONS = ("train", "prior", "export")
 """What a recipe may set: how to train, generate priors and sample — never a subject or an output."""
+WITHOUT_CAPTIONS = "without_captions"
+"""A recipe's section of settings (``train``/``prior``/``export`` keys) that replace its own when none of a
+subject's photos has a caption: a recipe measured on captioned photos says what it was measured with on bare
+ones (the ``shapes`` recipe trains each photo on its caption and on the bare prompt, for twice the steps)."""
 
 
-def read_recipe(model_path: str, revision: Optional[str] = None) -> dict:
-    """The flat settings of ``model_path``'s recipe file; {} when it has none (or the hub cannot say)."""
-    from dreambooth.config import all_fields, load_yaml
+def recipe_source(model: str, without_captions: bool = False) -> str:
+    """How ``config_sources`` names a setting that ``model``'s recipe gave."""
+    section = f", {WITHOUT_CAPTIONS}: no photo has a caption" if without_captions else ""
+    return f"the {model} model's recipe ({RECIPE_FILE}{section})"
+
+
+def read_recipe(model_path: str, revision: Optional[str] = None, *, captioned: bool = True) -> dict:
+    """The flat settings of ``model_path``'s recipe file; {} when it has none (or the hub cannot say).
+    ``captioned=False``: with its ``without_captions`` section over them, for photos that have no caption."""
+    from dreambooth.config import all_fields, flatten, load_yaml_document
 
     local = Path(model_path)
     if local.is_dir():
@@ -272,19 +283,40 @@ def read_recipe(model_path: str, revision: Optional[str] = None) -> dict:
             path = Path(hf_hub_download(model_path, RECIPE_FILE, revision=revision))
         except Exception:  # most hub models have no recipe; offline without it cached is the same answer
             return {}
-    recipe = load_yaml(str(path))
+    document = load_yaml_document(str(path))
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path} must be a mapping of config keys, got {type(document).__name__}")
+    document = dict(document)
+    uncaptioned = document.pop(WITHOUT_CAPTIONS, None) or {}
+    recipe = flatten(document, str(path))
+    overrides = flatten(uncaptioned, f"{path}, section {WITHOUT_CAPTIONS}")
     fields = all_fields()
-    outside = sorted(key for key in recipe if fields[key].section not in RECIPE_SECTIONS)
+    outside = sorted(key for key in {**recipe, **overrides} if fields[key].section not in RECIPE_SECTIONS)
     if outside:
         raise ConfigError(f"{path}: a model recipe sets only {', '.join(RECIPE_SECTIONS)} settings; "
                           f"remove {', '.join(outside)}")
-    return recipe
+    return recipe if captioned else {**recipe, **overrides}
 
 
 @lru_cache(maxsize=16)
-def _recipe_of(model: str, revision: Optional[str]) -> dict:
+def _recipe_of(model: str, revision: Optional[str], captioned: bool = True) -> dict:
     """``read_recipe`` of a ``--model`` value, once per process (bulk plans thousands of subjects)."""
-    return read_recipe(resolve_model(model, revision), revision)
+    return read_recipe(resolve_model(model, revision), revision, captioned=captioned)
+
+
+def with_recipe_for_photos(cfg, images):
+    """``cfg`` (a ``RunConfig`` whose model resolves), or a copy whose recipe-given settings are the
+    recipe's ``without_captions`` ones when none of ``images`` (``SubjectImage``) has a caption, each
+    recorded in ``sources``; settings a config file or flag gave stay. ``cfg`` is not written."""
+    from dreambooth.config import with_layer
+
+    if not cfg.model or any(image.caption is not None for image in images):
+        return cfg
+    changed = {key: value for key, value in _recipe_of(cfg.model, cfg.revision, captioned=False).items()
+               if key in settings_for_photos(cfg)}
+    if not changed:
+        return cfg
+    return with_layer(cfg, changed, recipe_source(cfg.model, without_captions=True))
 
 
 NATIVE_RESOLUTION_SOURCE = "the {model} model's native size (UNet sample_size x VAE scale factor)"
@@ -312,6 +344,21 @@ def with_native_resolution(cfg):
                                sources={**cfg.sources, "resolution": source})
 
 
+def settings_for_photos(cfg) -> set[str]:
+    """The settings of ``cfg`` its model's recipe gave that ``with_recipe_for_photos`` may still change once the
+    photos are read: a job planned where the photos are not (``submit``) leaves them to the cluster."""
+    if not cfg.model:
+        return set()
+    try:
+        uncaptioned = _recipe_of(cfg.model, cfg.revision, captioned=False)
+        captioned = _recipe_of(cfg.model, cfg.revision)
+    except ConfigError:
+        return set()
+    given_by_recipe = recipe_source(cfg.model)
+    return {key for key, value in uncaptioned.items()
+            if captioned.get(key) != value and cfg.sources.get(key) == given_by_recipe}
+
+
 def with_recipe(*layers: tuple[dict, str]) -> list[tuple[dict, str]]:
     """``layers`` with the model's recipe under them (native resolution < recipe < config file < flags),
     when the model they name has one. A model that cannot be resolved adds nothing here: preflight reports it."""
@@ -330,7 +377,7 @@ def with_recipe(*layers: tuple[dict, str]) -> list[tuple[dict, str]]:
         native = [native_resolution_layer(probe.model)]
     except ConfigError:  # configs unreadable here (preflight tries again, once the model resolves)
         native = []
-    return native + ([(recipe, f"the {probe.model} model's recipe ({RECIPE_FILE})")] if recipe else []) + list(layers)
+    return native + ([(recipe, recipe_source(probe.model))] if recipe else []) + list(layers)
 
 
 def scheduler_class_name(model_path: str) -> str:

@@ -107,7 +107,8 @@ def preflight(
     """Validate config, model, photos, identifier and output; raise ConfigError/SubjectError/PermissionError.
 
     ``cfg`` is not written: ``Prepared.config`` is a resolved copy (class noun normalized, native
-    resolution and ``auto`` identifier filled in, each recorded in ``sources``), and it is the only
+    resolution, ``auto`` identifier and a recipe's settings for photos without captions filled in, each
+    recorded in ``sources``), and it is the only
     config the stages after this read. ``keep_images=False`` checks the photos but does not keep them
     (bulk runs of thousands of subjects load each subject's photos again when it starts).
     """
@@ -121,6 +122,9 @@ def preflight(
     model_path = models.resolve_model(cfg.model, cfg.revision)
     cfg = models.with_native_resolution(cfg)  # before anything reads cfg.train.resolution
     images = load_subject_images(cfg.subject.instance_dir, cfg.train.resolution)
+    for_photos = models.with_recipe_for_photos(cfg, images)  # a recipe may differ for photos without captions
+    if for_photos is not cfg:
+        cfg = validate(for_photos)
     if cfg.train.background_swap > 0:
         check_backdrops_swappable(images)
     chosen, was_auto, warnings = resolve_identifier(cfg, model_path, taken_identifiers, drawers)

@@ -1,6 +1,7 @@
 """Write shapes-world subjects (5 PNGs each, 32 px): the shipped ones, or new ones for checking a recipe.
 
     python scripts/make-shapes-subjects.py                              # the shipped subjects → examples/subjects/<name>/
+                                                                        # (captioned, as the shapes recipe trains them)
     python scripts/make-shapes-subjects.py --new 4 --seed 7 --output /tmp/new-subjects
                                                                         # 4 subjects unlike the shipped ones, each with a
                                                                         # subject.json that `dreambooth eval` reads
@@ -30,8 +31,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=SEED, help="which new subjects, and their photos")
     parser.add_argument("--output", type=Path, default=ROOT, help="parent folder of the subject folders")
     parser.add_argument("--captions", action="store_true",
-                        help="also a caption beside each photo (its place and background), which `run` trains on "
-                             "(with --bare-prompt-with-captions beside the bare prompt)")
+                        help="also a caption beside each new subject's photo (its place and background), which "
+                             "`run` trains on (the shapes recipe: beside the bare prompt); the shipped subjects "
+                             "always have them")
     parser.add_argument("--photo-backgrounds", type=int,
                         help="photograph each new subject on only this many of its backgrounds "
                              "(default: one per photo)")
@@ -54,6 +56,7 @@ if __name__ == "__main__":
                   f"--output runs/{subject.name}")
     else:
         for subject in SUBJECTS.values():
+            # Always captioned: the shapes recipe trains each photo on its caption and on the bare prompt.
             paths = write_subject_images(subject, args.output / subject.name, n=IMAGES, resolution=RESOLUTION, seed=SEED,
-                                         captions=args.captions)
+                                         captions=True)
             print(f"{subject.name}: {len(paths)} images in {paths[0].parent}")

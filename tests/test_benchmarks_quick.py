@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -126,7 +127,7 @@ def test_recipe_search_chosen_variant_is_the_shapes_models_shipped_recipe(monkey
     import yaml
 
     monkeypatch.syspath_prepend(str(REPO))  # benchmarks/ is a folder of scripts, not an installed package
-    from benchmarks.recipe_search import CHOSEN, VARIANTS
+    from benchmarks.recipe_levers import CHOSEN, CHOSEN_WITHOUT_CAPTIONS, VARIANTS
     from dreambooth.evaluation.shapes import extra_prior_captions
     from dreambooth.models import RECIPE_FILE, resolve_model
 
@@ -146,6 +147,13 @@ def test_recipe_search_chosen_variant_is_the_shapes_models_shipped_recipe(monkey
     assert train.get("background_swap", 0.0) == chosen.background_swap
     # captions as shapes.subject_caption writes them for a user (no size), when the recipe trains on captions
     assert not (chosen.captioned_and_bare and chosen.captions_name_size)
+    # Photos without captions: the recipe file's without_captions section is the variant measured on bare photos.
+    bare, uncaptioned = VARIANTS[CHOSEN_WITHOUT_CAPTIONS], {**train, **recipe["without_captions"]["train"]}
+    assert set(recipe["without_captions"]) == {"train"} and not (bare.captioned or bare.captioned_and_bare)
+    assert (uncaptioned["learning_rate"], uncaptioned["text_encoder_learning_rate"], uncaptioned["max_train_steps"]) == (
+        bare.learning_rate, bare.text_encoder_learning_rate, bare.steps)
+    assert dataclasses.replace(bare, text_encoder_learning_rate=None, steps=0) == dataclasses.replace(
+        chosen, text_encoder_learning_rate=None, steps=0, captioned_and_bare=False, captions_name_size=True)
 
 
 def test_recipe_search_pools_a_variants_seeds_with_the_standard_error_of_each_mean(monkeypatch):

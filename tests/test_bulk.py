@@ -287,3 +287,21 @@ def test_in_cluster_bulk_driver_publishes_each_subject_state_while_it_runs(ray_c
         assert "SubjectError" in rows["dog-bad"]  # the message column is cut to 60 characters
     finally:
         double.stop()
+
+
+def test_jobs_planned_away_from_the_photos_leave_the_recipes_caption_dependent_settings_to_the_cluster(tmp_path):
+    """`submit` plans without reading the photos, so settings the model's recipe gives by whether they have
+    captions (shapes: steps and the text encoder's rate) are left out of the job; the rest of the recipe, and
+    what the user set, travel with it."""
+    subjects = [{"name": "tri", "instance_dir": "/mnt/photos/tri", "class_noun": "triangle"},
+                {"name": "set", "instance_dir": "/mnt/photos/set", "class_noun": "star", "max_train_steps": 900}]
+    options = bulk.BulkOptions(_manifest(tmp_path, subjects), "/mnt/out")
+    planned = bulk.plan(options, {"model": "shapes"}, check_paths=False)
+    jobs = {job.name: job.args for job in bulk.subject_jobs(planned)}
+    assert "max-train-steps" not in jobs["tri"] and "text-encoder-learning-rate" not in jobs["tri"]
+    assert jobs["tri"]["learning-rate"] == "0.0003" and jobs["tri"]["bare-prompt-with-captions"] == "true"
+    assert jobs["set"]["max-train-steps"] == "900"  # the manifest's, not the recipe's
+    document = bulk.manifest_for_cluster(planned)  # the in-cluster bulk driver's manifest: the same
+    entries = {entry["name"]: {**document["defaults"], **entry} for entry in document["subjects"]}
+    assert "max_train_steps" not in entries["tri"] and entries["set"]["max_train_steps"] == 900
+    assert entries["tri"]["learning_rate"] == 3e-4

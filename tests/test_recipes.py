@@ -3,12 +3,15 @@ the config file and the flags, and the run's config says where each setting came
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from dreambooth import pipeline
 from dreambooth.cli import build_parser, config_from_args
 from dreambooth.config import ConfigError, TrainConfig, all_fields, validate
-from dreambooth.models import NATIVE_RESOLUTION_SOURCE, RECIPE_FILE
+from dreambooth.models import NATIVE_RESOLUTION_SOURCE, RECIPE_FILE, recipe_source
 
 REPO_SUBJECT = "examples/subjects/two_tone_triangle"
 
@@ -57,13 +60,29 @@ def test_a_model_without_recipe_keeps_the_defaults(tmp_path):
 
 def test_shapes_runs_with_nothing_but_subject_and_output(tmp_path):
     """`dreambooth run --model shapes --instance-dir D --class-noun C --output O` passes every check
-    with the shipped recipe's settings (it failed on the default 512 px before)."""
+    with the shipped recipe's settings (it failed on the default 512 px before): its captioned one for
+    captioned photos, its ``without_captions`` one for the same photos bare."""
     cfg = _config(["--model", "shapes", "--instance-dir", REPO_SUBJECT, "--class-noun", "triangle",
                    "--output", str(tmp_path / "out")])
     assert (cfg.train.resolution, cfg.train.learning_rate, cfg.prior.guidance_scale) == (32, 3e-4, 4.0)
     prepared = pipeline.preflight(cfg)
     assert len(prepared.images) >= 3 and prepared.config.sources["resolution"].startswith("the shapes model's recipe")
     assert len(cfg.prior.extra_prior_prompts) > 0  # the recipe's caption priors
+    # The shipped subjects are captioned: each photo on its caption and the bare prompt, for twice the steps.
+    train = prepared.config.train
+    assert all(image.caption for image in prepared.images)
+    assert (train.bare_prompt_with_captions, train.max_train_steps, train.text_encoder_learning_rate) == (True, 1200, 5e-5)
+
+    # The same photos without their captions train on the recipe measured on bare photos.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for photo in Path(REPO_SUBJECT).glob("*.png"):
+        shutil.copy(photo, bare / photo.name)
+    uncaptioned = pipeline.preflight(_config(["--model", "shapes", "--instance-dir", str(bare), "--class-noun",
+                                              "triangle", "--output", str(tmp_path / "bare-out")])).config
+    assert (uncaptioned.train.max_train_steps, uncaptioned.train.text_encoder_learning_rate) == (600, 1e-4)
+    assert uncaptioned.sources["max_train_steps"] == recipe_source("shapes", without_captions=True)
+    assert uncaptioned.train.learning_rate == 3e-4 and uncaptioned.sources["learning_rate"] == recipe_source("shapes")
 
 
 def test_a_bare_list_flag_empties_what_the_recipe_lists(tmp_path):
@@ -100,3 +119,37 @@ def test_sample_and_eval_take_their_sampler_from_flags_then_the_run_then_the_rec
     assert "12 steps" in run.describe() and "48 px" in run.describe()
     shapes = sampler_settings("shapes")
     assert (shapes.guidance_scale, shapes.resolution) == (4.0, 32)
+
+
+def test_a_recipe_gives_its_own_settings_to_photos_without_captions(tmp_path, model_with_recipe):
+    """``without_captions`` replaces what the recipe gave when no photo has a caption; a setting a flag gave
+    stays, and photos with a caption keep the recipe's own."""
+    from dreambooth.models import with_recipe_for_photos
+    from dreambooth.subjects import SubjectImage
+
+    (model_with_recipe / RECIPE_FILE).write_text(
+        "train:\n  learning_rate: 1.0e-4\n  max_train_steps: 50\n  bare_prompt_with_captions: true\n"
+        "without_captions:\n  train:\n    max_train_steps: 25\n    learning_rate: 1.0e-4\n")
+    bare = [SubjectImage(f"p{i}.png", b"", (32, 32)) for i in range(3)]
+    captioned = [*bare[:2], SubjectImage("p2.png", b"", (32, 32), caption="a {identifier} {class_noun} on grass")]
+
+    cfg = _config(["--model", str(model_with_recipe)])
+    assert cfg.train.max_train_steps == 50
+    uncaptioned = with_recipe_for_photos(cfg, bare)
+    assert uncaptioned.train.max_train_steps == 25 and cfg.train.max_train_steps == 50  # a copy
+    assert uncaptioned.sources["max_train_steps"] == recipe_source(str(model_with_recipe), without_captions=True)
+    assert uncaptioned.sources["max_train_steps"].endswith("without_captions: no photo has a caption)")
+    # the same value in both is still the recipe's own
+    assert uncaptioned.sources["learning_rate"] == recipe_source(str(model_with_recipe))
+    assert with_recipe_for_photos(cfg, captioned) is cfg  # one caption is enough
+    flagged = _config(["--model", str(model_with_recipe), "--max-train-steps", "7"])
+    assert with_recipe_for_photos(flagged, bare).train.max_train_steps == 7
+
+
+def test_a_recipe_without_captions_section_sets_only_what_a_recipe_may(model_with_recipe):
+    (model_with_recipe / RECIPE_FILE).write_text("train:\n  max_train_steps: 50\nwithout_captions:\n  output: /tmp/x\n")
+    with pytest.raises(ConfigError, match="a model recipe sets only train, prior, export settings; remove output"):
+        _config(["--model", str(model_with_recipe)])
+    (model_with_recipe / RECIPE_FILE).write_text("without_captions:\n  train:\n    max_train_stepz: 5\n")
+    with pytest.raises(ConfigError, match="did you mean 'max_train_steps'"):
+        _config(["--model", str(model_with_recipe)])

@@ -63,6 +63,15 @@ def test_demo_personalizes_two_tone_triangle_and_eval_beats_the_base(ray_cluster
     # The verdict agrees with the bounds above (clean class fidelity is not one of them).
     verdict = {finding["measure"]: finding["status"] for finding in report["verdict"]}
     assert {verdict[m] for m in ("subject_fidelity", "recontext_shown", "class_fidelity", "other_prompt_fidelity")} == {"ok"}
-    recorded = json.loads((out / "run.json").read_text())["priors"]
+    record = json.loads((out / "run.json").read_text())
+    recorded = record["priors"]
     assert recorded["extra_prompts"] == 32 and recorded["images"] == 160  # the recipe's captions and priors
     assert recorded["unconditional_share"] == 0.2  # 32 of them drawn for, and trained on, the empty prompt
+    # The photos trained on their captions beside the bare prompt, for the captioned recipe's steps.
+    identifier = prepared.config.subject.identifier
+    assert len(record["instance_captions"]) == 5
+    assert all(p.startswith(f"a {identifier} triangle ") and p.endswith(" background")
+               for p in record["instance_captions"].values())
+    train = record["config"]["train"]
+    assert train["bare_prompt_with_captions"] is True and train["max_train_steps"] == 1200
+    assert record["config_sources"]["max_train_steps"] == models.recipe_source("shapes")

@@ -78,10 +78,14 @@ def test_sample_command_renders_a_caption_offline(tmp_path, capsys):
 
 def test_shipped_subjects_are_what_the_generator_writes(tmp_path):
     for name, subject in SUBJECTS.items():
-        shipped = sorted((REPO / "examples" / "subjects" / name).glob("*.png"))
-        fresh = write_subject_images(subject, tmp_path / name, n=5, resolution=32, seed=0)
+        folder = REPO / "examples" / "subjects" / name
+        shipped = sorted(folder.glob("*.png"))
+        fresh = write_subject_images(subject, tmp_path / name, n=5, resolution=32, seed=0, captions=True)
         assert [p.name for p in shipped] == [p.name for p in fresh]
         assert all(a.read_bytes() == b.read_bytes() for a, b in zip(shipped, fresh)), name
+        # each photo's caption, as the shapes recipe trains it (beside the bare prompt)
+        assert all((folder / p.with_suffix(".txt").name).read_text() == p.with_suffix(".txt").read_text()
+                   for p in fresh), name
 
 
 def _tiny_pretrain(output: Path, steps: int):

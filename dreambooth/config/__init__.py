@@ -24,5 +24,6 @@ from dreambooth.config.validation import (  # noqa: F401 - the package's public 
     validate_resolution,
 )
 from dreambooth.config.loading import (  # noqa: F401 - the package's public names
-    CONFIG_YAML_NODES, MAX_LIST_ITEMS, MAX_LIST_ITEMS_OF, build_config, flatten, load_yaml, reference_markdown,
+    CONFIG_YAML_NODES, MAX_LIST_ITEMS, MAX_LIST_ITEMS_OF, build_config, flatten, load_yaml, load_yaml_document,
+    reference_markdown, with_layer,
 )

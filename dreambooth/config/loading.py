@@ -4,6 +4,7 @@ and the README's config reference."""
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import re
@@ -118,16 +119,27 @@ def build_config(*layers: tuple[dict[str, Any], str]) -> RunConfig:
     Each layer comes with a source name for error messages (a file path, "flags", ...).
     """
     cfg = RunConfig()
-    fields = all_fields()
     for values, source in layers:
-        for name, value in values.items():
-            info = fields.get(name)
-            if info is None:
-                raise _unknown_key(name, source)
-            target = cfg if info.section is None else getattr(cfg, info.section)
-            setattr(target, name, _coerce(info, value, source))
-            cfg.sources[name] = source
+        _set_layer(cfg, values, source)
     return cfg
+
+
+def with_layer(cfg: RunConfig, values: dict[str, Any], source: str) -> RunConfig:
+    """A copy of ``cfg`` with one more flat layer over it (``cfg`` is not written)."""
+    layered = copy.deepcopy(cfg)
+    _set_layer(layered, values, source)
+    return layered
+
+
+def _set_layer(cfg: RunConfig, values: dict[str, Any], source: str) -> None:
+    fields = all_fields()
+    for name, value in values.items():
+        info = fields.get(name)
+        if info is None:
+            raise _unknown_key(name, source)
+        target = cfg if info.section is None else getattr(cfg, info.section)
+        setattr(target, name, _coerce(info, value, source))
+        cfg.sources[name] = source
 
 
 CONFIG_YAML_NODES = 100_000
@@ -136,13 +148,18 @@ CONFIG_YAML_NODES = 100_000
 
 def load_yaml(path: str) -> dict[str, Any]:
     """Read a YAML config file (``--config``) into flat ``{field: value}``."""
+    return flatten(load_yaml_document(path), path)
+
+
+def load_yaml_document(path: str) -> Any:
+    """A YAML config file as written (sections nested), checked for size; {} when empty."""
     try:
         data = load_yaml_file(path, "config file", MAX_CONFIG_BYTES, CONFIG_YAML_NODES) if Path(path).is_file() else None
     except InputError as exc:
         raise ConfigError(str(exc)) from None
     if data is None and not Path(path).is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
-    return flatten(data or {}, path)
+    return data or {}
 
 
 def reference_markdown() -> str:
