@@ -1,6 +1,7 @@
 """Probes of recipe levers the product does not carry, run through ``recipe_search`` (#13, rounds 18-22).
 
-Each probe changes one thing inside the shipped recipe's fine-tune for the length of one study, so a lever can be
+Each probe changes one thing inside round 22's shipped recipe (``CHOSEN_WITHOUT_CAPTIONS``, the one the probes were
+measured against; the captioned recipe shipped since round 23 trains twice the steps) for the length of one study, so a lever can be
 measured before (or instead of) becoming a flag; ``--per-ask`` records, for every recontextualization ask of every
 run, which of its images show the subject, as the per-ask tables of benchmarks/RESULTS.md need.
 
@@ -32,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks.recipe_search as search  # noqa: E402
+from benchmarks.recipe_levers import CHOSEN_WITHOUT_CAPTIONS  # noqa: E402
 from dreambooth.evaluation import shapes as shapes_eval  # noqa: E402
 from dreambooth.shapes import analyze, is_subject  # noqa: E402
 from dreambooth.shapes.world import PALETTE  # noqa: E402
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subject-timestep-gamma", type=float, help="subject rows' timesteps T * u**G")
     parser.add_argument("--per-ask", help="write every recontext ask's per-image readings to this JSON file")
     probes, rest = parser.parse_known_args(argv)
-    recipe, label = search.VARIANTS[search.CHOSEN], search.CHOSEN
+    recipe, label = search.VARIANTS[CHOSEN_WITHOUT_CAPTIONS], CHOSEN_WITHOUT_CAPTIONS
     if probes.near_fills:
         use_near_fills()
         recipe, label = dataclasses.replace(recipe, background_swap=0.25), label + ", swap 0.25 on near-subject fills"

@@ -496,7 +496,8 @@ def flat_config(cfg: RunConfig) -> dict[str, Any]:
 
 def cluster_config(cfg: RunConfig) -> dict[str, Any]:
     """``flat_config`` for a job planned away from its photos (``submit``): less the settings the model's recipe
-    gives by whether the photos have captions, which the job's own preflight decides where the photos are."""
+    gives by whether the photos have captions, which the job's own preflight decides where the photos are (so the
+    cluster's image must know the recipe's ``without_captions`` section, as every image since it shipped does)."""
     left_to_the_photos = models.settings_for_photos(cfg)
     return {key: value for key, value in flat_config(cfg).items() if key not in left_to_the_photos}
 

@@ -286,15 +286,22 @@ def read_recipe(model_path: str, revision: Optional[str] = None, *, captioned: b
     document = load_yaml_document(str(path))
     if not isinstance(document, dict):
         raise ConfigError(f"{path} must be a mapping of config keys, got {type(document).__name__}")
-    document = dict(document)
-    uncaptioned = document.pop(WITHOUT_CAPTIONS, None) or {}
-    recipe = flatten(document, str(path))
-    overrides = flatten(uncaptioned, f"{path}, section {WITHOUT_CAPTIONS}")
+    document = {str(key).replace("-", "_"): value for key, value in document.items()}
+    uncaptioned = document.pop(WITHOUT_CAPTIONS, None)
+    where = f"{path}, section {WITHOUT_CAPTIONS}"
+    recipe, overrides = flatten(document, str(path)), flatten({} if uncaptioned is None else uncaptioned, where)
     fields = all_fields()
-    outside = sorted(key for key in {**recipe, **overrides} if fields[key].section not in RECIPE_SECTIONS)
-    if outside:
-        raise ConfigError(f"{path}: a model recipe sets only {', '.join(RECIPE_SECTIONS)} settings; "
-                          f"remove {', '.join(outside)}")
+    for settings, source in ((recipe, str(path)), (overrides, where)):
+        outside = sorted(key for key in settings if fields[key].section not in RECIPE_SECTIONS)
+        if outside:
+            raise ConfigError(f"{source}: a model recipe sets only {', '.join(RECIPE_SECTIONS)} settings; "
+                              f"remove {', '.join(outside)}")
+    # Only what the recipe itself sets can give way (anything else may have come from a config file or a
+    # flag), and the photos are read at the resolution before the section is known.
+    unanchored = sorted(key for key in overrides if key not in recipe or key == "resolution")
+    if unanchored:
+        raise ConfigError(f"{where} may only replace settings the recipe sets above it (not the resolution the "
+                          f"photos are read at); set {', '.join(unanchored)} in the recipe too, or remove it here")
     return recipe if captioned else {**recipe, **overrides}
 
 
@@ -312,10 +319,11 @@ def with_recipe_for_photos(cfg, images):
 
     if not cfg.model or any(image.caption is not None for image in images):
         return cfg
-    changed = {key: value for key, value in _recipe_of(cfg.model, cfg.revision, captioned=False).items()
-               if key in settings_for_photos(cfg)}
-    if not changed:
+    left_to_the_photos = settings_for_photos(cfg)
+    if not left_to_the_photos:
         return cfg
+    uncaptioned = _recipe_of(cfg.model, cfg.revision, captioned=False)
+    changed = {key: uncaptioned[key] for key in left_to_the_photos}
     return with_layer(cfg, changed, recipe_source(cfg.model, without_captions=True))
 
 
@@ -347,14 +355,14 @@ def with_native_resolution(cfg):
 def settings_for_photos(cfg) -> set[str]:
     """The settings of ``cfg`` its model's recipe gave that ``with_recipe_for_photos`` may still change once the
     photos are read: a job planned where the photos are not (``submit``) leaves them to the cluster."""
-    if not cfg.model:
+    given_by_recipe = recipe_source(cfg.model)
+    if not cfg.model or given_by_recipe not in cfg.sources.values():  # built without the recipe layer
         return set()
     try:
         uncaptioned = _recipe_of(cfg.model, cfg.revision, captioned=False)
         captioned = _recipe_of(cfg.model, cfg.revision)
     except ConfigError:
         return set()
-    given_by_recipe = recipe_source(cfg.model)
     return {key for key, value in uncaptioned.items()
             if captioned.get(key) != value and cfg.sources.get(key) == given_by_recipe}
 

@@ -98,6 +98,17 @@ def check_output_location(cfg: RunConfig) -> None:
                               "set --prior-output to a folder of its own")
 
 
+def check_settings(cfg: RunConfig) -> None:
+    """What a validated config needs from this machine before any cluster time: a usable output location,
+    the tracker's library and configuration, the optimizer (the workers run this image)."""
+    check_output_location(cfg)
+    if cfg.export.report_to != "none":
+        from dreambooth import tracking
+
+        tracking.check_report_to(cfg.export.report_to)
+    require_optimizer(cfg.train)
+
+
 def preflight(
     cfg: RunConfig,
     taken_identifiers: Collection[str] = frozenset(),
@@ -113,18 +124,14 @@ def preflight(
     (bulk runs of thousands of subjects load each subject's photos again when it starts).
     """
     cfg = validate(copy.deepcopy(cfg))
-    check_output_location(cfg)
-    if cfg.export.report_to != "none":
-        from dreambooth import tracking
-
-        tracking.check_report_to(cfg.export.report_to)  # installed and configured, before any cluster time
-    require_optimizer(cfg.train)  # installed (the workers run this image), before any cluster time
+    check_settings(cfg)
     model_path = models.resolve_model(cfg.model, cfg.revision)
     cfg = models.with_native_resolution(cfg)  # before anything reads cfg.train.resolution
     images = load_subject_images(cfg.subject.instance_dir, cfg.train.resolution)
     for_photos = models.with_recipe_for_photos(cfg, images)  # a recipe may differ for photos without captions
     if for_photos is not cfg:
         cfg = validate(for_photos)
+        check_settings(cfg)
     if cfg.train.background_swap > 0:
         check_backdrops_swappable(images)
     chosen, was_auto, warnings = resolve_identifier(cfg, model_path, taken_identifiers, drawers)

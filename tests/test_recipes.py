@@ -144,6 +144,10 @@ def test_a_recipe_gives_its_own_settings_to_photos_without_captions(tmp_path, mo
     assert with_recipe_for_photos(cfg, captioned) is cfg  # one caption is enough
     flagged = _config(["--model", str(model_with_recipe), "--max-train-steps", "7"])
     assert with_recipe_for_photos(flagged, bare).train.max_train_steps == 7
+    # a config file that sets the recipe's own value has chosen it too
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {model_with_recipe}\ntrain:\n  max_train_steps: 50\n")
+    assert with_recipe_for_photos(_config(["--config", str(config)]), bare).train.max_train_steps == 50
 
 
 def test_a_recipe_without_captions_section_sets_only_what_a_recipe_may(model_with_recipe):
@@ -152,4 +156,13 @@ def test_a_recipe_without_captions_section_sets_only_what_a_recipe_may(model_wit
         _config(["--model", str(model_with_recipe)])
     (model_with_recipe / RECIPE_FILE).write_text("without_captions:\n  train:\n    max_train_stepz: 5\n")
     with pytest.raises(ConfigError, match="did you mean 'max_train_steps'"):
+        _config(["--model", str(model_with_recipe)])
+    # Only a setting the recipe sets can give way to photos without captions, and never the resolution.
+    (model_with_recipe / RECIPE_FILE).write_text("train:\n  resolution: 64\n  max_train_steps: 50\n"
+                                                 "without-captions:\n  train:\n    lr_scheduler: linear\n"
+                                                 "    resolution: 32\n    max_train_steps: 25\n")
+    with pytest.raises(ConfigError, match="set lr_scheduler, resolution in the recipe too, or remove it here"):
+        _config(["--model", str(model_with_recipe)])
+    (model_with_recipe / RECIPE_FILE).write_text("train:\n  max_train_steps: 50\nwithout_captions: false\n")
+    with pytest.raises(ConfigError, match="section without_captions must be a mapping"):
         _config(["--model", str(model_with_recipe)])

@@ -54,16 +54,17 @@ def _ratio_finding(measure: str, scores: dict, what: str, fix: str, per_prompt: 
     return Finding(measure, "miss", text, fix)
 
 
-CLASS_FIX = ("keep the class: --text-encoder-learning-rate 5e-5 (kept 'a [class]' at 0.98 of the base vs 0.94 at "
-             "1e-4 over 36 shapes runs), more --num-class-images, or fewer --max-train-steps")
+CLASS_FIX = ("keep the class: a lower --text-encoder-learning-rate (5e-5 kept 'a [class]' at 0.98 of the base vs 0.94 "
+             "at 1e-4 over 36 shapes runs), more --num-class-images, or fewer --max-train-steps")
 OTHER_FIX = ("keep the other prompts: priors of other captions (--extra-prior-prompts, --extra-prior-share) and of "
              "the empty prompt (--unconditional-prior-share), or a lower --learning-rate")
 LEARN_FIX = "learn more of the subject: more --max-train-steps or a higher --learning-rate"
-CONTEXT_FIX = ("keep the subject in new contexts: caption each photo with what else it shows (a .txt beside it, "
-               "\"a {identifier} {class_noun} on a blue background\") and train with --bare-prompt-with-captions "
-               "and twice the --max-train-steps (the shapes recipe for captioned photos: new contexts as often as "
-               "the bare prompt over 36 runs, benchmarks/RESULTS.md round 23); or fewer --max-train-steps (800 "
-               "steps instead of 600 lost it in new contexts 0.11 more often than on the bare prompt)")
+CONTEXT_FIX = ("keep the subject in new contexts: if the photos have no captions, caption each with what else it shows "
+               "(a .txt beside it, \"a {identifier} {class_noun} on a blue background\") and train with "
+               "--bare-prompt-with-captions and twice the --max-train-steps (the shapes recipe does for captioned "
+               "photos: new contexts as often as the bare prompt over 36 runs, benchmarks/RESULTS.md round 23); "
+               "else fewer --max-train-steps (800 steps instead of 600 lost it in new contexts 0.11 more often "
+               "than on the bare prompt)")
 SIZE_FIX = ("no lever tried keeps the subject's size in new contexts (benchmarks/RESULTS.md, round 17: captions "
             "without a size, or a size word in the prompt, did not): the VAE cannot carry its pattern small, so judge "
             "new contexts by recontext_shown_at_subject_sizes")
