@@ -34,7 +34,7 @@ def test_a_drifted_class_is_a_miss_that_names_the_slower_text_encoder():
     found = {f.measure: f for f in findings(shapes_report(class_fidelity=0.6, class_fidelity_stderr=0.05))}
     assert found["class_fidelity"].status == "miss" and found["class_fidelity"].next == CLASS_FIX
     assert "0.60 of the base model" in found["class_fidelity"].text
-    assert "--text-encoder-learning-rate 5e-5" in format_findings(list(found.values()))
+    assert "a lower --text-encoder-learning-rate (5e-5" in format_findings(list(found.values()))
 
 
 def test_a_miss_within_two_standard_errors_asks_for_more_images_not_a_new_recipe():
