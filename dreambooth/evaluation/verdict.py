@@ -62,7 +62,8 @@ LEARN_FIX = "learn more of the subject: more --max-train-steps or a higher --lea
 CONTEXT_FIX = ("keep the subject in new contexts: if the photos have no captions, caption each with what else it shows "
                "(a .txt beside it, \"a {identifier} {class_noun} on a blue background\") and train with "
                "--bare-prompt-with-captions and twice the --max-train-steps (the shapes recipe does for captioned "
-               "photos: new contexts as often as the bare prompt over 36 runs, benchmarks/RESULTS.md round 23); "
+               "photos: new contexts as often as the bare prompt within noise over 36 runs, benchmarks/RESULTS.md "
+               "round 23); "
                "else fewer --max-train-steps (800 steps instead of 600 lost it in new contexts 0.11 more often "
                "than on the bare prompt)")
 SIZE_FIX = ("no lever tried keeps the subject's size in new contexts (benchmarks/RESULTS.md, round 17: captions "
