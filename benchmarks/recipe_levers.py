@@ -1,6 +1,6 @@
 """The recipe levers of the shapes study: one ``Recipe`` per variant ``recipe_search.py`` can run.
 
-``VARIANTS`` is the lever table of benchmarks/RESULTS.md by name, rounds 1-21: each variant is ``START`` (the demo's
+``VARIANTS`` is the lever table of benchmarks/RESULTS.md by name, rounds 1-23: each variant is ``START`` (the demo's
 settings before issue #13) with one or more levers moved. ``CHOSEN`` names the one the ``shapes`` model ships
 (``dreambooth/data/shapes/dreambooth.yaml``). Levers the product has no setting for are probed by
 ``lever_probes.py`` instead.
