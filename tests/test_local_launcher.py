@@ -54,8 +54,8 @@ def test_an_error_inside_training_resumes_the_subject_from_its_checkpoint(tmp_pa
     save = checkpoint.save_resumable
     raised = []
 
-    def save_then_fail_once(engine, output, step):
-        save(engine, output, step)
+    def save_then_fail_once(engine, output, step, attempt):
+        save(engine, output, step, attempt)
         if step == 4 and not raised:
             raised.append(step)
             raise RuntimeError("a collective failed")
@@ -69,8 +69,52 @@ def test_an_error_inside_training_resumes_the_subject_from_its_checkpoint(tmp_pa
     assert torch.distributed.get_world_size() == 1
 
 
+def test_a_run_that_another_run_took_over_stops_without_writing_and_the_newer_one_finishes(
+        tmp_path, dog_dir, tiny_model_path, monkeypatch):
+    """Two runs on one output (a killed driver's workers still training while the same command runs
+    again): when the newer one claims the output, the older one stops at its next save, writes no
+    checkpoint, export or record, and is not retried; the newer one resumes and finishes."""
+    save = checkpoint.save_resumable
+
+    def newer_run_claims_before_step_4(engine, output, step, attempt):
+        if step == 4:
+            checkpoint.claim(output)  # what the newer run's rank 0 does before it restores
+        save(engine, output, step, attempt)
+
+    monkeypatch.setattr(checkpoint, "save_resumable", newer_run_claims_before_step_4)
+    work = _work(tmp_path, dog_dir, max_train_steps=6, checkpointing_steps=2, max_failures=2)
+    older = local.train_here([work], cuda=False, max_retries=2)["subject"]
+    out = tmp_path / "out"
+    assert older.status == "failed" and older.attempts == 1 and older.restarts == 0, older
+    assert "another run started training into" in older.error and "--output" in older.error
+    assert checkpoint.complete_steps(str(out)) == [2] and not (out / "checkpoints" / "step-000004").exists()
+    assert not (out / "run.json").exists() and not (out / "unet").exists()
+
+    monkeypatch.setattr(checkpoint, "save_resumable", save)
+    newer = local.train_here([work], cuda=False, max_retries=0)["subject"]
+    assert newer.status == "succeeded", newer.error
+    assert newer.record["metrics"]["resumed_from"] == 2 and newer.record["metrics"]["step"] == 6
+
+
+def test_a_run_taken_over_after_its_last_save_neither_exports_nor_writes_its_record(
+        tmp_path, dog_dir, tiny_model_path, monkeypatch):
+    gather = checkpoint.gathered_state_dict
+
+    def newer_run_claims_while_gathering(engine):
+        checkpoint.claim(str(tmp_path / "out"))
+        return gather(engine)
+
+    monkeypatch.setattr(checkpoint, "gathered_state_dict", newer_run_claims_while_gathering)
+    work = _work(tmp_path, dog_dir, max_train_steps=4, checkpointing_steps=2)
+    state = local.train_here([work], cuda=False, max_retries=2)["subject"]
+    out = tmp_path / "out"
+    assert state.status == "failed" and state.attempts == 1 and "before exporting into it" in state.error
+    assert not (out / "run.json").exists() and not (out / "unet").exists()
+    assert checkpoint.complete_steps(str(out)) == [2]  # left for the newer run to resume from
+
+
 def test_a_subject_that_fails_every_attempt_fails_after_its_restarts(tmp_path, dog_dir, tiny_model_path, monkeypatch):
-    def always_fail(engine, output, step):
+    def always_fail(engine, output, step, attempt):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(checkpoint, "save_resumable", always_fail)

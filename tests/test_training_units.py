@@ -2,6 +2,7 @@
 
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -293,13 +294,88 @@ def test_attempt_log_coalesces_slow_writes_and_records_the_last_step(tmp_path, m
         real_write(uri, obj)
 
     monkeypatch.setattr(storage, "write_json_atomic", slow_write)
-    log = checkpoint.AttemptLog(str(tmp_path), start_step=10)
+    log = checkpoint.AttemptLog(str(tmp_path), start_step=10, claim_id="attempt-1")
     for step in range(11, 111):
         log.reached(step)
     log.close()
     assert writes[-1] == 110 and writes == sorted(writes)
     assert len(writes) < 100  # steps reached during a write are folded into the next one
     assert checkpoint.steps_run(str(tmp_path)) == (100, 1)
+
+
+class _FilesEngine:
+    """What ``checkpoint`` needs of a DeepSpeed engine: files per tag, and the client state back."""
+
+    def save_checkpoint(self, folder, tag, client_state):
+        shard = Path(folder) / tag
+        shard.mkdir(parents=True)
+        for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                     "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+            (shard / name).write_bytes(b"shard")
+        torch.save(client_state, shard / "client_state.pt")
+
+    def load_checkpoint(self, folder, tag):
+        return folder, torch.load(Path(folder) / tag / "client_state.pt")
+
+
+def test_a_checkpoint_missing_a_shard_is_not_resumed_from_and_is_pruned_later(tmp_path):
+    from dreambooth.training import checkpoint
+
+    out, engine = str(tmp_path), _FilesEngine()
+    attempt = checkpoint.claim(out)
+    for step in (2, 4):
+        checkpoint.save_resumable(engine, out, step, attempt)
+    assert checkpoint.complete_steps(out) == [2, 4]
+    (tmp_path / "checkpoints" / "step-000004" / "zero" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    assert checkpoint.complete_steps(out) == [2]  # progress.json is there, a shard it lists is not
+    assert checkpoint.restore(engine, out) == 2
+    for step in (6, 8):
+        checkpoint.save_resumable(engine, out, step, attempt)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-000006", "step-000008"]
+
+
+def test_a_save_whose_claim_is_taken_during_the_upload_neither_completes_nor_prunes(tmp_path, monkeypatch):
+    from dreambooth import storage
+    from dreambooth.training import checkpoint
+
+    out, engine = str(tmp_path), _FilesEngine()
+    older = checkpoint.claim(out)
+    for step in (2, 4):
+        checkpoint.save_resumable(engine, out, step, older)
+    upload = storage.upload_dir
+
+    def newer_claims_mid_upload(local_dir, uri):
+        upload(local_dir, uri)
+        checkpoint.claim(out)
+
+    monkeypatch.setattr(storage, "upload_dir", newer_claims_mid_upload)
+    checkpoint.save_resumable(engine, out, 6, older)
+    assert checkpoint.complete_steps(out) == [2, 4]  # step 6 unmarked, step 2 not pruned
+    monkeypatch.setattr(storage, "upload_dir", upload)
+    with pytest.raises(checkpoint.OutputTakenOver, match="another run started training into"):
+        checkpoint.save_resumable(engine, out, 8, older)
+    assert not (tmp_path / "checkpoints" / "step-000008").exists()
+
+
+def test_a_claim_that_cannot_be_read_is_a_retryable_error_not_a_takeover(tmp_path, monkeypatch):
+    from dreambooth import storage
+    from dreambooth.training import checkpoint
+
+    out = str(tmp_path)
+    claim_id = checkpoint.claim(out)
+    checkpoint.check_claim(out, claim_id)  # held: no error
+
+    def timeout(uri):
+        raise TimeoutError("read timed out")
+
+    monkeypatch.setattr(storage, "read_json", timeout)
+    with pytest.raises(OSError, match="could not read the claim on .*TimeoutError: read timed out") as raised:
+        checkpoint.check_claim(out, claim_id)
+    assert not isinstance(raised.value, checkpoint.OutputTakenOver)
+    monkeypatch.undo()
+    (tmp_path / "checkpoints" / checkpoint.WRITER).unlink()  # what --overwrite does to an older run's output
+    with pytest.raises(checkpoint.OutputTakenOver):
+        checkpoint.check_claim(out, claim_id)
 
 
 def test_subject_latents_sample_the_cached_posterior_of_each_view(tiny_model_path, dog_dir):

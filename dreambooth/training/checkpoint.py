@@ -5,10 +5,18 @@ Owns the on-disk layout of ``<output>/checkpoints/``:
     step-000100/         every rank's ZeRO shard (DeepSpeed's files, tag ``zero``) + ``progress.json``
     attempts/<id>.json   one per training attempt: {"start_step", "step"} (how far it got), so the
                          run record can say how many steps a failure made us redo
+    writer.json          the claim of the attempt that may write here now: {"attempt", ...}
 
-A checkpoint is complete when ``progress.json`` exists: every rank uploads its shard, all ranks
-meet at a barrier, and only then rank 0 writes it. Restarted workers (a worker group that lost a
-worker) and a new driver run with the same output resume from the newest complete one.
+A checkpoint is complete when ``progress.json`` exists and every file it lists does: every rank
+uploads its shard, all ranks meet at a barrier, and only then rank 0 writes it. Restarted workers
+(a worker group that lost a worker) and a new driver run with the same output resume from the
+newest complete one.
+
+One writer per output: each attempt claims the output before it restores (the newest claim wins),
+and checks its claim before every save, before the export and before the run record. A driver
+killed with SIGKILL leaves its workers training for a moment; without the claim they would go on
+saving, pruning and even exporting into the folder the next attempt is resuming from. (Left open:
+an older attempt whose check passed just before the newer claim still finishes that one upload.)
 
 The checkpoints are the project's own, not Ray Train's: a warm worker group trains many subjects
 one after another, and each subject's checkpoints belong in that subject's output.
@@ -17,7 +25,9 @@ one after another, and each subject's checkpoints belong in that subject's outpu
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -34,11 +44,17 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 PROGRESS = "progress.json"
 ATTEMPTS = "attempts"
+WRITER = "writer.json"
 DEEPSPEED_TAG = "zero"
 KEEP = 2
 """Complete checkpoints kept per subject (the newest ones)."""
 
 _STEP_DIR = re.compile(r"step-(\d{6,})$")
+
+
+class OutputTakenOver(Exception):
+    """A newer training attempt claimed this output: this one must not write to it again (and
+    retrying would only take it back from the newer one)."""
 
 
 def checkpoints_uri(output: str) -> str:
@@ -58,8 +74,8 @@ class AttemptLog:
     so the run record's count of redone steps stays exact to a step or so.
     """
 
-    def __init__(self, output: str, start_step: int):
-        self.uri = storage.join(checkpoints_uri(output), ATTEMPTS, f"{uuid.uuid4().hex}.json")
+    def __init__(self, output: str, start_step: int, claim_id: str):
+        self.uri = storage.join(checkpoints_uri(output), ATTEMPTS, f"{claim_id}.json")
         self.start_step = start_step
         self._latest: Optional[int] = None
         self._closed = False
@@ -106,16 +122,45 @@ def steps_run(output: str) -> tuple[int, int]:
 
 
 def complete_steps(output: str) -> list[int]:
-    """Steps of the complete checkpoints in ``output``, oldest first."""
+    """Steps of the complete checkpoints in ``output``, oldest first.
+
+    Complete: ``progress.json`` is there and so is every file it lists. A step whose files went
+    missing (pruned or overwritten by another writer, a partial copy) is skipped with a warning,
+    and the resume falls back to an older one rather than failing on a missing shard.
+    """
+    steps = []
+    for step in _step_folders(output):
+        folder = storage.join(checkpoints_uri(output), step_dir_name(step))
+        present = set(_files_under(folder))  # one listing, not a request per file (object stores)
+        if PROGRESS not in present:
+            continue
+        try:
+            listed = storage.read_json(storage.join(folder, PROGRESS)).get("files", [])
+        except (FileNotFoundError, ValueError):  # removed or half-written while we looked
+            continue
+        missing = sorted(set(listed) - present)
+        if missing:
+            log.warning("checkpoint %s is incomplete (missing %s); not resuming from it", step_dir_name(step),
+                        ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""))
+            continue
+        steps.append(step)
+    return sorted(steps)
+
+
+def _step_folders(output: str) -> list[int]:
+    """The steps of every ``step-*`` folder, complete or not."""
     fs, path = storage.filesystem(checkpoints_uri(output))
     if not fs.exists(path):
         return []
-    steps = []
-    for entry in fs.ls(path, detail=False):
-        match = _STEP_DIR.search(entry.rstrip("/"))
-        if match and fs.exists(f"{entry.rstrip('/')}/{PROGRESS}"):
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+    matches = (_STEP_DIR.search(entry.rstrip("/")) for entry in fs.ls(path, detail=False))
+    return [int(match.group(1)) for match in matches if match]
+
+
+def _files_under(uri: str) -> list[str]:
+    """Relative paths of the files under ``uri``, sorted."""
+    fs, path = storage.filesystem(uri)
+    root = path.rstrip("/")
+    return sorted(found[len(root) + 1:] for found in fs.find(root))
 
 
 def _rank_world() -> tuple[int, int]:
@@ -138,17 +183,83 @@ def broadcast(value):
     return box[0]
 
 
-def save_resumable(engine, output: str, step: int) -> None:
-    """All ranks: save the ZeRO state as ``step-<step>`` (complete once rank 0 marks it), keep the newest ``KEEP``."""
+def claim(output: str) -> str:
+    """All ranks: make this attempt the only one that may write ``output``'s checkpoints, export
+    and run record; returns the claim's id (the same on every rank). The newest claim wins."""
+    def write() -> str:
+        claim_id = uuid.uuid4().hex
+        storage.write_json_atomic(storage.join(checkpoints_uri(output), WRITER), {
+            "attempt": claim_id, "claimed_unix": time.time(), "host": socket.gethostname(), "pid": os.getpid()})
+        return claim_id
+
+    return _on_rank_0(write, f"could not claim {output} for this run")
+
+
+def holds_claim(output: str, claim_id: str) -> bool:
+    """Whether ``claim_id`` is still the output's writer (a read, on the calling rank alone).
+
+    Only a missing claim file counts as lost (an ``--overwrite`` removed it); any other read error
+    (a timeout, a reset connection) is raised, so that a network blip is a retryable failure, not
+    a run stopped for good."""
+    try:
+        return storage.read_json(storage.join(checkpoints_uri(output), WRITER)).get("attempt") == claim_id
+    except FileNotFoundError:
+        return False
+
+
+def taken_over(output: str, when: str) -> OutputTakenOver:
+    return OutputTakenOver(
+        f"another run started training into {output} after this one (see "
+        f"{storage.join(checkpoints_uri(output), WRITER)}); this run stopped {when}. "
+        "Two runs on one output resume from the same checkpoints: let one finish, or give each its own --output")
+
+
+def check_claim(output: str, claim_id: str, when: str = "without writing to it again") -> None:
+    """All ranks alike: raise ``OutputTakenOver`` if a newer attempt claimed ``output`` (rank 0 reads)."""
+    if not _on_rank_0(lambda: holds_claim(output, claim_id), f"could not read the claim on {output}"):
+        raise taken_over(output, when)
+
+
+def _on_rank_0(read, failure: str):
+    """Rank 0's ``read()`` on every rank; if it raised, every rank raises alike (an ``OSError``
+    naming ``failure``), instead of rank 0 alone while the others wait in the broadcast."""
+    outcome = None
+    if _rank_world()[0] == 0:
+        try:
+            outcome = ("ok", read())
+        except Exception as exc:  # raised below, on every rank
+            outcome = ("error", f"{failure}: {type(exc).__name__}: {exc}")
+    kind, value = broadcast(outcome)
+    if kind == "error":
+        raise OSError(value)
+    return value
+
+
+def save_resumable(engine, output: str, step: int, claim_id: str) -> None:
+    """All ranks: save the ZeRO state as ``step-<step>`` (complete once rank 0 marks it), keep the
+    newest ``KEEP``. Raises ``OutputTakenOver``, before writing anything, if ``claim_id`` lost its claim."""
+    check_claim(output, claim_id)
     rank, _ = _rank_world()
     target = storage.join(checkpoints_uri(output), step_dir_name(step))
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG, client_state={"step": step})
         storage.upload_dir(tmp, target)  # each rank its own shard files (rank 0 also the common ones)
     _barrier()
-    if rank == 0:
-        storage.write_json_atomic(storage.join(target, PROGRESS), {"step": step, "saved_unix": time.time()})
-        for old in complete_steps(output)[:-KEEP]:
+    # Checked again: a claim taken during the upload must not see this attempt mark or prune steps.
+    if rank == 0 and holds_claim(output, claim_id):
+        files = [name for name in _files_under(target) if name != PROGRESS]
+        storage.write_json_atomic(storage.join(target, PROGRESS),
+                                  {"step": step, "saved_unix": time.time(), "attempt": claim_id, "files": files})
+        _prune(output)
+
+
+def _prune(output: str) -> None:
+    """Remove every step folder older than the ``KEEP`` newest complete ones (incomplete ones too)."""
+    complete = complete_steps(output)
+    if len(complete) < KEEP:
+        return
+    for old in _step_folders(output):
+        if old < complete[-KEEP]:
             storage.remove(storage.join(checkpoints_uri(output), step_dir_name(old)))
 
 

@@ -191,10 +191,12 @@ def run_slot(inputs: SlotInputs, place: Place) -> None:
             return
         try:
             record = train_subject(worker, work, queue)
-        except SubjectFailed as exc:  # every rank agrees (or only rank 0 exports): the group goes on
+        except (SubjectFailed, checkpoint.OutputTakenOver) as exc:  # every rank agrees (or only rank 0
+            # exports): the group goes on. A retry of a taken-over output would take it back.
             log.error("rank %d: subject %s failed: %s", worker.rank, work.name, exc)
             if worker.rank == 0:
-                call_queue(queue, "failed", inputs.slot, work.name, str(exc))
+                call_queue(queue, "failed", inputs.slot, work.name, str(exc),
+                           not isinstance(exc, checkpoint.OutputTakenOver))
             continue
         finally:
             worker.subjects_done += 1
@@ -243,6 +245,35 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
         module.enable_gradient_checkpointing()
     engine, scheduler = build_engine(module, train, cuda=device.type == "cuda")
     laps.lap("reset_and_initialize")  # deepcopy of the base weights + deepspeed.initialize
+    try:
+        metrics, curve, state, claim_id = _fit(worker, work, engine, scheduler, images, prior_latents,
+                                               prior_prompts, laps, queue)
+    finally:  # also when the subject stops mid-way: the next subject must not inherit this engine
+        engine.destroy()
+        del engine, module
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next subject's copies start from a clean cache
+    if rank != 0:
+        return None
+    train_s = time.monotonic() - started
+    try:
+        _check_still_writer(cfg.output, claim_id, "before exporting into it")
+        exported = export.export_trained(cfg, worker.base, worker.sampling_scheduler, state, device)
+        return _finish_record(work, metrics, curve, exported, train_s, images, claim_id)
+    except checkpoint.OutputTakenOver:
+        raise
+    except Exception as exc:
+        log.exception("export of %s failed", work.name)
+        raise SubjectFailed(f"export failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _fit(worker: Worker, work: SubjectWork, engine, scheduler, images: list, prior_latents, prior_prompts,
+         laps: Laps, queue) -> tuple[dict, dict[str, list], Optional[dict], str]:
+    """All ranks: claim the output, resume from its newest checkpoint, train the remaining steps and
+    gather the weights; returns (metrics, loss curve, rank 0's full state dict, the claim's id)."""
+    cfg, train = work.config, work.config.train
+    rank, device = worker.rank, worker.device
+    claim_id = checkpoint.claim(cfg.output)  # before the restore: an older attempt still running stops saving
     start_step = checkpoint.restore(engine, cfg.output)
     laps.lap("restore_checkpoint")
     if start_step:
@@ -261,7 +292,7 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
         random_flip=train.random_flip, seed=batch_seed, priors=priors, device=device,
         background_swap=train.background_swap, bare_prompt=cfg.subject.instance_prompt,
     )
-    metrics, curve = _train_steps(worker, work, engine, scheduler, batches, start_step)
+    metrics, curve = _train_steps(worker, work, engine, scheduler, batches, start_step, claim_id)
     warm = worker.subjects_done > 0
     # The group's own start-up (worker group, model load) is paid by its first subject only.
     metrics.update({} if warm else worker.group_metrics, **laps.metrics, warm_start=warm,
@@ -272,28 +303,22 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
     metrics["attention_backend"] = attention_backend(engine.module.unet, device)
     state = checkpoint.gathered_state_dict(engine)
     metrics["setup_gather_weights_s"] = time.perf_counter() - gather_started  # ZeRO-3: all-gather of the shards
-    engine.destroy()
-    del engine, module
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the next subject's copies start from a clean cache
-    if rank != 0:
-        return None
-    train_s = time.monotonic() - started
-    try:
-        exported = export.export_trained(cfg, worker.base, worker.sampling_scheduler, state, device)
-        return _finish_record(work, metrics, curve, exported, train_s, images)
-    except Exception as exc:
-        log.exception("export of %s failed", work.name)
-        raise SubjectFailed(f"export failed: {type(exc).__name__}: {exc}") from exc
+    return metrics, curve, state, claim_id
+
+
+def _check_still_writer(output: str, claim_id: str, when: str) -> None:
+    """Rank 0 alone, after the last collective: raise ``OutputTakenOver`` if a newer run claimed ``output``."""
+    if not checkpoint.holds_claim(output, claim_id):
+        raise checkpoint.taken_over(output, when)
 
 
 class StepReports:
     """Where one subject's steps are reported: rank 0's attempt log (steps run, for the run record),
     progress bar and experiment tracker; on the other ranks every outlet is a no-op."""
 
-    def __init__(self, worker: Worker, work: SubjectWork, start_step: int):
+    def __init__(self, worker: Worker, work: SubjectWork, start_step: int, claim_id: str):
         cfg = work.config
-        self.attempt = checkpoint.AttemptLog(cfg.output, start_step) if worker.rank == 0 else None
+        self.attempt = checkpoint.AttemptLog(cfg.output, start_step, claim_id) if worker.rank == 0 else None
         self.progress = None
         self.tracker = tracking.Tracker()  # the base class logs nothing
         if worker.rank == 0:
@@ -348,42 +373,45 @@ def train_step(engine, noise_scheduler, batches: BatchMaker, train, rank: int, s
 
 
 def _train_steps(worker: Worker, work: SubjectWork, engine, scheduler, batches: BatchMaker,
-                 start_step: int) -> tuple[dict, dict[str, list]]:
+                 start_step: int, claim_id: str) -> tuple[dict, dict[str, list]]:
     """Steps ``start_step + 1 .. max_train_steps``; returns the last step's metrics and the loss
-    curve of these steps (``step``, ``loss``, ``instance_loss``, ``prior_loss``, ``lr`` lists)."""
+    curve of these steps (``step``, ``loss``, ``instance_loss``, ``prior_loss``, ``lr`` lists).
+    ``claim_id`` is this attempt's claim on the output (``checkpoint.claim``), checked at each save."""
     cfg, train = work.config, work.config.train
-    reports = StepReports(worker, work, start_step)
+    reports = StepReports(worker, work, start_step, claim_id)
     metrics: dict = {"step": start_step, "resumed_from": start_step}
     curve: dict[str, list] = {key: [] for key in ("step", *LOSS_KEYS)}
     step_seconds: list[float] = []  # each step since the last log line, checkpoint saves included
     phases = PhaseClock()
     last_lap = time.perf_counter()
-    engine.train()
-    for step in range(start_step + 1, train.max_train_steps + 1):
-        losses = train_step(engine, worker.base.noise_scheduler, batches, train, worker.rank, step, phases)
-        metrics = {"step": step, **losses, "lr": scheduler.get_last_lr()[0], "resumed_from": start_step}
-        for key, values in curve.items():
-            values.append(metrics[key])
-        now = time.perf_counter()
-        step_seconds.append(now - last_lap)
-        reports.step_done(step, metrics, now - last_lap)
-        last_lap = now
-        if step % train.log_every == 0 or step == train.max_train_steps:
-            # The mean is throughput; the median is robust to a noisy neighbour's bursts (benchmarks).
-            metrics["step_seconds"] = statistics.fmean(step_seconds)
-            metrics["step_seconds_median"] = statistics.median(step_seconds)
-            step_seconds.clear()
-            if worker.rank == 0:
-                log.info("%s step %d/%d loss %.4f (instance %.4f, prior %.4f) lr %.2e %.3f s/step x%d workers",
-                         work.name, step, train.max_train_steps, metrics["loss"], metrics["instance_loss"],
-                         metrics["prior_loss"], metrics["lr"], metrics["step_seconds"], worker.world)
-        if cfg.export.validation_steps and step % cfg.export.validation_steps == 0:
-            grid = _render_validation(worker, work, engine, step)
-            if grid is not None:
-                reports.tracker.log_image(step, "validation", grid)
-        if train.checkpointing_steps and step % train.checkpointing_steps == 0 and step < train.max_train_steps:
-            checkpoint.save_resumable(engine, cfg.output, step)
-    reports.close()
+    try:
+        engine.train()
+        for step in range(start_step + 1, train.max_train_steps + 1):
+            losses = train_step(engine, worker.base.noise_scheduler, batches, train, worker.rank, step, phases)
+            metrics = {"step": step, **losses, "lr": scheduler.get_last_lr()[0], "resumed_from": start_step}
+            for key, values in curve.items():
+                values.append(metrics[key])
+            now = time.perf_counter()
+            step_seconds.append(now - last_lap)
+            reports.step_done(step, metrics, now - last_lap)
+            last_lap = now
+            if step % train.log_every == 0 or step == train.max_train_steps:
+                # The mean is throughput; the median is robust to a noisy neighbour's bursts (benchmarks).
+                metrics["step_seconds"] = statistics.fmean(step_seconds)
+                metrics["step_seconds_median"] = statistics.median(step_seconds)
+                step_seconds.clear()
+                if worker.rank == 0:
+                    log.info("%s step %d/%d loss %.4f (instance %.4f, prior %.4f) lr %.2e %.3f s/step x%d workers",
+                             work.name, step, train.max_train_steps, metrics["loss"], metrics["instance_loss"],
+                             metrics["prior_loss"], metrics["lr"], metrics["step_seconds"], worker.world)
+            if cfg.export.validation_steps and step % cfg.export.validation_steps == 0:
+                grid = _render_validation(worker, work, engine, step)
+                if grid is not None:
+                    reports.tracker.log_image(step, "validation", grid)
+            if train.checkpointing_steps and step % train.checkpointing_steps == 0 and step < train.max_train_steps:
+                checkpoint.save_resumable(engine, cfg.output, step, claim_id)
+    finally:  # the attempt log's last step and the tracker's files, also when the subject stops mid-way
+        reports.close()
     metrics["step_phases_s"] = phases.medians()
     return metrics, curve
 
@@ -413,8 +441,9 @@ def _render_validation(worker: Worker, work: SubjectWork, engine, step: int):
 
 
 def _finish_record(work: SubjectWork, metrics: dict, curve: dict, exported: dict, train_s: float,
-                   images: list) -> dict:
-    """Write the run record (the completion marker) and drop the checkpoints unless kept."""
+                   images: list, claim_id: str) -> dict:
+    """Write the run record (the completion marker) and drop the checkpoints unless kept, unless a
+    newer run claimed the output meanwhile (its resume needs those checkpoints)."""
     cfg = work.config
     executed, attempts = checkpoint.steps_run(cfg.output)
     prompts = instance_prompts(images, cfg.subject.instance_prompt, cfg.subject.identifier, cfg.subject.class_noun)
@@ -439,6 +468,7 @@ def _finish_record(work: SubjectWork, metrics: dict, curve: dict, exported: dict
     timings["total_s"] = time.time() - timings.pop("driver_started_unix", time.time() - sum(timings.values()))
     record["timings"] = timings
     record["loss_plot"] = export.write_loss_plot(cfg.output, curve)
+    _check_still_writer(cfg.output, claim_id, "after its export, before writing its run record")
     if not cfg.export.keep_checkpoints:
         storage.remove(checkpoint.checkpoints_uri(cfg.output))
     export.write_run_record(cfg.output, record)

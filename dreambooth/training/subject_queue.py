@@ -114,12 +114,13 @@ class SubjectQueue:
         self.holding.pop(slot, None)
         self._changed(name)
 
-    def failed(self, slot: int, name: str, error: str) -> None:
-        """The subject's attempt raised: hand it out again unless it has used its retries."""
+    def failed(self, slot: int, name: str, error: str, retry: bool = True) -> None:
+        """The subject's attempt raised: hand it out again unless it has used its retries (or
+        ``retry`` is False: another attempt would fail alike, or do harm)."""
         state = self.states[name]
         state.error, state.finished_unix = error, time.time()
         self.holding.pop(slot, None)
-        if state.attempts <= self.max_retries:
+        if retry and state.attempts <= self.max_retries:
             state.status = "retrying"
             self.pending.append(name)
         else:
