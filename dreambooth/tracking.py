@@ -134,6 +134,9 @@ class Tracker:
     def close(self) -> None:
         """Flush, record the last step, and upload the staged logs of a remote output."""
 
+    def abandon(self) -> None:
+        """End the run without writing to the output again (another run owns it now)."""
+
 
 class _Backend(Tracker):
     """What the real trackers share: the log folder, the run's state file and the last step seen."""
@@ -155,6 +158,11 @@ class _Backend(Tracker):
         self._end_run()
         self._save_state()
         self.folder.publish()
+
+    def abandon(self) -> None:
+        self._end_run()
+        if self.folder.staged:  # never uploaded: the output's logs are the newer run's
+            shutil.rmtree(self.folder.path, ignore_errors=True)
 
 
 def _summary_writer(log_dir: Path) -> Any:

@@ -54,8 +54,8 @@ def test_an_error_inside_training_resumes_the_subject_from_its_checkpoint(tmp_pa
     save = checkpoint.save_resumable
     raised = []
 
-    def save_then_fail_once(engine, output, step, attempt):
-        save(engine, output, step, attempt)
+    def save_then_fail_once(engine, output, step, claim_id):
+        save(engine, output, step, claim_id)
         if step == 4 and not raised:
             raised.append(step)
             raise RuntimeError("a collective failed")
@@ -76,10 +76,10 @@ def test_a_run_that_another_run_took_over_stops_without_writing_and_the_newer_on
     checkpoint, export or record, and is not retried; the newer one resumes and finishes."""
     save = checkpoint.save_resumable
 
-    def newer_run_claims_before_step_4(engine, output, step, attempt):
+    def newer_run_claims_before_step_4(engine, output, step, claim_id):
         if step == 4:
             checkpoint.claim(output)  # what the newer run's rank 0 does before it restores
-        save(engine, output, step, attempt)
+        save(engine, output, step, claim_id)
 
     monkeypatch.setattr(checkpoint, "save_resumable", newer_run_claims_before_step_4)
     work = _work(tmp_path, dog_dir, max_train_steps=6, checkpointing_steps=2, max_failures=2)
@@ -113,8 +113,27 @@ def test_a_run_taken_over_after_its_last_save_neither_exports_nor_writes_its_rec
     assert checkpoint.complete_steps(str(out)) == [2]  # left for the newer run to resume from
 
 
+def test_a_run_taken_over_during_its_export_leaves_the_record_and_checkpoints_to_the_newer_one(
+        tmp_path, dog_dir, tiny_model_path, monkeypatch):
+    from dreambooth import export
+
+    export_trained = export.export_trained
+
+    def newer_run_claims_while_exporting(cfg, *args):
+        checkpoint.claim(cfg.output)
+        return export_trained(cfg, *args)
+
+    monkeypatch.setattr(export, "export_trained", newer_run_claims_while_exporting)
+    work = _work(tmp_path, dog_dir, max_train_steps=4, checkpointing_steps=2)
+    state = local.train_here([work], cuda=False, max_retries=2)["subject"]
+    out = tmp_path / "out"
+    assert state.status == "failed" and state.attempts == 1 and "before writing its run record" in state.error
+    assert not (out / "run.json").exists() and not (out / "loss.png").exists()
+    assert checkpoint.complete_steps(str(out)) == [2]
+
+
 def test_a_subject_that_fails_every_attempt_fails_after_its_restarts(tmp_path, dog_dir, tiny_model_path, monkeypatch):
-    def always_fail(engine, output, step, attempt):
+    def always_fail(engine, output, step, claim_id):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(checkpoint, "save_resumable", always_fail)

@@ -130,6 +130,22 @@ def test_remote_output_uploads_tensorboard_logs_on_close(tmp_path):
         fs.rm(root.split("/")[0], recursive=True)
 
 
+def test_an_abandoned_tracker_leaves_a_remote_outputs_logs_to_the_run_that_took_it_over():
+    """A run another run took over ends its tracker without uploading its logs or its state."""
+    output = f"memory://tracking-{uuid.uuid4().hex}/run"
+    fs, root = fsspec.filesystem("memory"), output.split("://", 1)[1]
+    try:
+        tracker = open_tracker("tensorboard", output, "dog-run")
+        state_at_open = fs.cat(f"{root}/logs/{tracking.STATE_FILE}")
+        tracker.log_scalars(7, scalars_at(7))
+        staging = tracker.folder.path
+        tracker.abandon()
+        assert not fs.glob(f"{root}/logs/tensorboard/*") and not staging.exists()
+        assert fs.cat(f"{root}/logs/{tracking.STATE_FILE}") == state_at_open  # last_step not moved to 7
+    finally:
+        fs.rm(root.split("/")[0], recursive=True)
+
+
 def test_none_tracker_writes_nothing(tmp_path):
     tracker = open_tracker("none", str(tmp_path), "dog-run")
     assert type(tracker) is tracking.Tracker

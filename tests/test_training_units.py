@@ -322,19 +322,19 @@ def test_a_checkpoint_missing_a_shard_is_not_resumed_from_and_is_pruned_later(tm
     from dreambooth.training import checkpoint
 
     out, engine = str(tmp_path), _FilesEngine()
-    attempt = checkpoint.claim(out)
+    claim_id = checkpoint.claim(out)
     for step in (2, 4):
-        checkpoint.save_resumable(engine, out, step, attempt)
+        checkpoint.save_resumable(engine, out, step, claim_id)
     assert checkpoint.complete_steps(out) == [2, 4]
     (tmp_path / "checkpoints" / "step-000004" / "zero" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     assert checkpoint.complete_steps(out) == [2]  # progress.json is there, a shard it lists is not
     assert checkpoint.restore(engine, out) == 2
     for step in (6, 8):
-        checkpoint.save_resumable(engine, out, step, attempt)
+        checkpoint.save_resumable(engine, out, step, claim_id)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-000006", "step-000008"]
 
 
-def test_a_save_whose_claim_is_taken_during_the_upload_neither_completes_nor_prunes(tmp_path, monkeypatch):
+def test_a_save_whose_claim_is_taken_during_the_upload_neither_completes_nor_prunes_and_stops(tmp_path, monkeypatch):
     from dreambooth import storage
     from dreambooth.training import checkpoint
 
@@ -349,7 +349,8 @@ def test_a_save_whose_claim_is_taken_during_the_upload_neither_completes_nor_pru
         checkpoint.claim(out)
 
     monkeypatch.setattr(storage, "upload_dir", newer_claims_mid_upload)
-    checkpoint.save_resumable(engine, out, 6, older)
+    with pytest.raises(checkpoint.OutputTakenOver, match="before completing step-000006"):
+        checkpoint.save_resumable(engine, out, 6, older)
     assert checkpoint.complete_steps(out) == [2, 4]  # step 6 unmarked, step 2 not pruned
     monkeypatch.setattr(storage, "upload_dir", upload)
     with pytest.raises(checkpoint.OutputTakenOver, match="another run started training into"):
@@ -369,9 +370,8 @@ def test_a_claim_that_cannot_be_read_is_a_retryable_error_not_a_takeover(tmp_pat
         raise TimeoutError("read timed out")
 
     monkeypatch.setattr(storage, "read_json", timeout)
-    with pytest.raises(OSError, match="could not read the claim on .*TimeoutError: read timed out") as raised:
+    with pytest.raises(OSError, match="could not read the claim on .*TimeoutError: read timed out"):
         checkpoint.check_claim(out, claim_id)
-    assert not isinstance(raised.value, checkpoint.OutputTakenOver)
     monkeypatch.undo()
     (tmp_path / "checkpoints" / checkpoint.WRITER).unlink()  # what --overwrite does to an older run's output
     with pytest.raises(checkpoint.OutputTakenOver):

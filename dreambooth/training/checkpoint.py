@@ -5,7 +5,7 @@ Owns the on-disk layout of ``<output>/checkpoints/``:
     step-000100/         every rank's ZeRO shard (DeepSpeed's files, tag ``zero``) + ``progress.json``
     attempts/<id>.json   one per training attempt: {"start_step", "step"} (how far it got), so the
                          run record can say how many steps a failure made us redo
-    writer.json          the claim of the attempt that may write here now: {"attempt", ...}
+    writer.json          the claim of the attempt that may write here now: {"claim_id", ...}
 
 A checkpoint is complete when ``progress.json`` exists and every file it lists does: every rank
 uploads its shard, all ranks meet at a barrier, and only then rank 0 writes it. Restarted workers
@@ -189,7 +189,7 @@ def claim(output: str) -> str:
     def write() -> str:
         claim_id = uuid.uuid4().hex
         storage.write_json_atomic(storage.join(checkpoints_uri(output), WRITER), {
-            "attempt": claim_id, "claimed_unix": time.time(), "host": socket.gethostname(), "pid": os.getpid()})
+            "claim_id": claim_id, "claimed_unix": time.time(), "host": socket.gethostname(), "pid": os.getpid()})
         return claim_id
 
     return _on_rank_0(write, f"could not claim {output} for this run")
@@ -202,7 +202,7 @@ def holds_claim(output: str, claim_id: str) -> bool:
     (a timeout, a reset connection) is raised, so that a network blip is a retryable failure, not
     a run stopped for good."""
     try:
-        return storage.read_json(storage.join(checkpoints_uri(output), WRITER)).get("attempt") == claim_id
+        return storage.read_json(storage.join(checkpoints_uri(output), WRITER)).get("claim_id") == claim_id
     except FileNotFoundError:
         return False
 
@@ -220,13 +220,13 @@ def check_claim(output: str, claim_id: str, when: str = "without writing to it a
         raise taken_over(output, when)
 
 
-def _on_rank_0(read, failure: str):
-    """Rank 0's ``read()`` on every rank; if it raised, every rank raises alike (an ``OSError``
-    naming ``failure``), instead of rank 0 alone while the others wait in the broadcast."""
+def _on_rank_0(action, failure: str):
+    """Rank 0's ``action()`` result on every rank; if it raised, every rank raises alike (an
+    ``OSError`` naming ``failure``), instead of rank 0 alone while the others wait in a collective."""
     outcome = None
     if _rank_world()[0] == 0:
         try:
-            outcome = ("ok", read())
+            outcome = ("ok", action())
         except Exception as exc:  # raised below, on every rank
             outcome = ("error", f"{failure}: {type(exc).__name__}: {exc}")
     kind, value = broadcast(outcome)
@@ -239,18 +239,24 @@ def save_resumable(engine, output: str, step: int, claim_id: str) -> None:
     """All ranks: save the ZeRO state as ``step-<step>`` (complete once rank 0 marks it), keep the
     newest ``KEEP``. Raises ``OutputTakenOver``, before writing anything, if ``claim_id`` lost its claim."""
     check_claim(output, claim_id)
-    rank, _ = _rank_world()
     target = storage.join(checkpoints_uri(output), step_dir_name(step))
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG, client_state={"step": step})
         storage.upload_dir(tmp, target)  # each rank its own shard files (rank 0 also the common ones)
     _barrier()
-    # Checked again: a claim taken during the upload must not see this attempt mark or prune steps.
-    if rank == 0 and holds_claim(output, claim_id):
+
+    def mark_and_prune() -> bool:
+        # Checked again: a claim taken during the upload must not see this attempt mark or prune steps.
+        if not holds_claim(output, claim_id):
+            return False
         files = [name for name in _files_under(target) if name != PROGRESS]
         storage.write_json_atomic(storage.join(target, PROGRESS),
-                                  {"step": step, "saved_unix": time.time(), "attempt": claim_id, "files": files})
+                                  {"step": step, "saved_unix": time.time(), "claim_id": claim_id, "files": files})
         _prune(output)
+        return True
+
+    if not _on_rank_0(mark_and_prune, f"could not complete checkpoint {step_dir_name(step)} of {output}"):
+        raise taken_over(output, f"before completing {step_dir_name(step)}")
 
 
 def _prune(output: str) -> None:
@@ -265,7 +271,7 @@ def _prune(output: str) -> None:
 
 def restore(engine, output: str) -> int:
     """All ranks: load the newest complete checkpoint of ``output`` into ``engine``; return its step (0: none)."""
-    steps = broadcast(complete_steps(output) if _rank_world()[0] == 0 else None)
+    steps = _on_rank_0(lambda: complete_steps(output), f"could not list the checkpoints of {output}")
     if not steps:
         return 0
     source = storage.join(checkpoints_uri(output), step_dir_name(steps[-1]))

@@ -248,19 +248,19 @@ def train_subject(worker: Worker, work: SubjectWork, queue) -> Optional[dict]:
     try:
         metrics, curve, state, claim_id = _fit(worker, work, engine, scheduler, images, prior_latents,
                                                prior_prompts, laps, queue)
-    finally:  # also when the subject stops mid-way: the next subject must not inherit this engine
-        engine.destroy()
-        del engine, module
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the next subject's copies start from a clean cache
+    except (SubjectFailed, checkpoint.OutputTakenOver):
+        _release(engine, device)  # the group goes on with the next subject: it must not inherit this engine
+        raise
+    _release(engine, device)
+    del engine, module
     if rank != 0:
         return None
     train_s = time.monotonic() - started
+    _check_still_writer(cfg.output, claim_id, "before exporting into it")
     try:
-        _check_still_writer(cfg.output, claim_id, "before exporting into it")
         exported = export.export_trained(cfg, worker.base, worker.sampling_scheduler, state, device)
         return _finish_record(work, metrics, curve, exported, train_s, images, claim_id)
-    except checkpoint.OutputTakenOver:
+    except (checkpoint.OutputTakenOver, SubjectFailed):
         raise
     except Exception as exc:
         log.exception("export of %s failed", work.name)
@@ -306,9 +306,25 @@ def _fit(worker: Worker, work: SubjectWork, engine, scheduler, images: list, pri
     return metrics, curve, state, claim_id
 
 
+def _release(engine, device: torch.device) -> None:
+    """Free a subject's engine so the next subject starts from a clean device (best effort: a
+    failure here must not replace the error that ended the subject)."""
+    try:
+        engine.destroy()
+    except Exception as exc:
+        log.warning("could not release the DeepSpeed engine: %s", exc)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the next subject's copies start from a clean cache
+
+
 def _check_still_writer(output: str, claim_id: str, when: str) -> None:
-    """Rank 0 alone, after the last collective: raise ``OutputTakenOver`` if a newer run claimed ``output``."""
-    if not checkpoint.holds_claim(output, claim_id):
+    """Rank 0 alone, after the last collective: raise ``OutputTakenOver`` if a newer run claimed
+    ``output``, or ``SubjectFailed`` if the claim cannot be read (a retry may read it)."""
+    try:
+        held = checkpoint.holds_claim(output, claim_id)
+    except Exception as exc:
+        raise SubjectFailed(f"could not read the claim on {output} {when}: {type(exc).__name__}: {exc}") from exc
+    if not held:
         raise checkpoint.taken_over(output, when)
 
 
@@ -337,11 +353,16 @@ class StepReports:
             self.progress.update(1)
         self.tracker.log_scalars(step, {key: metrics[key] for key in LOSS_KEYS} | {"step_seconds": seconds})
 
-    def close(self) -> None:
+    def close(self, owns_output: bool = True) -> None:
+        """Record the last step reached and close the outlets; ``owns_output`` False (a newer run
+        took the output over): end the tracker's run without writing its state or logs there."""
         if self.attempt is not None:
             self.attempt.close()
             self.progress.close()
-        self.tracker.close()
+        if owns_output:
+            self.tracker.close()
+        else:
+            self.tracker.abandon()
 
 
 LOSS_KEYS = ("loss", "instance_loss", "prior_loss", "lr")
@@ -410,8 +431,13 @@ def _train_steps(worker: Worker, work: SubjectWork, engine, scheduler, batches: 
                     reports.tracker.log_image(step, "validation", grid)
             if train.checkpointing_steps and step % train.checkpointing_steps == 0 and step < train.max_train_steps:
                 checkpoint.save_resumable(engine, cfg.output, step, claim_id)
-    finally:  # the attempt log's last step and the tracker's files, also when the subject stops mid-way
+    except checkpoint.OutputTakenOver:
+        reports.close(owns_output=False)
+        raise
+    except SubjectFailed:
         reports.close()
+        raise
+    reports.close()
     metrics["step_phases_s"] = phases.medians()
     return metrics, curve
 
@@ -467,8 +493,8 @@ def _finish_record(work: SubjectWork, metrics: dict, curve: dict, exported: dict
     # The driver's own phases (connect, priors) and this subject's, from the driver's first step.
     timings["total_s"] = time.time() - timings.pop("driver_started_unix", time.time() - sum(timings.values()))
     record["timings"] = timings
-    record["loss_plot"] = export.write_loss_plot(cfg.output, curve)
     _check_still_writer(cfg.output, claim_id, "after its export, before writing its run record")
+    record["loss_plot"] = export.write_loss_plot(cfg.output, curve)
     if not cfg.export.keep_checkpoints:
         storage.remove(checkpoint.checkpoints_uri(cfg.output))
     export.write_run_record(cfg.output, record)
