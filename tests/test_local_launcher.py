@@ -96,40 +96,30 @@ def test_a_run_that_another_run_took_over_stops_without_writing_and_the_newer_on
     assert newer.record["metrics"]["resumed_from"] == 2 and newer.record["metrics"]["step"] == 6
 
 
-def test_a_run_taken_over_after_its_last_save_neither_exports_nor_writes_its_record(
-        tmp_path, dog_dir, tiny_model_path, monkeypatch):
-    gather = checkpoint.gathered_state_dict
+@pytest.mark.parametrize("module,function,stopped,not_written", [
+    ("dreambooth.training.checkpoint", "gathered_state_dict", "before exporting into it", ("run.json", "unet")),
+    ("dreambooth.export", "export_trained", "before writing its run record", ("run.json", "loss.png")),
+])
+def test_a_run_taken_over_after_its_last_save_leaves_the_record_and_checkpoints_to_the_newer_one(
+        tmp_path, dog_dir, tiny_model_path, monkeypatch, module, function, stopped, not_written):
+    """A newer run claims the output while this one gathers its weights (or exports them): this one
+    stops there, is not retried, and neither the run record nor the checkpoints are touched."""
+    import importlib
 
-    def newer_run_claims_while_gathering(engine):
-        checkpoint.claim(str(tmp_path / "out"))
-        return gather(engine)
+    owner = importlib.import_module(module)
+    original = getattr(owner, function)
+    out = tmp_path / "out"
 
-    monkeypatch.setattr(checkpoint, "gathered_state_dict", newer_run_claims_while_gathering)
+    def newer_run_claims_first(*args):
+        checkpoint.claim(str(out))
+        return original(*args)
+
+    monkeypatch.setattr(owner, function, newer_run_claims_first)
     work = _work(tmp_path, dog_dir, max_train_steps=4, checkpointing_steps=2)
     state = local.train_here([work], cuda=False, max_retries=2)["subject"]
-    out = tmp_path / "out"
-    assert state.status == "failed" and state.attempts == 1 and "before exporting into it" in state.error
-    assert not (out / "run.json").exists() and not (out / "unet").exists()
+    assert state.status == "failed" and state.attempts == 1 and stopped in state.error
+    assert not any((out / name).exists() for name in not_written)
     assert checkpoint.complete_steps(str(out)) == [2]  # left for the newer run to resume from
-
-
-def test_a_run_taken_over_during_its_export_leaves_the_record_and_checkpoints_to_the_newer_one(
-        tmp_path, dog_dir, tiny_model_path, monkeypatch):
-    from dreambooth import export
-
-    export_trained = export.export_trained
-
-    def newer_run_claims_while_exporting(cfg, *args):
-        checkpoint.claim(cfg.output)
-        return export_trained(cfg, *args)
-
-    monkeypatch.setattr(export, "export_trained", newer_run_claims_while_exporting)
-    work = _work(tmp_path, dog_dir, max_train_steps=4, checkpointing_steps=2)
-    state = local.train_here([work], cuda=False, max_retries=2)["subject"]
-    out = tmp_path / "out"
-    assert state.status == "failed" and state.attempts == 1 and "before writing its run record" in state.error
-    assert not (out / "run.json").exists() and not (out / "loss.png").exists()
-    assert checkpoint.complete_steps(str(out)) == [2]
 
 
 def test_a_subject_that_fails_every_attempt_fails_after_its_restarts(tmp_path, dog_dir, tiny_model_path, monkeypatch):
