@@ -20,6 +20,7 @@ from PIL import Image
 from dreambooth import pipeline, storage
 from dreambooth.config import build_config
 from dreambooth.export import RUN_RECORD
+from dreambooth.training import checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
@@ -42,6 +43,10 @@ FAST = {
 
 def _config(**overrides):
     return build_config(({**FAST, **overrides}, "test"))
+
+
+def _step_complete(output: Path, step: int) -> bool:
+    return step in checkpoint.complete_steps(str(output))
 
 
 def _weights(folder, component):
@@ -136,7 +141,6 @@ def test_zero2_end_to_end_then_second_subject_zero3_reuses_priors(ray_cluster, t
 def test_stopped_run_resumes_from_its_last_checkpoint(ray_cluster, dog_dir, runs):
     """Kill the driver after the step-2 checkpoint; the same command continues from step 2."""
     out = runs / "resumed"
-    first = out / "checkpoints" / "step-000002" / "progress.json"
     argv = [sys.executable, "-m", "dreambooth.cli", "run", "--model", "tiny", "--instance-dir", str(dog_dir),
             "--class-noun", "dog", "--output", str(out), "--resolution", "32", "--num-class-images", "4",
             "--num-inference-steps", "2", "--max-train-steps", "12", "--checkpointing-steps", "2",
@@ -145,7 +149,7 @@ def test_stopped_run_resumes_from_its_last_checkpoint(ray_cluster, dog_dir, runs
     driver = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and driver.poll() is None:
-        if first.exists():
+        if _step_complete(out, 2):
             break
         time.sleep(0.5)
     assert driver.poll() is None, "the first run ended before it could be stopped"
@@ -215,10 +219,9 @@ def test_one_local_worker_trains_in_process_and_resumes_after_a_kill(ray_cluster
     for key, value in {**flags, "output": str(out)}.items():
         argv += [f"--{key.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    first = out / "checkpoints" / "step-000002" / "progress.json"
     driver = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and driver.poll() is None and not first.exists():
+    while time.monotonic() < deadline and driver.poll() is None and not _step_complete(out, 2):
         time.sleep(0.2)
     assert driver.poll() is None, "the first run ended before it could be stopped"
     driver.send_signal(signal.SIGKILL)

@@ -17,6 +17,7 @@ import pytest
 
 from dreambooth import pipeline, priors, storage
 from dreambooth.config import build_config
+from dreambooth.training import checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
@@ -29,6 +30,10 @@ def _processes(title: str) -> list[psutil.Process]:
         if cmdline and cmdline[0].startswith(title):
             found.append(proc)
     return found
+
+
+def _step_complete(output: Path, step: int) -> bool:
+    return step in checkpoint.complete_steps(str(output))
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -69,8 +74,7 @@ def test_sigkilled_training_worker_restores_from_the_last_checkpoint(ray_cluster
         "max_train_steps": 14, "checkpointing_steps": 4, "workers": 2, "num_sample_images": 1,
     }, "test"))
     run = Background(lambda: pipeline.execute(pipeline.preflight(cfg)))
-    first = out / "checkpoints" / "step-000004" / "progress.json"
-    _wait_for(first.exists, 240, "the first complete checkpoint")
+    _wait_for(lambda: _step_complete(out, 4), 240, "the first complete checkpoint")
     victims = _processes("ray::RayTrainWorker")
     assert len(victims) == 2
     killed_at = time.monotonic()
@@ -167,7 +171,7 @@ def test_sigkilled_worker_of_a_warm_group_resumes_its_subject_and_the_bulk_goes_
     out = tmp_path / "runs"
     options = bulk.BulkOptions(str(manifest), str(out), max_concurrent=1, max_retries=0)
     run = Background(lambda: bulk.run_bulk(options, bulk.plan(options, {})))
-    _wait_for((out / "second" / "checkpoints" / "step-000004" / "progress.json").exists, 300,
+    _wait_for(lambda: _step_complete(out / "second", 4), 300,
               "the second subject's first checkpoint")
     assert (out / "first" / "run.json").exists() and not (out / "second" / "run.json").exists()
     (victim,) = _processes("ray::RayTrainWorker")

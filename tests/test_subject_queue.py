@@ -70,3 +70,22 @@ def test_a_subject_that_keeps_killing_its_group_fails_that_attempt_and_the_slot_
     assert queue.take(0).name == "next"  # the third restart: give up on it
     crashes = queue.snapshot()["crashes"]
     assert (crashes.status, crashes.restarts) == ("failed", 3) and "failed 3 times" in crashes.error
+
+
+def test_a_subject_that_fails_for_good_names_the_first_error_its_group_raised_not_a_lost_worker():
+    queue = _queue(["crashes"], max_retries=0, max_restarts=1)
+    queue.take(0)
+    queue.group_raised(0, "rank 0: OSError: could not claim")
+    queue.take(0)  # restarted once
+    queue.group_raised(0, "rank 1: RuntimeError: step-000004 is unreadable")
+    queue.group_raised(0, "rank 0: RuntimeError: Connection closed by peer")  # its peer, after it
+    queue.take(0)  # over the limit: this attempt fails
+    crashes = queue.snapshot()["crashes"]
+    assert crashes.status == "failed" and "last: rank 1: RuntimeError: step-000004 is unreadable" in crashes.error
+
+
+def test_a_group_that_died_without_a_word_is_reported_as_a_lost_worker():
+    queue = _queue(["lost"], max_retries=0, max_restarts=0)
+    queue.take(0)
+    queue.take(0)
+    assert "(last: a lost worker)" in queue.snapshot()["lost"].error

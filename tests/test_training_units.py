@@ -306,12 +306,15 @@ def test_attempt_log_coalesces_slow_writes_and_records_the_last_step(tmp_path, m
 class _FilesEngine:
     """What ``checkpoint`` needs of a DeepSpeed engine: files per tag, and the client state back."""
 
+    def __init__(self, payload: bytes = b"shard"):
+        self.payload = payload
+
     def save_checkpoint(self, folder, tag, client_state):
         shard = Path(folder) / tag
         shard.mkdir(parents=True)
         for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                      "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
-            (shard / name).write_bytes(b"shard")
+            (shard / name).write_bytes(self.payload)
         torch.save(client_state, shard / "client_state.pt")
 
     def load_checkpoint(self, folder, tag):
@@ -326,12 +329,14 @@ def test_a_checkpoint_missing_a_shard_is_not_resumed_from_and_is_pruned_later(tm
     for step in (2, 4):
         checkpoint.save_resumable(engine, out, step, claim_id)
     assert checkpoint.complete_steps(out) == [2, 4]
-    (tmp_path / "checkpoints" / "step-000004" / "zero" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    (step_4,) = (tmp_path / "checkpoints").glob("step-000004-*")
+    (step_4 / "zero" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     assert checkpoint.complete_steps(out) == [2]  # progress.json is there, a shard it lists is not
     assert checkpoint.restore(engine, out) == 2
     for step in (6, 8):
         checkpoint.save_resumable(engine, out, step, claim_id)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-000006", "step-000008"]
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert kept == [checkpoint.step_dir_name(step, claim_id) for step in (6, 8)]
 
 
 def test_a_save_whose_claim_is_taken_during_the_upload_neither_completes_nor_prunes_and_stops(tmp_path, monkeypatch):
@@ -355,7 +360,44 @@ def test_a_save_whose_claim_is_taken_during_the_upload_neither_completes_nor_pru
     monkeypatch.setattr(storage, "upload_dir", upload)
     with pytest.raises(checkpoint.OutputTakenOver, match="another run started training into"):
         checkpoint.save_resumable(engine, out, 8, older)
-    assert not (tmp_path / "checkpoints" / "step-000008").exists()
+    assert not list((tmp_path / "checkpoints").glob("step-000008*"))
+
+
+def test_an_older_attempts_last_upload_lands_in_its_own_folder_never_in_the_newer_runs(tmp_path, monkeypatch):
+    """The older attempt's claim check passed just before the newer run claimed the output: its
+    upload of step 4 still happens, but into a folder named after its claim, which it cannot mark
+    complete; the newer run's step 4 holds only the newer run's files and is the one resumed."""
+    from dreambooth.training import checkpoint
+
+    out = str(tmp_path)
+    older_engine, newer_engine = _FilesEngine(b"older"), _FilesEngine(b"newer")
+    older = checkpoint.claim(out)
+    checkpoint.save_resumable(older_engine, out, 2, older)
+    newer = checkpoint.claim(out)
+    checkpoint.save_resumable(newer_engine, out, 4, newer)
+    check = checkpoint.check_claim
+    monkeypatch.setattr(checkpoint, "check_claim", lambda *args, **kwargs: None)  # checked before the claim
+    with pytest.raises(checkpoint.OutputTakenOver, match="before completing step-000004"):
+        checkpoint.save_resumable(older_engine, out, 4, older)
+    monkeypatch.setattr(checkpoint, "check_claim", check)
+
+    folders = {p.name: p for p in (tmp_path / "checkpoints").glob("step-000004-*")}
+    assert set(folders) == {checkpoint.step_dir_name(4, newer), checkpoint.step_dir_name(4, older)}
+    newers = [f for f in folders[checkpoint.step_dir_name(4, newer)].rglob("*.pt") if "rank" in f.name]
+    assert newers and {f.read_bytes() for f in newers} == {b"newer"}
+    assert not (folders[checkpoint.step_dir_name(4, older)] / checkpoint.PROGRESS).exists()
+    assert checkpoint.complete_steps(out) == [2, 4] and checkpoint.restore(newer_engine, out) == 4
+
+
+def test_a_checkpoint_written_before_step_folders_carried_a_claim_is_still_resumed(tmp_path):
+    from dreambooth.training import checkpoint
+
+    out, engine = str(tmp_path), _FilesEngine()
+    claim_id = checkpoint.claim(out)
+    checkpoint.save_resumable(engine, out, 6, claim_id)
+    (folder,) = (tmp_path / "checkpoints").glob("step-000006-*")
+    folder.rename(folder.with_name("step-000006"))  # the name older versions wrote
+    assert checkpoint.complete_steps(out) == [6] and checkpoint.restore(engine, out) == 6
 
 
 def test_a_claim_that_cannot_be_read_is_a_retryable_error_not_a_takeover(tmp_path, monkeypatch):

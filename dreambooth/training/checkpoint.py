@@ -2,7 +2,8 @@
 
 Owns the on-disk layout of ``<output>/checkpoints/``:
 
-    step-000100/         every rank's ZeRO shard (DeepSpeed's files, tag ``zero``) + ``progress.json``
+    step-000100-<claim>/ every rank's ZeRO shard (DeepSpeed's files, tag ``zero``) + ``progress.json``;
+                         ``<claim>`` starts the id of the attempt that wrote it (older versions: none)
     attempts/<id>.json   one per training attempt: {"start_step", "step"} (how far it got), so the
                          run record can say how many steps a failure made us redo
     writer.json          the claim of the attempt that may write here now: {"claim_id", ...}
@@ -15,8 +16,10 @@ newest complete one.
 One writer per output: each attempt claims the output before it restores (the newest claim wins),
 and checks its claim before every save, before the export and before the run record. A driver
 killed with SIGKILL leaves its workers training for a moment; without the claim they would go on
-saving, pruning and even exporting into the folder the next attempt is resuming from. (Left open:
-an older attempt whose check passed just before the newer claim still finishes that one upload.)
+saving, pruning and even exporting into the folder the next attempt is resuming from. An older
+attempt whose check passed just before the newer claim still finishes that one upload, but into
+a folder of its own that it can no longer mark complete: the step folders carry their writer's
+claim, so two attempts never write the same files.
 
 The checkpoints are the project's own, not Ray Train's: a warm worker group trains many subjects
 one after another, and each subject's checkpoints belong in that subject's output.
@@ -49,7 +52,10 @@ DEEPSPEED_TAG = "zero"
 KEEP = 2
 """Complete checkpoints kept per subject (the newest ones)."""
 
-_STEP_DIR = re.compile(r"step-(\d{6,})$")
+CLAIM_TAG = 8
+"""Characters of the claim id in a step folder's name (random hex: two attempts never share them)."""
+
+_STEP_DIR = re.compile(r"step-(\d{6,})(?:-[0-9a-f]+)?$")
 
 
 class OutputTakenOver(Exception):
@@ -61,8 +67,8 @@ def checkpoints_uri(output: str) -> str:
     return storage.join(output, CHECKPOINTS)
 
 
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
+def step_dir_name(step: int, claim_id: str) -> str:
+    return f"step-{step:06d}-{claim_id[:CLAIM_TAG]}"
 
 
 class AttemptLog:
@@ -122,15 +128,20 @@ def steps_run(output: str) -> tuple[int, int]:
 
 
 def complete_steps(output: str) -> list[int]:
-    """Steps of the complete checkpoints in ``output``, oldest first.
+    """Steps of the complete checkpoints in ``output``, oldest first."""
+    return [step for step, _ in _complete_folders(output)]
+
+
+def _complete_folders(output: str) -> list[tuple[int, str]]:
+    """(step, folder name) of the complete checkpoints in ``output``, oldest first.
 
     Complete: ``progress.json`` is there and so is every file it lists. A step whose files went
-    missing (pruned or overwritten by another writer, a partial copy) is skipped with a warning,
-    and the resume falls back to an older one rather than failing on a missing shard.
+    missing (pruned by another writer, a partial copy) is skipped with a warning, and the resume
+    falls back to an older one rather than failing on a missing shard.
     """
-    steps = []
-    for step in _step_folders(output):
-        folder = storage.join(checkpoints_uri(output), step_dir_name(step))
+    complete = []
+    for step, name in _step_folders(output):
+        folder = storage.join(checkpoints_uri(output), name)
         present = set(_files_under(folder))  # one listing, not a request per file (object stores)
         if PROGRESS not in present:
             continue
@@ -140,20 +151,20 @@ def complete_steps(output: str) -> list[int]:
             continue
         missing = sorted(set(listed) - present)
         if missing:
-            log.warning("checkpoint %s is incomplete (missing %s); not resuming from it", step_dir_name(step),
+            log.warning("checkpoint %s is incomplete (missing %s); not resuming from it", name,
                         ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""))
             continue
-        steps.append(step)
-    return sorted(steps)
+        complete.append((step, name))
+    return sorted(complete)
 
 
-def _step_folders(output: str) -> list[int]:
-    """The steps of every ``step-*`` folder, complete or not."""
+def _step_folders(output: str) -> list[tuple[int, str]]:
+    """(step, folder name) of every ``step-*`` folder, complete or not, oldest first."""
     fs, path = storage.filesystem(checkpoints_uri(output))
     if not fs.exists(path):
         return []
-    matches = (_STEP_DIR.search(entry.rstrip("/")) for entry in fs.ls(path, detail=False))
-    return [int(match.group(1)) for match in matches if match]
+    names = (entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
+    return sorted((int(match.group(1)), name) for name in names if (match := _STEP_DIR.fullmatch(name)))
 
 
 def _files_under(uri: str) -> list[str]:
@@ -236,10 +247,12 @@ def _on_rank_0(action, failure: str):
 
 
 def save_resumable(engine, output: str, step: int, claim_id: str) -> None:
-    """All ranks: save the ZeRO state as ``step-<step>`` (complete once rank 0 marks it), keep the
-    newest ``KEEP``. Raises ``OutputTakenOver``, before writing anything, if ``claim_id`` lost its claim."""
+    """All ranks: save the ZeRO state as ``step-<step>-<claim>`` (complete once rank 0 marks it),
+    keep the newest ``KEEP``. Raises ``OutputTakenOver``, before writing anything, if ``claim_id``
+    lost its claim."""
     check_claim(output, claim_id)
-    target = storage.join(checkpoints_uri(output), step_dir_name(step))
+    name = step_dir_name(step, claim_id)
+    target = storage.join(checkpoints_uri(output), name)
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG, client_state={"step": step})
         storage.upload_dir(tmp, target)  # each rank its own shard files (rank 0 also the common ones)
@@ -255,8 +268,8 @@ def save_resumable(engine, output: str, step: int, claim_id: str) -> None:
         _prune(output)
         return True
 
-    if not _on_rank_0(mark_and_prune, f"could not complete checkpoint {step_dir_name(step)} of {output}"):
-        raise taken_over(output, f"before completing {step_dir_name(step)}")
+    if not _on_rank_0(mark_and_prune, f"could not complete checkpoint {name} of {output}"):
+        raise taken_over(output, f"before completing {name}")
 
 
 def _prune(output: str) -> None:
@@ -264,17 +277,17 @@ def _prune(output: str) -> None:
     complete = complete_steps(output)
     if len(complete) < KEEP:
         return
-    for old in _step_folders(output):
-        if old < complete[-KEEP]:
-            storage.remove(storage.join(checkpoints_uri(output), step_dir_name(old)))
+    for step, name in _step_folders(output):
+        if step < complete[-KEEP]:
+            storage.remove(storage.join(checkpoints_uri(output), name))
 
 
 def restore(engine, output: str) -> int:
     """All ranks: load the newest complete checkpoint of ``output`` into ``engine``; return its step (0: none)."""
-    steps = _on_rank_0(lambda: complete_steps(output), f"could not list the checkpoints of {output}")
-    if not steps:
+    complete = _on_rank_0(lambda: _complete_folders(output), f"could not list the checkpoints of {output}")
+    if not complete:
         return 0
-    source = storage.join(checkpoints_uri(output), step_dir_name(steps[-1]))
+    source = storage.join(checkpoints_uri(output), complete[-1][1])
     with tempfile.TemporaryDirectory() as tmp:
         folder = storage.local_path(source) if storage.is_local(source) else str(storage.download_dir(source, tmp))
         _, client_state = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)

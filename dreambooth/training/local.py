@@ -74,5 +74,4 @@ def train_here(works: list[SubjectWork], *, cuda: bool, max_retries: int) -> dic
                     queue.fail_pending(f"training could not start ({error})")
                     break
                 log.exception("training %s raised; resuming it from its last checkpoint", queue.holding[0])
-                queue.states[queue.holding[0]].error = error
     return queue.snapshot()

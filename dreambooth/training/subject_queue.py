@@ -72,6 +72,9 @@ class SubjectQueue:
         self.max_retries = max_retries
         self.max_restarts = max_restarts
         self._restarts_this_attempt: dict[str, int] = {}
+        self._group_errors: dict[str, str] = {}
+        """Why the group now training a subject is failing: its first report (later ones are its
+        peers seeing the broken collective); none when a worker died without a word."""
         self._events: list[SubjectState] = []
         """A copy of a subject's state at each of its changes, in order (``changes_since`` reads them)."""
 
@@ -86,13 +89,14 @@ class SubjectQueue:
         """
         name = self.holding.get(slot)
         if name is not None:
+            cause = self._group_errors.pop(name, None) or "a lost worker"
             self.states[name].restarts += 1
             self._restarts_this_attempt[name] = self._restarts_this_attempt.get(name, 0) + 1
             if self._restarts_this_attempt[name] <= self.max_restarts:
                 self._changed(name)
                 return self.works[name]
             self.failed(slot, name, f"its worker group failed {self._restarts_this_attempt[name]} times while "
-                                    f"training it (last: {self.states[name].error or 'a lost worker'})")
+                                    f"training it (last: {cause})")
         if not self.pending:
             return None
         name = self.pending.pop(0)
@@ -103,6 +107,14 @@ class SubjectQueue:
         self.holding[slot] = name
         self._changed(name)
         return self.works[name]
+
+    def group_raised(self, slot: int, error: str) -> None:
+        """A rank of the slot's group raised inside a subject's training steps (the group fails and
+        is restarted): keep the first such error, so a subject that fails for good says why rather
+        than 'a lost worker'."""
+        name = self.holding.get(slot)
+        if name is not None and name not in self._group_errors:
+            self._group_errors[name] = error
 
     def resumed(self, name: str, step: int) -> None:
         self.states[name].resumed_from = step
