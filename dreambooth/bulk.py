@@ -321,6 +321,8 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
         cluster.require_cuda(use_gpu)  # one answer for the whole cluster: refuse before any prior is made
     if not ready:
         return publish()
+    for _, prepared in ready:  # --overwrite: the earlier run's record and checkpoints go before any training
+        pipeline.clear_earlier_run(prepared.config)
 
     # Priors: once per distinct spec, with the largest image count any subject of it asks for.
     groups: dict[str, tuple[priors.PriorSpec, list[tuple[str, pipeline.Prepared]]]] = {}

@@ -19,6 +19,7 @@ from typing import Collection, Optional
 from dreambooth import cluster, export, identifier, models, priors, storage
 from dreambooth.config import ConfigError, RunConfig, validate
 from dreambooth.subjects import SubjectImage, check_backdrops_swappable, load_subject_images
+from dreambooth.training import checkpoint
 from dreambooth.training.engine import require_optimizer
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,8 @@ def preflight(
         check_backdrops_swappable(images)
     chosen, was_auto, warnings = resolve_identifier(cfg, model_path, taken_identifiers, drawers)
     cfg = with_identifier(cfg, chosen)
+    if not cfg.overwrite and not export.is_complete(cfg.output):  # an unfinished run resumes: same settings?
+        checkpoint.check_resumable(cfg.output, checkpoint.trained_settings(cfg))
     if not keep_images:
         images = []
     if not export.is_complete(cfg.output) or cfg.overwrite:
@@ -143,6 +146,17 @@ def preflight(
         if cfg.train.prior_loss_weight > 0:
             storage.check_writable(cfg.prior_root)
     return Prepared(cfg, model_path, images, warnings, was_auto)
+
+
+def clear_earlier_run(cfg: RunConfig) -> None:
+    """``--overwrite``, once the run is known to be able to start: remove what an earlier run wrote
+    in ``cfg.output`` — its record first, its checkpoints too (an unfinished run is started over,
+    not resumed) — and nothing else."""
+    if not cfg.overwrite:
+        return
+    removed = export.remove_run_outputs(cfg.output)
+    if removed:
+        log.info("--overwrite: removed the earlier run's %s from %s (nothing else)", ", ".join(removed), cfg.output)
 
 
 class TrainingFailed(RuntimeError):
@@ -175,9 +189,7 @@ def execute(prepared: Prepared) -> RunOutcome:
         cluster.check_feasible(cfg.train, use_gpu)
         cluster.require_cuda(use_gpu)
     require_optimizer(cfg.train, cuda=use_gpu)  # where training runs is known now
-    if complete:  # --overwrite, once the run is known to be able to start
-        removed = export.remove_run_outputs(cfg.output)
-        log.info("--overwrite: removed the earlier run's %s from %s (nothing else)", ", ".join(removed), cfg.output)
+    clear_earlier_run(cfg)
 
     ray_was_up = cluster.ray_is_up()
     prior_set = make_priors(prepared, use_gpu, timings)

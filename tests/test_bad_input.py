@@ -11,6 +11,7 @@ server or cluster and have their own tests at the end of this file.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import struct
@@ -135,6 +136,22 @@ def finished_run_around(tmp: Path, dog: Path) -> list[str]:
             "--resolution", "32", "--overwrite"]
 
 
+def unfinished_run(tmp: Path, dog: Path) -> list[str]:
+    """An output holding the step-2 checkpoint of a run stopped at the default learning rate; then the
+    same command with another one."""
+    from dreambooth import pipeline
+    from dreambooth.config import build_config
+    from dreambooth.training import checkpoint
+
+    argv = run_args(tmp, dog, "--identifier", "sks")
+    cfg = pipeline.preflight(build_config(({"model": "tiny", "instance_dir": str(dog), "class_noun": "dog",
+                                            "output": argv[argv.index("--output") + 1], "resolution": 32,
+                                            "identifier": "sks"}, "test"))).config
+    folder = Path(checkpoint.checkpoints_uri(cfg.output)) / checkpoint.step_dir_name(2, "0f0f0f0f")
+    write(folder / checkpoint.PROGRESS, json.dumps({"step": 2, "files": [], "settings": checkpoint.trained_settings(cfg)}))
+    return [*argv, "--learning-rate", "1e-4"]
+
+
 def kubeconfig(tmp: Path, cluster_extra: dict) -> Path:
     return write(tmp / "kc", yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "c",
@@ -255,6 +272,7 @@ CASES = [
     # accepted nonsense
     Case("prior-loss-weight-nan", "accepted nonsense", lambda t, d: run_args(t, d, "--prior-loss-weight", "nan"), "'prior_loss_weight' (command-line flags) must be a finite number"),
     Case("snr-gamma-zero", "accepted nonsense", lambda t, d: run_args(t, d, "--snr-gamma", "0"), "--snr-gamma must be in (0, 1000]"),
+    Case("resume-with-other-settings", "accepted nonsense", unfinished_run, "holds the checkpoints of an unfinished run (step 2) trained with other settings: learning_rate 5e-06 there, 0.0001 now"),
     Case("weight-decay-infinite", "accepted nonsense", lambda t, d: run_args(t, d, "--adam-weight-decay", "inf"), "must be a finite number"),
     Case("guidance-nan", "accepted nonsense", lambda t, d: run_args(t, d, "--guidance-scale", "NaN"), "must be a finite number"),
     Case("learning-rate-infinite", "accepted nonsense", lambda t, d: run_args(t, d, "--learning-rate", "inf"), "must be a finite number"),

@@ -157,9 +157,9 @@ def test_stopped_run_resumes_from_its_last_checkpoint(ray_cluster, dog_dir, runs
     driver.wait(timeout=30)
     assert not (out / RUN_RECORD).exists()  # stopped: nothing claims to be complete
 
-    cfg = build_config(({**FAST, "instance_dir": str(dog_dir), "output": str(out), "identifier": "sks",
-                         "max_train_steps": 12, "checkpointing_steps": 2}, "test"))
-    pipeline.execute(pipeline.preflight(cfg))
+    from dreambooth.cli import main
+
+    assert main(argv[3:]) == 0  # the same command, run again (in this process, on the same cluster)
     record = storage.read_json(str(out / RUN_RECORD))
     assert record["metrics"]["step"] == 12
     assert record["metrics"]["resumed_from"] >= 2 and record["metrics"]["resumed_from"] % 2 == 0

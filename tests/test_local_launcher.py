@@ -54,8 +54,8 @@ def test_an_error_inside_training_resumes_the_subject_from_its_checkpoint(tmp_pa
     save = checkpoint.save_resumable
     raised = []
 
-    def save_then_fail_once(engine, output, step, claim_id):
-        save(engine, output, step, claim_id)
+    def save_then_fail_once(engine, output, step, claim_id, settings):
+        save(engine, output, step, claim_id, settings)
         if step == 4 and not raised:
             raised.append(step)
             raise RuntimeError("a collective failed")
@@ -76,10 +76,10 @@ def test_a_run_that_another_run_took_over_stops_without_writing_and_the_newer_on
     checkpoint, export or record, and is not retried; the newer one resumes and finishes."""
     save = checkpoint.save_resumable
 
-    def newer_run_claims_before_step_4(engine, output, step, claim_id):
+    def newer_run_claims_before_step_4(engine, output, step, claim_id, settings):
         if step == 4:
             checkpoint.claim(output)  # what the newer run's rank 0 does before it restores
-        save(engine, output, step, claim_id)
+        save(engine, output, step, claim_id, settings)
 
     monkeypatch.setattr(checkpoint, "save_resumable", newer_run_claims_before_step_4)
     work = _work(tmp_path, dog_dir, max_train_steps=6, checkpointing_steps=2, max_failures=2)
@@ -123,7 +123,7 @@ def test_a_run_taken_over_after_its_last_save_leaves_the_record_and_checkpoints_
 
 
 def test_a_subject_that_fails_every_attempt_fails_after_its_restarts(tmp_path, dog_dir, tiny_model_path, monkeypatch):
-    def always_fail(engine, output, step, claim_id):
+    def always_fail(engine, output, step, claim_id, settings):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(checkpoint, "save_resumable", always_fail)
@@ -147,3 +147,56 @@ def test_a_model_that_cannot_load_fails_without_restarting(tmp_path, dog_dir, ti
     state = local.train_here([_work(tmp_path, dog_dir, max_failures=5)], cuda=False, max_retries=0)["subject"]
     assert state.status == "failed" and len(calls) == 1
     assert state.error == "training could not start (OSError: model folder vanished)"
+
+
+def _interrupted_after_step_2(monkeypatch, argv) -> None:
+    """Run ``argv`` and stop it with Ctrl-C right after its step-2 checkpoint, as a user would."""
+    from dreambooth.cli import main
+
+    save = checkpoint.save_resumable
+
+    def save_then_interrupt(engine, output, step, claim_id, settings):
+        save(engine, output, step, claim_id, settings)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_resumable", save_then_interrupt)
+    assert main(argv) == 130
+    monkeypatch.setattr(checkpoint, "save_resumable", save)
+
+
+def test_an_unfinished_run_resumes_only_with_its_own_settings_and_overwrite_starts_it_over(
+        tmp_path, dog_dir, tiny_model_path, monkeypatch, capsys):
+    """Ctrl-C after step 2. The same command with another learning rate is refused before anything
+    runs (and names the setting); with more steps it resumes from step 2; --overwrite with the other
+    learning rate starts over from step 0, and the user's own file in the output survives."""
+    from dreambooth import export, storage
+    from dreambooth.cli import main
+
+    out = tmp_path / "out"
+    argv = ["run", "--model", "tiny", "--instance-dir", str(dog_dir), "--class-noun", "dog", "--output", str(out),
+            "--resolution", "32", "--identifier", "sks", "--prior-loss-weight", "0", "--launcher", "in-process",
+            "--max-train-steps", "4", "--checkpointing-steps", "2", "--num-sample-images", "0",
+            "--before-after", "false"]
+    _interrupted_after_step_2(monkeypatch, argv)
+    (out / "notes.txt").write_text("mine\n")
+    listing = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    capsys.readouterr()
+
+    assert main([*argv, "--learning-rate", "1e-3"]) == 2
+    error = capsys.readouterr().err
+    assert "holds the checkpoints of an unfinished run (step 2)" in error
+    assert "learning_rate 5e-06 there, 0.001 now" in error and "--overwrite" in error
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == listing  # nothing written or removed
+
+    assert main([*argv, "--max-train-steps", "6"]) == 0  # how long it trains may change
+    record = export.read_run_record(str(out))
+    assert record["metrics"]["resumed_from"] == 2 and record["metrics"]["step"] == 6
+
+    again = tmp_path / "again"
+    again_argv = [*argv[:8], str(again), *argv[9:]]
+    _interrupted_after_step_2(monkeypatch, again_argv)
+    (again / "notes.txt").write_text("mine\n")
+    assert main([*again_argv, "--learning-rate", "1e-3", "--overwrite"]) == 0
+    record = storage.read_json(str(again / export.RUN_RECORD))
+    assert record["metrics"]["resumed_from"] == 0 and record["metrics"]["step"] == 4
+    assert record["config"]["train"]["learning_rate"] == 1e-3 and (again / "notes.txt").read_text() == "mine\n"

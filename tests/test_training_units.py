@@ -400,6 +400,27 @@ def test_a_checkpoint_written_before_step_folders_carried_a_claim_is_still_resum
     assert checkpoint.complete_steps(out) == [6] and checkpoint.restore(engine, out) == 6
 
 
+def test_resuming_needs_the_settings_the_checkpoint_was_trained_with_but_not_the_same_step_count(tmp_path):
+    from dreambooth.config import ConfigError, build_config
+    from dreambooth.training import checkpoint
+
+    def settings(**changes):
+        return checkpoint.trained_settings(build_config(({"model": "tiny", "class_noun": "dog", "identifier": "sks",
+                                                          "resolution": 32, **changes}, "test")))
+
+    out, engine = str(tmp_path), _FilesEngine()
+    checkpoint.check_resumable(out, settings())  # nothing to resume: nothing to compare
+    checkpoint.save_resumable(engine, out, 2, checkpoint.claim(out), settings(workers=2))
+    checkpoint.check_resumable(out, settings(workers=2, max_train_steps=800, checkpointing_steps=50, log_every=1))
+    with pytest.raises(ConfigError, match=r"\(step 2\) trained with other settings: class_noun 'dog' there, 'cat' "
+                                          r"now; workers 2 there, 1 now\. Run it again .* or pass --overwrite"):
+        checkpoint.check_resumable(out, settings(class_noun="cat"))
+
+    unrecorded = str(tmp_path / "older-version")  # progress.json without settings: resumed as before
+    checkpoint.save_resumable(engine, unrecorded, 2, checkpoint.claim(unrecorded))
+    checkpoint.check_resumable(unrecorded, settings(learning_rate=1e-3))
+
+
 def test_a_claim_that_cannot_be_read_is_a_retryable_error_not_a_takeover(tmp_path, monkeypatch):
     from dreambooth import storage
     from dreambooth.training import checkpoint

@@ -11,7 +11,9 @@ Owns the on-disk layout of ``<output>/checkpoints/``:
 A checkpoint is complete when ``progress.json`` exists and every file it lists does: every rank
 uploads its shard, all ranks meet at a barrier, and only then rank 0 writes it. Restarted workers
 (a worker group that lost a worker) and a new driver run with the same output resume from the
-newest complete one.
+newest complete one. ``progress.json`` also holds the settings the state was trained with
+(``trained_settings``): a re-run with other settings is refused before it takes cluster time
+(``check_resumable``), rather than resuming weights and optimizer state that mean something else.
 
 One writer per output: each attempt claims the output before it restores (the newest claim wins),
 and checks its claim before every save, before the export and before the run record. A driver
@@ -27,6 +29,7 @@ one after another, and each subject's checkpoints belong in that subject's outpu
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -35,12 +38,16 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Optional
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
 
 from dreambooth import storage
+
+if TYPE_CHECKING:
+    from dreambooth.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,49 @@ CLAIM_TAG = 8
 """Characters of the claim id in a step folder's name (random hex: two attempts never share them)."""
 
 _STEP_DIR = re.compile(r"step-(\d{6,})(?:-[0-9a-f]+)?$")
+
+
+RESUMABLE_CHANGES = frozenset({"max_train_steps", "checkpointing_steps", "max_failures", "log_every", "launcher",
+                               "use_gpu", "cpus_per_worker", "gradient_checkpointing"})
+"""Train settings a re-run may change and still resume: how long and where it trains, not what the
+state it resumes means."""
+
+_UNTRAINED_SUBJECT = frozenset({"instance_dir", "identifier_seed"})  # a path; the draw behind ``identifier``
+_UNTRAINED_PRIOR = frozenset({"prior_output", "prior_actors", "prior_batch_size"})  # where and how fast
+
+
+def trained_settings(cfg: RunConfig) -> dict:
+    """What a checkpoint's weights and optimizer state depend on, by field name (JSON values): the
+    model, the subject's words, the priors and every train setting but ``RESUMABLE_CHANGES``."""
+    settings = {"model": cfg.model, "revision": cfg.revision}
+    sections = ((cfg.subject, _UNTRAINED_SUBJECT), (cfg.prior, _UNTRAINED_PRIOR), (cfg.train, RESUMABLE_CHANGES))
+    for section, untrained in sections:
+        settings.update({name: value for name, value in asdict(section).items() if name not in untrained})
+    return json.loads(json.dumps(settings))  # as progress.json gives them back (tuples as lists)
+
+
+def check_resumable(output: str, settings: dict) -> None:
+    """Raise ``ConfigError`` if ``output``'s newest complete checkpoint was trained with other
+    ``settings`` (checkpoints of versions that did not record them are resumed as before)."""
+    from dreambooth.config import ConfigError
+
+    complete = _complete_folders(output)
+    if not complete:
+        return
+    step, name = complete[-1]
+    try:
+        recorded = storage.read_json(storage.join(checkpoints_uri(output), name, PROGRESS)).get("settings")
+    except (FileNotFoundError, ValueError):  # pruned or rewritten while we looked: the run will see
+        return
+    if not recorded:
+        return
+    changed = [key for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
+    if changed:
+        differences = "; ".join(f"{key} {recorded.get(key)!r} there, {settings.get(key)!r} now" for key in changed[:5])
+        raise ConfigError(
+            f"{output} holds the checkpoints of an unfinished run (step {step}) trained with other settings: "
+            f"{differences}{' ...' if len(changed) > 5 else ''}. Run it again with that run's settings to resume "
+            "it, or pass --overwrite to start this subject over")
 
 
 class OutputTakenOver(Exception):
@@ -246,10 +296,10 @@ def _on_rank_0(action, failure: str):
     return value
 
 
-def save_resumable(engine, output: str, step: int, claim_id: str) -> None:
-    """All ranks: save the ZeRO state as ``step-<step>-<claim>`` (complete once rank 0 marks it),
-    keep the newest ``KEEP``. Raises ``OutputTakenOver``, before writing anything, if ``claim_id``
-    lost its claim."""
+def save_resumable(engine, output: str, step: int, claim_id: str, settings: Optional[dict] = None) -> None:
+    """All ranks: save the ZeRO state as ``step-<step>-<claim>`` (complete once rank 0 marks it, with
+    ``settings``: ``trained_settings`` of the run), keep the newest ``KEEP``. Raises
+    ``OutputTakenOver``, before writing anything, if ``claim_id`` lost its claim."""
     check_claim(output, claim_id)
     name = step_dir_name(step, claim_id)
     target = storage.join(checkpoints_uri(output), name)
@@ -264,7 +314,8 @@ def save_resumable(engine, output: str, step: int, claim_id: str) -> None:
             return False
         files = [name for name in _files_under(target) if name != PROGRESS]
         storage.write_json_atomic(storage.join(target, PROGRESS),
-                                  {"step": step, "saved_unix": time.time(), "claim_id": claim_id, "files": files})
+                                  {"step": step, "saved_unix": time.time(), "claim_id": claim_id, "files": files,
+                                   "settings": settings})
         _prune(output)
         return True
 

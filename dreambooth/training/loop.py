@@ -441,7 +441,7 @@ def _train_steps(worker: Worker, work: SubjectWork, engine, scheduler, batches: 
                 if grid is not None:
                     reports.tracker.log_image(step, "validation", grid)
             if train.checkpointing_steps and step % train.checkpointing_steps == 0 and step < train.max_train_steps:
-                checkpoint.save_resumable(engine, cfg.output, step, claim_id)
+                checkpoint.save_resumable(engine, cfg.output, step, claim_id, checkpoint.trained_settings(cfg))
     except checkpoint.OutputTakenOver:
         reports.close(owns_output=False)
         raise
