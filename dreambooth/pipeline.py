@@ -135,13 +135,18 @@ def preflight(
         check_settings(cfg)
     if cfg.train.background_swap > 0:
         check_backdrops_swappable(images)
-    chosen, was_auto, warnings = resolve_identifier(cfg, model_path, taken_identifiers, drawers)
+    complete = export.is_complete(cfg.output)
+    resumed = None if complete or cfg.overwrite else checkpoint.unfinished(cfg.output)
+    drawn_before = (resumed.settings or {}).get("identifier") if resumed and cfg.subject.identifier == "auto" else None
+    if drawn_before:  # the unfinished run's own draw, which a bulk run's later draws may no longer give
+        chosen, was_auto, warnings = drawn_before, True, []
+    else:
+        chosen, was_auto, warnings = resolve_identifier(cfg, model_path, taken_identifiers, drawers)
     cfg = with_identifier(cfg, chosen)
-    if not cfg.overwrite and not export.is_complete(cfg.output):  # an unfinished run resumes: same settings?
-        checkpoint.check_resumable(cfg.output, checkpoint.trained_settings(cfg))
+    checkpoint.check_resumable(cfg, resumed)
     if not keep_images:
         images = []
-    if not export.is_complete(cfg.output) or cfg.overwrite:
+    if not complete or cfg.overwrite:
         storage.check_writable(cfg.output)
         if cfg.train.prior_loss_weight > 0:
             storage.check_writable(cfg.prior_root)

@@ -89,3 +89,13 @@ def test_a_group_that_died_without_a_word_is_reported_as_a_lost_worker():
     queue.take(0)
     queue.take(0)
     assert "(last: a lost worker)" in queue.snapshot()["lost"].error
+
+
+def test_an_earlier_attempts_error_is_not_blamed_for_a_retry_that_lost_a_worker():
+    queue = _queue(["flaky"], max_retries=1, max_restarts=0)
+    queue.take(0)
+    queue.group_raised(0, "rank 0: OSError: the first attempt's error")
+    assert queue.slot_lost(0, "its worker group gave up")  # retried
+    assert queue.take(0).name == "flaky"  # the second attempt
+    queue.take(0)  # its group died without a word, past its restarts
+    assert "(last: a lost worker)" in queue.snapshot()["flaky"].error

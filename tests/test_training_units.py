@@ -404,21 +404,35 @@ def test_resuming_needs_the_settings_the_checkpoint_was_trained_with_but_not_the
     from dreambooth.config import ConfigError, build_config
     from dreambooth.training import checkpoint
 
-    def settings(**changes):
-        return checkpoint.trained_settings(build_config(({"model": "tiny", "class_noun": "dog", "identifier": "sks",
-                                                          "resolution": 32, **changes}, "test")))
-
     out, engine = str(tmp_path), _FilesEngine()
-    checkpoint.check_resumable(out, settings())  # nothing to resume: nothing to compare
-    checkpoint.save_resumable(engine, out, 2, checkpoint.claim(out), settings(workers=2))
-    checkpoint.check_resumable(out, settings(workers=2, max_train_steps=800, checkpointing_steps=50, log_every=1))
+
+    def config(**changes):
+        return build_config(({"model": "tiny", "class_noun": "dog", "identifier": "sks", "resolution": 32,
+                              "output": out, **changes}, "test"))
+
+    def check(cfg):
+        checkpoint.check_resumable(cfg, checkpoint.unfinished(out))
+
+    check(config())  # nothing to resume: nothing to compare
+    checkpoint.save_resumable(engine, out, 2, checkpoint.claim(out), checkpoint.trained_settings(config(workers=2)))
+    check(config(workers=2, max_train_steps=800, checkpointing_steps=50, log_every=1))  # longer, logged more often
     with pytest.raises(ConfigError, match=r"\(step 2\) trained with other settings: class_noun 'dog' there, 'cat' "
                                           r"now; workers 2 there, 1 now\. Run it again .* or pass --overwrite"):
-        checkpoint.check_resumable(out, settings(class_noun="cat"))
+        check(config(class_noun="cat"))
+    with pytest.raises(ConfigError, match=r"\(step 2\), past --max-train-steps 2\. Run it again"):
+        check(config(workers=2, max_train_steps=2))  # the checkpoint trained further than this run would
+    with pytest.raises(ConfigError, match="max_train_steps 400 there, 800 now"):  # a schedule shaped by the steps
+        linear = config(workers=2, lr_scheduler="linear")
+        checkpoint.save_resumable(engine, out, 4, checkpoint.claim(out), checkpoint.trained_settings(linear))
+        check(config(workers=2, lr_scheduler="linear", max_train_steps=800))
+
+    newer_version = checkpoint.trained_settings(config(workers=2, lr_scheduler="linear")) | {"noise_offset": 0.1}
+    checkpoint.save_resumable(engine, out, 6, checkpoint.claim(out), newer_version)
+    check(config(workers=2, lr_scheduler="linear"))  # a setting only one version knows is not compared
 
     unrecorded = str(tmp_path / "older-version")  # progress.json without settings: resumed as before
     checkpoint.save_resumable(engine, unrecorded, 2, checkpoint.claim(unrecorded))
-    checkpoint.check_resumable(unrecorded, settings(learning_rate=1e-3))
+    checkpoint.check_resumable(config(output=unrecorded, learning_rate=1e-3), checkpoint.unfinished(unrecorded))
 
 
 def test_a_claim_that_cannot_be_read_is_a_retryable_error_not_a_takeover(tmp_path, monkeypatch):

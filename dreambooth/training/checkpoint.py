@@ -20,8 +20,10 @@ and checks its claim before every save, before the export and before the run rec
 killed with SIGKILL leaves its workers training for a moment; without the claim they would go on
 saving, pruning and even exporting into the folder the next attempt is resuming from. An older
 attempt whose check passed just before the newer claim still finishes that one upload, but into
-a folder of its own that it can no longer mark complete: the step folders carry their writer's
-claim, so two attempts never write the same files.
+a folder of its own (the step folders carry their writer's claim, so two attempts never write the
+same files), which its check after the upload keeps it from marking complete. (Left open: a claim
+taken between that check and the mark, milliseconds, lets the older attempt complete that one
+folder and prune once; the newest complete folder of a step is the one resumed.)
 
 The checkpoints are the project's own, not Ray Train's: a warm worker group trains many subjects
 one after another, and each subject's checkpoints belong in that subject's output.
@@ -39,7 +41,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -68,7 +70,10 @@ _STEP_DIR = re.compile(r"step-(\d{6,})(?:-[0-9a-f]+)?$")
 RESUMABLE_CHANGES = frozenset({"max_train_steps", "checkpointing_steps", "max_failures", "log_every", "launcher",
                                "use_gpu", "cpus_per_worker", "gradient_checkpointing"})
 """Train settings a re-run may change and still resume: how long and where it trains, not what the
-state it resumes means."""
+state it resumes means (``max_train_steps`` only with a constant learning rate: the other schedules
+are shaped by it)."""
+
+CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 
 _UNTRAINED_SUBJECT = frozenset({"instance_dir", "identifier_seed"})  # a path; the draw behind ``identifier``
 _UNTRAINED_PRIOR = frozenset({"prior_output", "prior_actors", "prior_batch_size"})  # where and how fast
@@ -77,35 +82,53 @@ _UNTRAINED_PRIOR = frozenset({"prior_output", "prior_actors", "prior_batch_size"
 def trained_settings(cfg: RunConfig) -> dict:
     """What a checkpoint's weights and optimizer state depend on, by field name (JSON values): the
     model, the subject's words, the priors and every train setting but ``RESUMABLE_CHANGES``."""
+    resumable = RESUMABLE_CHANGES if cfg.train.lr_scheduler in CONSTANT_SCHEDULES else RESUMABLE_CHANGES - {"max_train_steps"}
     settings = {"model": cfg.model, "revision": cfg.revision}
-    sections = ((cfg.subject, _UNTRAINED_SUBJECT), (cfg.prior, _UNTRAINED_PRIOR), (cfg.train, RESUMABLE_CHANGES))
+    sections = ((cfg.subject, _UNTRAINED_SUBJECT), (cfg.prior, _UNTRAINED_PRIOR), (cfg.train, resumable))
     for section, untrained in sections:
-        settings.update({name: value for name, value in asdict(section).items() if name not in untrained})
+        fields = {name: value for name, value in asdict(section).items() if name not in untrained}
+        assert not fields.keys() & settings.keys(), "one flat namespace: field names are unique across sections"
+        settings.update(fields)
     return json.loads(json.dumps(settings))  # as progress.json gives them back (tuples as lists)
 
 
-def check_resumable(output: str, settings: dict) -> None:
-    """Raise ``ConfigError`` if ``output``'s newest complete checkpoint was trained with other
-    ``settings`` (checkpoints of versions that did not record them are resumed as before)."""
+class Complete(NamedTuple):
+    """A complete checkpoint folder."""
+
+    step: int
+    name: str
+    saved_unix: float
+    settings: Optional[dict]
+    """``trained_settings`` of the run that saved it (None: a version that did not record them)."""
+
+
+def unfinished(output: str) -> Optional[Complete]:
+    """The newest complete checkpoint of an unfinished run in ``output`` (the one a run resumes), or None."""
+    complete = _complete_folders(output)
+    return complete[-1] if complete else None
+
+
+def check_resumable(cfg: RunConfig, newest: Optional[Complete]) -> None:
+    """Raise ``ConfigError`` if the run of ``cfg`` cannot resume ``newest`` (``unfinished(cfg.output)``):
+    it was trained with other settings, or already went past ``max_train_steps``. Settings a version
+    did not record, or that a newer version added, are not compared."""
     from dreambooth.config import ConfigError
 
-    complete = _complete_folders(output)
-    if not complete:
+    if newest is None:
         return
-    step, name = complete[-1]
-    try:
-        recorded = storage.read_json(storage.join(checkpoints_uri(output), name, PROGRESS)).get("settings")
-    except (FileNotFoundError, ValueError):  # pruned or rewritten while we looked: the run will see
+    fix = ("Run it again with that run's settings to resume it, or pass --overwrite (in a bulk manifest: "
+           "overwrite: true on this subject) to start it over")
+    where = f"{cfg.output} holds the checkpoints of an unfinished run (step {newest.step})"
+    if newest.step >= cfg.train.max_train_steps:
+        raise ConfigError(f"{where}, past --max-train-steps {cfg.train.max_train_steps}. {fix}")
+    if not newest.settings:
         return
-    if not recorded:
-        return
-    changed = [key for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
+    settings = trained_settings(cfg)
+    changed = [key for key in sorted(newest.settings.keys() & settings.keys()) if newest.settings[key] != settings[key]]
     if changed:
-        differences = "; ".join(f"{key} {recorded.get(key)!r} there, {settings.get(key)!r} now" for key in changed[:5])
-        raise ConfigError(
-            f"{output} holds the checkpoints of an unfinished run (step {step}) trained with other settings: "
-            f"{differences}{' ...' if len(changed) > 5 else ''}. Run it again with that run's settings to resume "
-            "it, or pass --overwrite to start this subject over")
+        differences = "; ".join(f"{key} {newest.settings[key]!r} there, {settings[key]!r} now" for key in changed[:5])
+        raise ConfigError(f"{where} trained with other settings: {differences}{' ...' if len(changed) > 5 else ''}. "
+                          f"{fix}")
 
 
 class OutputTakenOver(Exception):
@@ -179,11 +202,11 @@ def steps_run(output: str) -> tuple[int, int]:
 
 def complete_steps(output: str) -> list[int]:
     """Steps of the complete checkpoints in ``output``, oldest first."""
-    return [step for step, _ in _complete_folders(output)]
+    return [found.step for found in _complete_folders(output)]
 
 
-def _complete_folders(output: str) -> list[tuple[int, str]]:
-    """(step, folder name) of the complete checkpoints in ``output``, oldest first.
+def _complete_folders(output: str) -> list[Complete]:
+    """The complete checkpoints in ``output``, oldest first (by step, then by when they were saved).
 
     Complete: ``progress.json`` is there and so is every file it lists. A step whose files went
     missing (pruned by another writer, a partial copy) is skipped with a warning, and the resume
@@ -196,16 +219,16 @@ def _complete_folders(output: str) -> list[tuple[int, str]]:
         if PROGRESS not in present:
             continue
         try:
-            listed = storage.read_json(storage.join(folder, PROGRESS)).get("files", [])
+            progress = storage.read_json(storage.join(folder, PROGRESS))
         except (FileNotFoundError, ValueError):  # removed or half-written while we looked
             continue
-        missing = sorted(set(listed) - present)
+        missing = sorted(set(progress.get("files", [])) - present)
         if missing:
             log.warning("checkpoint %s is incomplete (missing %s); not resuming from it", name,
                         ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""))
             continue
-        complete.append((step, name))
-    return sorted(complete)
+        complete.append(Complete(step, name, progress.get("saved_unix", 0.0), progress.get("settings")))
+    return sorted(complete, key=lambda found: (found.step, found.saved_unix, found.name))
 
 
 def _step_folders(output: str) -> list[tuple[int, str]]:
@@ -325,7 +348,7 @@ def save_resumable(engine, output: str, step: int, claim_id: str, settings: Opti
 
 def _prune(output: str) -> None:
     """Remove every step folder older than the ``KEEP`` newest complete ones (incomplete ones too)."""
-    complete = complete_steps(output)
+    complete = sorted(set(complete_steps(output)))
     if len(complete) < KEEP:
         return
     for step, name in _step_folders(output):
@@ -338,7 +361,7 @@ def restore(engine, output: str) -> int:
     complete = _on_rank_0(lambda: _complete_folders(output), f"could not list the checkpoints of {output}")
     if not complete:
         return 0
-    source = storage.join(checkpoints_uri(output), complete[-1][1])
+    source = storage.join(checkpoints_uri(output), complete[-1].name)
     with tempfile.TemporaryDirectory() as tmp:
         folder = storage.local_path(source) if storage.is_local(source) else str(storage.download_dir(source, tmp))
         _, client_state = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)

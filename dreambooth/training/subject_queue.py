@@ -101,6 +101,7 @@ class SubjectQueue:
             return None
         name = self.pending.pop(0)
         self._restarts_this_attempt[name] = 0
+        self._group_errors.pop(name, None)  # a late report of an earlier attempt's group
         state = self.states[name]
         state.status, state.slot, state.attempts = "running", slot, state.attempts + 1
         state.started_unix = state.started_unix or time.time()
@@ -132,6 +133,7 @@ class SubjectQueue:
         state = self.states[name]
         state.error, state.finished_unix = error, time.time()
         self.holding.pop(slot, None)
+        self._group_errors.pop(name, None)
         if retry and state.attempts <= self.max_retries:
             state.status = "retrying"
             self.pending.append(name)
