@@ -76,7 +76,7 @@ def test_validated_configs_are_not_written_afterwards(tmp_path, dog_dir):
 
 @pytest.mark.ray
 @pytest.mark.e2e
-def test_bulk_shares_priors_isolates_failures_and_skips_finished(ray_cluster, tmp_path, dog_dir, capsys):
+def test_bulk_shares_priors_isolates_failures_skips_finished_and_overwrites_on_request(ray_cluster, tmp_path, dog_dir, capsys):
     bad_dir = tmp_path / "bad-dog"
     shutil.copytree(dog_dir, bad_dir)
     (bad_dir / "00.jpg").write_bytes(b"\xff\xd8 broken")
@@ -85,9 +85,9 @@ def test_bulk_shares_priors_isolates_failures_and_skips_finished(ray_cluster, tm
         {"name": "dog-b", "instance_dir": str(bad_dir), "class_noun": "dog"},
         {"name": "cat-c", "instance_dir": str(dog_dir), "class_noun": "cat"},
     ]
-    manifest = _manifest(tmp_path, subjects, defaults={
-        "model": "tiny", "resolution": 32, "num_class_images": 2, "prior_batch_size": 2, "num_inference_steps": 2,
-        "max_train_steps": 2, "checkpointing_steps": 0, "workers": 1, "num_sample_images": 1})
+    defaults = {"model": "tiny", "resolution": 32, "num_class_images": 2, "prior_batch_size": 2, "num_inference_steps": 2,
+                "max_train_steps": 2, "checkpointing_steps": 0, "workers": 1, "num_sample_images": 1}
+    manifest = _manifest(tmp_path, subjects, defaults=defaults)
     out = tmp_path / "runs"
     argv = ["bulk", "--manifest", manifest, "--output", str(out), "--max-concurrent", "2"]
 
@@ -114,6 +114,22 @@ def test_bulk_shares_priors_isolates_failures_and_skips_finished(ray_cluster, tm
     assert status["dog-b"]["identifier"] not in identifiers
     record = storage.read_json(str(out / "dog-b" / "run.json"))
     assert record["priors"]["generated"] == 0
+
+    # `overwrite: true` on one subject: its earlier run goes, checkpoints too (none is resumed), its
+    # user's notes stay, and it trains again from step 0.
+    from dreambooth.training import checkpoint
+
+    notes = out / "dog-a" / "notes.txt"
+    notes.write_text("mine\n")
+    stale = out / "dog-a" / "checkpoints" / checkpoint.step_dir_name(1, "0badc0de")
+    stale.mkdir(parents=True)
+    (stale / checkpoint.PROGRESS).write_text(json.dumps({"step": 1, "files": []}))
+    (tmp_path / "again").mkdir()
+    again = _manifest(tmp_path / "again", [{**subjects[0], "overwrite": True}], defaults=defaults)
+    assert main(["bulk", "--manifest", again, "--output", str(out)]) == 0
+    record = storage.read_json(str(out / "dog-a" / "run.json"))
+    assert record["metrics"]["resumed_from"] == 0 and record["metrics"]["step"] == 2
+    assert notes.read_text() == "mine\n" and not stale.exists()
 
 
 FAST_SUBJECT = {"model": "tiny", "resolution": 32, "num_class_images": 2, "prior_batch_size": 2,
