@@ -39,6 +39,7 @@ from dreambooth import cluster, export, models, pipeline, priors, storage
 from dreambooth.config import ConfigError, RunConfig, build_config, flatten, validate
 from dreambooth.inputs import MAX_MANIFEST_BYTES, InputError, load_yaml_file
 from dreambooth.subjects import SubjectError
+from dreambooth.training import checkpoint
 from dreambooth.training.engine import require_optimizer
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,13 @@ def _completed_identifier(cfg: RunConfig) -> Optional[str]:
     return None
 
 
+def _resumed_identifier(cfg: RunConfig) -> Optional[str]:
+    try:
+        return pipeline.unfinished_identifier(cfg, checkpoint.unfinished(cfg.output))
+    except (storage.StorageError, OSError):
+        return None  # unreadable here: the subject's own preflight reports it
+
+
 def _default_concurrency(configs: list[RunConfig], use_gpu: bool) -> int:
     import ray
 
@@ -280,8 +288,11 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
     distinct = options.distinct_identifiers
     taken = {cfg.subject.identifier for _, cfg in planned if cfg.subject.identifier != "auto"} if distinct else set()
     done_ids = {name: _completed_identifier(cfg) for name, cfg in planned}
+    # An unfinished auto subject keeps the identifier it trained: no other subject may draw it first.
+    resumed_ids = {name: _resumed_identifier(cfg) for name, cfg in planned
+                   if done_ids[name] is None and cfg.subject.identifier == "auto"}
     if distinct:
-        taken |= {i for i in done_ids.values() if i}
+        taken |= {i for i in (*done_ids.values(), *resumed_ids.values()) if i}
     ready: list[tuple[str, pipeline.Prepared]] = []
     drawers: dict = {}
     for index, (name, cfg) in enumerate(planned):
@@ -290,7 +301,7 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
         if done_ids[name] is not None and not cfg.overwrite:
             results[name] = SubjectResult(name, "skipped", cfg.output, identifier=done_ids[name])
             continue
-        own = cfg.subject.identifier
+        own = resumed_ids.get(name) or cfg.subject.identifier
         try:
             prepared = pipeline.preflight(cfg, _Without(taken, own), keep_images=False, drawers=drawers)
         except (SubjectError, ConfigError, storage.StorageError, PermissionError) as exc:

@@ -64,11 +64,18 @@ def resolve_identifier(
         tokenizers[0], cfg.subject.identifier, *tokenizers[1:]).warnings
 
 
-def with_identifier(cfg: RunConfig, chosen: str) -> RunConfig:
-    """A copy of ``cfg`` whose identifier is ``chosen`` (drawn ones say so in ``sources``)."""
+def unfinished_identifier(cfg: RunConfig, resumed: Optional[checkpoint.Complete]) -> Optional[str]:
+    """The identifier an unfinished run of an ``identifier: auto`` subject drew and trained (None: none to resume)."""
+    if resumed is None or cfg.subject.identifier != "auto" or cfg.overwrite:
+        return None
+    return (resumed.settings or {}).get("identifier")
+
+
+def with_identifier(cfg: RunConfig, chosen: str, source: Optional[str] = None) -> RunConfig:
+    """A copy of ``cfg`` whose identifier is ``chosen`` (drawn ones, or ``source``, say so in ``sources``)."""
     if chosen == cfg.subject.identifier:
         return cfg
-    sources = {**cfg.sources, "identifier": f"drawn from the tokenizer (identifier_seed {cfg.subject.identifier_seed})"}
+    sources = {**cfg.sources, "identifier": source or f"drawn from the tokenizer (identifier_seed {cfg.subject.identifier_seed})"}
     return replace(cfg, subject=replace(cfg.subject, identifier=chosen), sources=sources)
 
 
@@ -137,12 +144,18 @@ def preflight(
         check_backdrops_swappable(images)
     complete = export.is_complete(cfg.output)
     resumed = None if complete or cfg.overwrite else checkpoint.unfinished(cfg.output)
-    drawn_before = (resumed.settings or {}).get("identifier") if resumed and cfg.subject.identifier == "auto" else None
+    drawn_before = unfinished_identifier(cfg, resumed)
     if drawn_before:  # the unfinished run's own draw, which a bulk run's later draws may no longer give
+        if drawn_before in taken_identifiers:
+            raise ConfigError(f"the unfinished run in {cfg.output} trained the identifier {drawn_before!r}, which "
+                              "another subject now uses: give one of them another --identifier, or start this one "
+                              "over (--overwrite)")
         chosen, was_auto, warnings = drawn_before, True, []
+        source = f"the unfinished run's checkpoint in {cfg.output}"
     else:
         chosen, was_auto, warnings = resolve_identifier(cfg, model_path, taken_identifiers, drawers)
-    cfg = with_identifier(cfg, chosen)
+        source = None
+    cfg = with_identifier(cfg, chosen, source)
     checkpoint.check_resumable(cfg, resumed)
     if not keep_images:
         images = []

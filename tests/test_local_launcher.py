@@ -200,3 +200,28 @@ def test_an_unfinished_run_resumes_only_with_its_own_settings_and_overwrite_star
     record = storage.read_json(str(again / export.RUN_RECORD))
     assert record["metrics"]["resumed_from"] == 0 and record["metrics"]["step"] == 4
     assert record["config"]["train"]["learning_rate"] == 1e-3 and (again / "notes.txt").read_text() == "mine\n"
+
+
+def test_an_unfinished_run_of_an_auto_identifier_keeps_the_identifier_it_trained(tmp_path, dog_dir, tiny_model_path):
+    """Its run drew another identifier than a fresh draw gives now (a bulk run's earlier subjects took
+    the first): the re-run resumes with the one it trained, and refuses if another subject holds it."""
+    import dataclasses
+    import json
+
+    cfg = build_config(({"model": "tiny", "instance_dir": str(dog_dir), "class_noun": "dog", "resolution": 32,
+                         "output": str(tmp_path / "out"), "prior_loss_weight": 0}, "test"))
+    fresh = pipeline.preflight(cfg).config.subject.identifier
+    trained = pipeline.preflight(cfg, {fresh}).config
+    assert trained.subject.identifier != fresh
+    folder = tmp_path / "out" / checkpoint.CHECKPOINTS / checkpoint.step_dir_name(2, "0f0f0f0f")
+    folder.mkdir(parents=True)
+    (folder / checkpoint.PROGRESS).write_text(json.dumps(
+        {"step": 2, "files": [], "settings": checkpoint.trained_settings(trained)}))
+
+    resumed = pipeline.preflight(cfg).config
+    assert resumed.subject.identifier == trained.subject.identifier
+    assert "unfinished run" in resumed.sources["identifier"]
+    with pytest.raises(ConfigError, match="which another subject now uses"):
+        pipeline.preflight(cfg, {trained.subject.identifier})
+    starting_over = dataclasses.replace(cfg, overwrite=True)
+    assert pipeline.preflight(starting_over).config.subject.identifier == fresh  # --overwrite draws afresh

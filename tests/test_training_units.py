@@ -417,13 +417,13 @@ def test_resuming_needs_the_settings_the_checkpoint_was_trained_with_but_not_the
     checkpoint.save_resumable(engine, out, 2, checkpoint.claim(out), checkpoint.trained_settings(config(workers=2)))
     check(config(workers=2, max_train_steps=800, checkpointing_steps=50, log_every=1))  # longer, logged more often
     with pytest.raises(ConfigError, match=r"\(step 2\) trained with other settings: class_noun 'dog' there, 'cat' "
-                                          r"now; workers 2 there, 1 now\. Run it again .* or pass --overwrite"):
+                                          r"now; workers 2 there, 1 now\. Run it again .* --overwrite for `dreambooth run`"):
         check(config(class_noun="cat"))
-    with pytest.raises(ConfigError, match=r"\(step 2\), past --max-train-steps 2\. Run it again"):
+    with pytest.raises(ConfigError, match=r"\(step 2\), already at or past --max-train-steps 2\. Run it again"):
         check(config(workers=2, max_train_steps=2))  # the checkpoint trained further than this run would
+    linear = config(workers=2, lr_scheduler="linear")
+    checkpoint.save_resumable(engine, out, 4, checkpoint.claim(out), checkpoint.trained_settings(linear))
     with pytest.raises(ConfigError, match="max_train_steps 400 there, 800 now"):  # a schedule shaped by the steps
-        linear = config(workers=2, lr_scheduler="linear")
-        checkpoint.save_resumable(engine, out, 4, checkpoint.claim(out), checkpoint.trained_settings(linear))
         check(config(workers=2, lr_scheduler="linear", max_train_steps=800))
 
     newer_version = checkpoint.trained_settings(config(workers=2, lr_scheduler="linear")) | {"noise_offset": 0.1}

@@ -86,9 +86,7 @@ def trained_settings(cfg: RunConfig) -> dict:
     settings = {"model": cfg.model, "revision": cfg.revision}
     sections = ((cfg.subject, _UNTRAINED_SUBJECT), (cfg.prior, _UNTRAINED_PRIOR), (cfg.train, resumable))
     for section, untrained in sections:
-        fields = {name: value for name, value in asdict(section).items() if name not in untrained}
-        assert not fields.keys() & settings.keys(), "one flat namespace: field names are unique across sections"
-        settings.update(fields)
+        settings.update({name: value for name, value in asdict(section).items() if name not in untrained})
     return json.loads(json.dumps(settings))  # as progress.json gives them back (tuples as lists)
 
 
@@ -116,11 +114,11 @@ def check_resumable(cfg: RunConfig, newest: Optional[Complete]) -> None:
 
     if newest is None:
         return
-    fix = ("Run it again with that run's settings to resume it, or pass --overwrite (in a bulk manifest: "
-           "overwrite: true on this subject) to start it over")
+    fix = ("Run it again with that run's settings to resume it, or start it over: --overwrite for `dreambooth run`, "
+           "overwrite: true on this subject in a bulk manifest")
     where = f"{cfg.output} holds the checkpoints of an unfinished run (step {newest.step})"
     if newest.step >= cfg.train.max_train_steps:
-        raise ConfigError(f"{where}, past --max-train-steps {cfg.train.max_train_steps}. {fix}")
+        raise ConfigError(f"{where}, already at or past --max-train-steps {cfg.train.max_train_steps}. {fix}")
     if not newest.settings:
         return
     settings = trained_settings(cfg)

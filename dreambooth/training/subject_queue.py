@@ -101,7 +101,6 @@ class SubjectQueue:
             return None
         name = self.pending.pop(0)
         self._restarts_this_attempt[name] = 0
-        self._group_errors.pop(name, None)  # a late report of an earlier attempt's group
         state = self.states[name]
         state.status, state.slot, state.attempts = "running", slot, state.attempts + 1
         state.started_unix = state.started_unix or time.time()
