@@ -75,10 +75,10 @@ def test_a_subject_that_keeps_killing_its_group_fails_that_attempt_and_the_slot_
 def test_a_subject_that_fails_for_good_names_the_first_error_its_group_raised_not_a_lost_worker():
     queue = _queue(["crashes"], max_retries=0, max_restarts=1)
     queue.take(0)
-    queue.group_raised(0, "rank 0: OSError: could not claim")
+    queue.group_raised(0, "crashes", "rank 0: OSError: could not claim")
     queue.take(0)  # restarted once
-    queue.group_raised(0, "rank 1: RuntimeError: step-000004 is unreadable")
-    queue.group_raised(0, "rank 0: RuntimeError: Connection closed by peer")  # its peer, after it
+    queue.group_raised(0, "crashes", "rank 1: RuntimeError: step-000004 is unreadable")
+    queue.group_raised(0, "crashes", "rank 0: RuntimeError: Connection closed by peer")  # its peer, after it
     queue.take(0)  # over the limit: this attempt fails
     crashes = queue.snapshot()["crashes"]
     assert crashes.status == "failed" and "last: rank 1: RuntimeError: step-000004 is unreadable" in crashes.error
@@ -94,8 +94,18 @@ def test_a_group_that_died_without_a_word_is_reported_as_a_lost_worker():
 def test_an_earlier_attempts_error_is_not_blamed_for_a_retry_that_lost_a_worker():
     queue = _queue(["flaky"], max_retries=1, max_restarts=0)
     queue.take(0)
-    queue.group_raised(0, "rank 0: OSError: the first attempt's error")
+    queue.group_raised(0, "flaky", "rank 0: OSError: the first attempt's error")
     assert queue.slot_lost(0, "its worker group gave up")  # retried
     assert queue.take(0).name == "flaky"  # the second attempt
     queue.take(0)  # its group died without a word, past its restarts
     assert "(last: a lost worker)" in queue.snapshot()["flaky"].error
+
+
+def test_a_late_report_from_a_subjects_group_is_not_pinned_on_the_next_subject_of_its_slot():
+    queue = _queue(["first", "second"], max_retries=0, max_restarts=0)
+    queue.take(0)
+    queue.failed(0, "first", "SubjectFailed: photos unreadable")
+    assert queue.take(0).name == "second"
+    queue.group_raised(0, "first", "rank 1: RuntimeError: Connection closed by peer")  # first's group, late
+    queue.take(0)  # second's group died without a word
+    assert "(last: a lost worker)" in queue.snapshot()["second"].error

@@ -199,7 +199,7 @@ def run_slot(inputs: SlotInputs, place: Place) -> None:
                            not isinstance(exc, checkpoint.OutputTakenOver))
             continue
         except Exception as exc:  # inside the training steps: the whole group fails and is restarted
-            _note_group_error(queue, inputs.slot, worker.rank, exc)
+            _note_group_error(queue, inputs.slot, work.name, worker.rank, exc)
             raise
         finally:
             worker.subjects_done += 1
@@ -207,10 +207,10 @@ def run_slot(inputs: SlotInputs, place: Place) -> None:
             call_queue(queue, "finished", inputs.slot, work.name, record)
 
 
-def _note_group_error(queue, slot: int, rank: int, exc: Exception) -> None:
+def _note_group_error(queue, slot: int, name: str, rank: int, exc: Exception) -> None:
     """Tell the queue why this group is failing (best effort: the group fails either way)."""
     try:
-        call_queue(queue, "group_raised", slot, f"rank {rank}: {type(exc).__name__}: {exc}")
+        call_queue(queue, "group_raised", slot, name, f"rank {rank}: {type(exc).__name__}: {exc}")
     except Exception as report_error:
         log.warning("could not report the error to the subject queue: %s", report_error)
 

@@ -108,12 +108,11 @@ class SubjectQueue:
         self._changed(name)
         return self.works[name]
 
-    def group_raised(self, slot: int, error: str) -> None:
-        """A rank of the slot's group raised inside a subject's training steps (the group fails and
-        is restarted): keep the first such error, so a subject that fails for good says why rather
-        than 'a lost worker'."""
-        name = self.holding.get(slot)
-        if name is not None and name not in self._group_errors:
+    def group_raised(self, slot: int, name: str, error: str) -> None:
+        """A rank of the slot's group raised inside subject ``name``'s training steps (the group fails
+        and is restarted): keep the first such error, so a subject that fails for good says why
+        rather than 'a lost worker'. A late report, once the slot holds another subject, is dropped."""
+        if self.holding.get(slot) == name and name not in self._group_errors:
             self._group_errors[name] = error
 
     def resumed(self, name: str, step: int) -> None:
