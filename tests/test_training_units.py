@@ -1,5 +1,6 @@
 """Loss, targets, batch composition and the DeepSpeed config, without Ray."""
 
+import json
 import random
 import time
 from pathlib import Path
@@ -387,6 +388,26 @@ def test_an_older_attempts_last_upload_lands_in_its_own_folder_never_in_the_newe
     assert newers and {f.read_bytes() for f in newers} == {b"newer"}
     assert not (folders[checkpoint.step_dir_name(4, older)] / checkpoint.PROGRESS).exists()
     assert checkpoint.complete_steps(out) == [2, 4] and checkpoint.restore(newer_engine, out) == 4
+
+
+def test_of_two_complete_folders_of_one_step_the_later_saved_is_resumed_and_pruning_keeps_two_steps(tmp_path):
+    """Two attempts completed step 2 (a claim taken in the milliseconds between a check and the mark):
+    the later saved is resumed, not the one whose random claim sorts last; pruning counts steps."""
+    from dreambooth.training import checkpoint
+
+    out, writer = str(tmp_path), tmp_path / "checkpoints" / checkpoint.WRITER
+    saved_first, saved_later = "f" * 32, "0" * 32  # name order and save order disagree
+    for claim_id in (saved_first, saved_later):
+        writer.parent.mkdir(exist_ok=True)
+        writer.write_text(json.dumps({"claim_id": claim_id}))
+        checkpoint.save_resumable(_FilesEngine(), out, 2, claim_id)
+        time.sleep(0.01)
+    assert checkpoint.complete_steps(out) == [2, 2]
+    assert checkpoint.unfinished(out).name == checkpoint.step_dir_name(2, saved_later)
+    for step in (4, 6):
+        checkpoint.save_resumable(_FilesEngine(), out, step, saved_later)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert kept == [checkpoint.step_dir_name(step, saved_later) for step in (4, 6)]
 
 
 def test_a_checkpoint_written_before_step_folders_carried_a_claim_is_still_resumed(tmp_path):
