@@ -139,11 +139,14 @@ def test_zero2_end_to_end_then_second_subject_zero3_reuses_priors(ray_cluster, t
 
 
 def test_stopped_run_resumes_from_its_last_checkpoint(ray_cluster, dog_dir, runs):
-    """Kill the driver after the step-2 checkpoint; the same command continues from step 2."""
+    """Kill the driver after the step-2 checkpoint; the same command continues from step 2 (or a later
+    one the killed driver's workers completed before the new run claimed the output). 60 steps, so
+    that those workers, if they outlive the kill by seconds, are stopped by the claim before they can
+    finish the run themselves."""
     out = runs / "resumed"
     argv = [sys.executable, "-m", "dreambooth.cli", "run", "--model", "tiny", "--instance-dir", str(dog_dir),
             "--class-noun", "dog", "--output", str(out), "--resolution", "32", "--num-class-images", "4",
-            "--num-inference-steps", "2", "--max-train-steps", "12", "--checkpointing-steps", "2",
+            "--num-inference-steps", "2", "--max-train-steps", "60", "--checkpointing-steps", "2",
             "--workers", "2", "--train-batch-size", "1", "--num-sample-images", "1", "--identifier", "sks"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     driver = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -161,7 +164,7 @@ def test_stopped_run_resumes_from_its_last_checkpoint(ray_cluster, dog_dir, runs
 
     assert main(argv[3:]) == 0  # the same command, run again (in this process, on the same cluster)
     record = storage.read_json(str(out / RUN_RECORD))
-    assert record["metrics"]["step"] == 12
+    assert record["metrics"]["step"] == 60
     assert record["metrics"]["resumed_from"] >= 2 and record["metrics"]["resumed_from"] % 2 == 0
 
 
