@@ -411,6 +411,7 @@ def _train_steps(worker: Worker, work: SubjectWork, engine, scheduler, batches: 
     ``claim_id`` is this attempt's claim on the output (``checkpoint.claim``), checked at each save."""
     cfg, train = work.config, work.config.train
     reports = StepReports(worker, work, start_step, claim_id)
+    settings = checkpoint.trained_settings(cfg)  # recorded with every checkpoint of this attempt
     metrics: dict = {"step": start_step, "resumed_from": start_step}
     curve: dict[str, list] = {key: [] for key in ("step", *LOSS_KEYS)}
     step_seconds: list[float] = []  # each step since the last log line, checkpoint saves included
@@ -441,7 +442,7 @@ def _train_steps(worker: Worker, work: SubjectWork, engine, scheduler, batches: 
                 if grid is not None:
                     reports.tracker.log_image(step, "validation", grid)
             if train.checkpointing_steps and step % train.checkpointing_steps == 0 and step < train.max_train_steps:
-                checkpoint.save_resumable(engine, cfg.output, step, claim_id, checkpoint.trained_settings(cfg))
+                checkpoint.save_resumable(engine, cfg.output, step, claim_id, settings)
     except checkpoint.OutputTakenOver:
         reports.close(owns_output=False)
         raise
