@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ from dreambooth.cli import main
 from dreambooth.config import ConfigError
 from dreambooth.evaluation import runner
 from dreambooth.evaluation.shapes import (evaluate_subject, photographed_contexts, recontext_asks, score,
-                                          shown_at_sizes)
+                                          shown_at_sizes, subject_at_lower_guidance)
 from dreambooth.shapes import SUBJECTS, Scene, caption, render, render_subject
 from dreambooth.shapes.world import PLACE_PHRASES
 
@@ -94,6 +95,35 @@ def test_the_base_model_never_shows_the_subject(references):
     assert report.subject_match == 0.0 and report.pres == 0.0 and report.recontext_shown == 0.0
     assert report.subject_fidelity < faithful.subject_fidelity - 0.2
     assert report.prompt_fidelity == 1.0 and report.recontext_subject_match == 0.0
+
+
+class OversaturatingPipe(ScriptedPipe):
+    """``faithful`` up to guidance 2; above it the subject's pattern is drawn in black and white, as a strong
+    guidance pushes a learned two-colour pattern's colours apart."""
+
+    def __call__(self, prompts, num_inference_steps, guidance_scale, generator):
+        out = super().__call__(prompts, num_inference_steps, guidance_scale, generator)
+        if guidance_scale > 2:
+            saturated = dataclasses.replace(SUBJECT, color="black", secondary="white")
+            out.images = [render_subject(saturated, "green", "center", "large", 32, 0) if V in prompt.split() else image
+                          for prompt, image in zip(prompts, out.images)]
+        return out
+
+
+def test_the_bare_prompt_is_also_scored_at_half_the_guidance(references):
+    pipe = OversaturatingPipe("faithful")
+    at_four = evaluate_subject(pipe, SUBJECT, references, V, images_per_prompt=4, guidance_scale=4.0)
+    lower = subject_at_lower_guidance(pipe, SUBJECT, references, V, guidance_scale=4.0, images_per_prompt=4)
+    assert at_four.subject_match == 0.0
+    assert lower["subject_match_at_lower_guidance"] == 1.0 and lower["subject_match_at_lower_guidance_stderr"] == 0.0
+    assert lower["subject_fidelity_at_lower_guidance"] > at_four.subject_fidelity + 0.2
+    faithful = subject_at_lower_guidance(ScriptedPipe("faithful"), SUBJECT, references, V, guidance_scale=4.0,
+                                         images_per_prompt=4)  # guidance-blind: scores as at the eval's guidance
+    assert faithful["subject_fidelity_at_lower_guidance"] == pytest.approx(
+        evaluate_subject(ScriptedPipe("faithful"), SUBJECT, references, V, images_per_prompt=4).subject_fidelity)
+    base = subject_at_lower_guidance(OversaturatingPipe("base"), SUBJECT, references, "", guidance_scale=4.0,
+                                     images_per_prompt=4)
+    assert base["subject_match_at_lower_guidance"] == 0.0
 
 
 def test_shown_at_sizes_weights_each_drawn_size_by_the_bare_prompts_sizes():

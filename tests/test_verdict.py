@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dreambooth.evaluation.verdict import (CLASS_FIX, CONTEXT_FIX, LEARN_FIX, OTHER_FIX, PHOTOS_FIX, PRES_FIX, SIZE_FIX,
-                                           VAE_FIX, findings, format_findings)
+from dreambooth.evaluation.verdict import (CLASS_FIX, CONTEXT_FIX, GUIDANCE_FIX, LEARN_FIX, OTHER_FIX, PHOTOS_FIX,
+                                           PRES_FIX, SIZE_FIX, VAE_FIX, findings, format_findings)
 
 
 def shapes_report(per_prompt: int = 8, **personalized) -> dict:
@@ -51,6 +51,24 @@ def test_an_unlearned_subject_is_blamed_on_the_vae_only_at_its_ceiling():
     assert unlearned["subject_fidelity"].status == "miss" and unlearned["subject_fidelity"].next == LEARN_FIX
     capped = {f.measure: f for f in findings(shapes_report(subject_fidelity=0.4, vae_ceiling=0.42))}
     assert capped["subject_fidelity"].status == "miss" and "VAE" in capped["subject_fidelity"].next
+
+
+def test_a_subject_drawn_as_itself_at_a_lower_guidance_is_sent_to_the_sampler_not_to_more_training():
+    report = shapes_report(subject_fidelity=0.40, vae_ceiling=0.84, subject_fidelity_at_lower_guidance=0.62)
+    report["settings"]["guidance_scale"] = 4.0
+    found = {f.measure: f for f in findings(report)}["subject_fidelity"]
+    assert found.status == "miss" and found.next == GUIDANCE_FIX.format(run=4, lower=2)
+    assert "0.62 sampled at guidance 2" in found.text and "--guidance-scale 2 " in found.next
+    assert LEARN_FIX not in format_findings(findings(report))
+    report["scores"]["personalized"]["subject_fidelity_at_lower_guidance"] = 0.41  # not learned at either guidance
+    assert {f.measure: f for f in findings(report)}["subject_fidelity"].next == LEARN_FIX
+    report["scores"]["base"]["subject_fidelity_at_lower_guidance"] = 0.35  # the base model gains as much there
+    report["scores"]["personalized"]["subject_fidelity_at_lower_guidance"] = 0.62
+    assert {f.measure: f for f in findings(report)}["subject_fidelity"].next == LEARN_FIX
+    del report["scores"]["base"]["subject_fidelity_at_lower_guidance"]
+    del report["settings"]["guidance_scale"]  # a report that does not say what it sampled at
+    report["scores"]["personalized"]["subject_fidelity_at_lower_guidance"] = 0.62
+    assert {f.measure: f for f in findings(report)}["subject_fidelity"].next == LEARN_FIX
 
 
 def test_new_contexts_losing_the_subject_and_a_lost_class_prior_are_misses():

@@ -7,8 +7,10 @@ suite, and writing ``<output>/eval.json``. Two suites:
                 folder is named after one of ``dreambooth.shapes.SUBJECTS``, holds a ``subject.json``
                 of a scripted one, or ``--shapes-subject`` names it): subject fidelity, prompt
                 fidelity, PRES and DIV from the world's analyzers (``evaluation.shapes``), collateral
-                drift (class and other-prompt fidelity, ratios to the base), the VAE ceiling, and
-                ``vae_carry`` (how much of the subject the VAE alone keeps on each asked background).
+                drift (class and other-prompt fidelity, ratios to the base), the VAE ceiling,
+                ``vae_carry`` (how much of the subject the VAE alone keeps on each asked background), and
+                the bare prompt at half the guidance (``..._at_lower_guidance``: a subject the guidance
+                distorts, not one training missed).
 ``dreambench``  for real models: the paper's DINO, CLIP-I and CLIP-T on the DreamBench prompt list of
                 the class (25 prompts), plus PRES as the DINO similarity of "a [class]" images to
                 the subject photos. Embedding models are hub ids or local folders.
@@ -182,7 +184,8 @@ DREAMBENCH_DRIFT = {"other_prompt_fidelity": "other_class_clip_t"}
 
 
 def _shapes_suite(options: EvalOptions, run: RunInfo, pipes: dict) -> dict:
-    from dreambooth.evaluation.shapes import evaluate_drift, evaluate_subject, vae_carry, vae_ceiling
+    from dreambooth.evaluation.shapes import (evaluate_drift, evaluate_subject, subject_at_lower_guidance, vae_carry,
+                                              vae_ceiling)
 
     subject, refs = shapes_subject(options, run), _references(run)
     sampler = dict(images_per_prompt=options.images_per_prompt, seed=options.seed,
@@ -191,9 +194,10 @@ def _shapes_suite(options: EvalOptions, run: RunInfo, pipes: dict) -> dict:
     vae = pipes["personalized"].vae
     resolution = pipes["personalized"].unet.config.sample_size * pipes["personalized"].vae_scale_factor
     carry = vae_carry(vae, subject, resolution)
-    scores = {name: evaluate_subject(pipe, subject, refs, run.identifier if name == "personalized" else "",
-                                     carry=carry, **sampler).as_dict()
+    identifiers = {name: run.identifier if name == "personalized" else "" for name in pipes}
+    scores = {name: evaluate_subject(pipe, subject, refs, identifiers[name], carry=carry, **sampler).as_dict()
               | evaluate_drift(pipe, run.class_noun, **sampler).as_dict()
+              | subject_at_lower_guidance(pipe, subject, refs, identifiers[name], **sampler)
               for name, pipe in pipes.items()}
     drift_ratios(scores, SHAPES_DRIFT)
     ceiling = vae_ceiling(vae, refs, resolution)
