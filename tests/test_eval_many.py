@@ -11,6 +11,7 @@ import pytest
 from dreambooth.bulk import BulkOptions, BulkReport, SubjectResult, summary_payload
 from dreambooth.cli import main
 from dreambooth.evaluation.many import EVAL_SUMMARY
+from dreambooth.evaluation.verdict import LEARN_FIX
 from dreambooth.models import resolve_model
 from dreambooth.shapes import SUBJECTS
 
@@ -50,8 +51,13 @@ def test_eval_of_a_bulk_output_scores_each_finished_subject_and_lists_the_rest(b
         own = json.loads((bulk_output / name / "eval.json").read_text())  # as a single eval writes it
         assert by_name[name]["scores"] == own["scores"]["personalized"] and by_name[name]["verdict"] == own["verdict"]
         assert by_name[name]["vae_carry"] == own["vae_carry"] and set(own["vae_carry"]) == set(SUBJECTS[name].backgrounds)
-        # The "runs" are the base model: nothing learned, and the verdict says so.
-        assert "subject_fidelity" in [f["measure"] for f in own["verdict"] if f["status"] == "miss"]
+        # The "runs" are the base model: nothing learned, and the verdict says so. Nor is anything learned at half
+        # the guidance (scored for both models), so it is sent to training, not to the sampler.
+        tuned, base = own["scores"]["personalized"], own["scores"]["base"]
+        assert tuned["subject_fidelity_at_lower_guidance"] < base["subject_fidelity_at_lower_guidance"] + 0.3
+        assert tuned["subject_match_at_lower_guidance"] == base["subject_match_at_lower_guidance"] == 0
+        missed = {f["measure"]: f for f in own["verdict"] if f["status"] == "miss"}
+        assert missed["subject_fidelity"]["next"] == LEARN_FIX
     assert summary["within_every_bound"] == 0
     assert "failed" in by_name["striped_circle"]["error"] and by_name["striped_circle"]["scores"] is None
     lines = {line.split()[0]: line for line in out.splitlines() if line.split()}
