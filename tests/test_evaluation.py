@@ -16,7 +16,7 @@ from dreambooth.cli import main
 from dreambooth.config import ConfigError
 from dreambooth.evaluation import runner
 from dreambooth.evaluation.shapes import (evaluate_subject, photographed_contexts, recontext_asks, score,
-                                          shown_at_sizes, subject_at_lower_guidance)
+                                          lower_guidance, shown_at_sizes, subject_at_lower_guidance)
 from dreambooth.shapes import SUBJECTS, Scene, caption, render, render_subject
 from dreambooth.shapes.world import PLACE_PHRASES
 
@@ -124,6 +124,9 @@ def test_the_bare_prompt_is_also_scored_at_half_the_guidance(references):
     base = subject_at_lower_guidance(OversaturatingPipe("base"), SUBJECT, references, "", guidance_scale=4.0,
                                      images_per_prompt=4)
     assert base["subject_match_at_lower_guidance"] == 0.0
+    # Half the guidance, but never below 1, where classifier-free guidance is off: nothing lower to score at 1.
+    assert [lower_guidance(g) for g in (7.5, 4.0, 2.0, 1.5, 1.0)] == [3.75, 2.0, 1.0, 1.0, None]
+    assert subject_at_lower_guidance(pipe, SUBJECT, references, V, guidance_scale=1.0, images_per_prompt=4) == {}
 
 
 def test_shown_at_sizes_weights_each_drawn_size_by_the_bare_prompts_sizes():

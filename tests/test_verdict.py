@@ -54,21 +54,31 @@ def test_an_unlearned_subject_is_blamed_on_the_vae_only_at_its_ceiling():
 
 
 def test_a_subject_drawn_as_itself_at_a_lower_guidance_is_sent_to_the_sampler_not_to_more_training():
-    report = shapes_report(subject_fidelity=0.40, vae_ceiling=0.84, subject_fidelity_at_lower_guidance=0.62)
-    report["settings"]["guidance_scale"] = 4.0
-    found = {f.measure: f for f in findings(report)}["subject_fidelity"]
+    def subject_finding(tuned_lower: float, base_lower: float | None = 0.21, base: bool = True, **personalized):
+        report = shapes_report(**{"subject_fidelity": 0.40, "vae_ceiling": 0.84,
+                                  "subject_fidelity_at_lower_guidance": tuned_lower} | personalized)
+        report["settings"] |= {"guidance_scale": 4.0, "lower_guidance_scale": 2.0}
+        if base_lower is not None:
+            report["scores"]["base"]["subject_fidelity_at_lower_guidance"] = base_lower
+        if not base:  # --no-base: the bound is 0.7 at either guidance
+            del report["scores"]["base"]
+        return {f.measure: f for f in findings(report)}["subject_fidelity"]
+
+    found = subject_finding(0.62)
     assert found.status == "miss" and found.next == GUIDANCE_FIX.format(run=4, lower=2)
-    assert "0.62 sampled at guidance 2" in found.text and "--guidance-scale 2 " in found.next
-    assert LEARN_FIX not in format_findings(findings(report))
-    report["scores"]["personalized"]["subject_fidelity_at_lower_guidance"] = 0.41  # not learned at either guidance
+    assert "; 0.62 sampled at guidance 2 (the base model's 0.21)" in found.text and "--guidance-scale 2 " in found.next
+    assert subject_finding(0.62, base_lower=0.35).next == LEARN_FIX  # the base model gains as much there
+    assert subject_finding(0.41).next == LEARN_FIX  # not drawn as itself at either guidance
+    assert subject_finding(0.62, base_lower=None).next == LEARN_FIX  # nothing to hold it against
+    # At the VAE's ceiling at the run's guidance, yet drawn as itself lower down: the sampler, not the VAE.
+    assert subject_finding(0.62, vae_ceiling=0.42).next == GUIDANCE_FIX.format(run=4, lower=2)
+    assert subject_finding(0.75, base=False).next == GUIDANCE_FIX.format(run=4, lower=2)
+    assert subject_finding(0.62, base=False).next == LEARN_FIX
+    report = shapes_report(subject_fidelity=0.40, subject_fidelity_at_lower_guidance=0.62)
+    report["scores"]["base"]["subject_fidelity_at_lower_guidance"] = 0.21
+    report["settings"]["guidance_scale"] = 4.0  # a report that does not say what the lower guidance was
     assert {f.measure: f for f in findings(report)}["subject_fidelity"].next == LEARN_FIX
-    report["scores"]["base"]["subject_fidelity_at_lower_guidance"] = 0.35  # the base model gains as much there
-    report["scores"]["personalized"]["subject_fidelity_at_lower_guidance"] = 0.62
-    assert {f.measure: f for f in findings(report)}["subject_fidelity"].next == LEARN_FIX
-    del report["scores"]["base"]["subject_fidelity_at_lower_guidance"]
-    del report["settings"]["guidance_scale"]  # a report that does not say what it sampled at
-    report["scores"]["personalized"]["subject_fidelity_at_lower_guidance"] = 0.62
-    assert {f.measure: f for f in findings(report)}["subject_fidelity"].next == LEARN_FIX
+    assert LEARN_FIX in format_findings(findings(report))
 
 
 def test_new_contexts_losing_the_subject_and_a_lost_class_prior_are_misses():

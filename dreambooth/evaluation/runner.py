@@ -272,6 +272,10 @@ def evaluate(options: EvalOptions) -> dict:
               "scores": scores}
     if scored.get("vae_carry") is not None:
         report["vae_carry"] = scored["vae_carry"]
+    if suite == "shapes":
+        from dreambooth.evaluation.shapes import lower_guidance
+
+        report["settings"]["lower_guidance_scale"] = lower_guidance(options.guidance_scale)
     report["verdict"] = [finding.as_dict() for finding in verdict.findings(report)]
     storage.write_bytes_atomic(options.report or storage.join(run.output, EVAL_RECORD),
                                json.dumps(report, indent=2).encode())

@@ -205,34 +205,46 @@ def shown_at_sizes(shown: Sequence[bool], sizes: Sequence[str], reference_sizes:
     return float(sum(weights[size] * np.mean(hits) for size, hits in covered.items()) / total)
 
 
-def _fidelity(images: Sequence[Image.Image], ref_features: Sequence[np.ndarray]) -> float:
-    """``SubjectReport.subject_fidelity``: mean ``subject_similarity`` over every (image, photo) pair."""
-    return float(np.mean([subject_similarity(subject_features(img), ref) for img in images for ref in ref_features]))
+def _bare_prompt_scores(images: Sequence[Image.Image], subject: Subject,
+                        ref_features: Sequence[np.ndarray]) -> tuple[float, list[bool]]:
+    """Subject fidelity of bare-prompt images (mean ``subject_similarity`` over every (image, photo) pair) and, per
+    image, whether the analyzers call it the subject."""
+    fidelity = float(np.mean([subject_similarity(subject_features(img), ref) for img in images for ref in ref_features]))
+    return fidelity, [is_subject(img, subject) for img in images]
 
 
 LOWER_GUIDANCE_FACTOR = 0.5
 """``subject_at_lower_guidance`` samples the bare prompt at this fraction of the eval's guidance (2 for the shapes
-recipe's 4). A strong guidance pushes a learned two-colour pattern's colours apart: the seed-2031 striped triangle,
-a MISS at guidance 4 (subject fidelity 0.40 with the VAE carrying it at 0.84) on every training lever tried (1800
-steps, twice the learning rate, larger photos, no triangle priors), is drawn with its dark stripes black and its
-purple ones white there, and as itself at 2 (14 of 16 images vs 2; benchmarks/RESULTS.md, round 24)."""
+recipe's 4), never below 1 (where classifier-free guidance turns off). A strong guidance pushes a learned
+two-colour pattern's colours apart: the seed-2031 green triangle with purple stripes, a MISS at guidance 4
+(subject fidelity 0.40, VAE ceiling 0.84) after 1800 steps and after twice the learning rate, is drawn there with
+its green stripes near black and its purple ones near white, and as in its photos at 2 (14 of 16 images show it,
+against 2 at 4; benchmarks/RESULTS.md, round 24)."""
+
+
+def lower_guidance(guidance_scale: float) -> float | None:
+    """The guidance ``subject_at_lower_guidance`` samples at for an eval at ``guidance_scale``; None where there is
+    no lower one that still guides (at 1 or below)."""
+    lower = max(1.0, guidance_scale * LOWER_GUIDANCE_FACTOR)
+    return lower if lower < guidance_scale else None
 
 
 def subject_at_lower_guidance(pipe, subject: Subject, references: Sequence[Image.Image], identifier: str, *,
                               guidance_scale: float, images_per_prompt: int = 8, seed: int = 0,
                               steps: int = INFERENCE_STEPS) -> dict[str, float]:
     """The bare prompt ("a [V] [class]") scored as ``evaluate_subject`` scores it, on the same seeds, but sampled at
-    ``LOWER_GUIDANCE_FACTOR`` of ``guidance_scale``: its ``subject_fidelity``, ``subject_match`` and that share's
-    standard error, each named ``..._at_lower_guidance``. Tells a subject the fine-tune did not learn from one the sampler's
-    guidance distorts, which more steps or a higher learning rate cannot fix (``verdict``)."""
-    lower = guidance_scale * LOWER_GUIDANCE_FACTOR
+    ``lower_guidance(guidance_scale)``: its ``subject_fidelity``, ``subject_match`` and that share's standard error,
+    each named ``..._at_lower_guidance`` (nothing where there is no lower guidance). Tells a subject the fine-tune
+    did not learn from one the sampler's guidance distorts, which more steps or a higher learning rate cannot fix
+    (``verdict``)."""
+    lower = lower_guidance(guidance_scale)
+    if lower is None:
+        return {}
     seeds = [seed + j for j in range(images_per_prompt)]
     noun = f"{identifier} {subject.class_noun}".strip()
-    images = generate(pipe, [f"a {noun}"] * len(seeds), seeds,
-                      steps=steps, guidance_scale=lower)
-    matched = [is_subject(i, subject) for i in images]
-    return {"subject_fidelity_at_lower_guidance": _fidelity(images, [subject_features(r) for r in references]),
-            "subject_match_at_lower_guidance": float(np.mean(matched)),
+    images = generate(pipe, [f"a {noun}"] * len(seeds), seeds, steps=steps, guidance_scale=lower)
+    fidelity, matched = _bare_prompt_scores(images, subject, [subject_features(r) for r in references])
+    return {"subject_fidelity_at_lower_guidance": fidelity, "subject_match_at_lower_guidance": float(np.mean(matched)),
             "subject_match_at_lower_guidance_stderr": rate_stderr(matched)}
 
 
@@ -276,10 +288,10 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
                for kind, value in zip(kinds, values)]
     carried_share, carried_stderr = _share_where(shown, [c is True for c in carried])
     uncarried_share, uncarried_stderr = _share_where(shown, [c is False for c in carried])
-    matched = [is_subject(i, subject) for i in subject_images]
+    fidelity, matched = _bare_prompt_scores(subject_images, subject, ref_features)
     subject_sizes = [analyze(i).size for i in subject_images]
     return SubjectReport(
-        subject_fidelity=_fidelity(subject_images, ref_features),
+        subject_fidelity=fidelity,
         subject_match=float(np.mean(matched)),
         prompt_fidelity=float(np.mean(asked)),
         recontext_subject_match=float(np.mean([a and s for a, s in zip(asked, shown)])),
