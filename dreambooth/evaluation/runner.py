@@ -13,7 +13,8 @@ suite, and writing ``<output>/eval.json``. Two suites:
                 distorts, not one training missed).
 ``dreambench``  for real models: the paper's DINO, CLIP-I and CLIP-T on the DreamBench prompt list of
                 the class (25 prompts), plus PRES as the DINO similarity of "a [class]" images to
-                the subject photos. Embedding models are hub ids or local folders.
+                the subject photos, and DINO of the bare prompt at half the guidance
+                (``dino_at_lower_guidance``). Embedding models are hub ids or local folders.
 
 With ``compare_base`` the base model is scored the same way on the same seeds, with the identifier
 left out of every prompt: what the model could do before personalization. The report's ``verdict``
@@ -209,11 +210,12 @@ def _shapes_suite(options: EvalOptions, run: RunInfo, pipes: dict) -> dict:
 def _dreambench_suite(options: EvalOptions, run: RunInfo, pipes: dict) -> dict:
     from dreambooth.evaluation.dreambench import dreambench_prompts, other_class_prompts
     from dreambooth.evaluation.embedding import EmbeddingScorer, strip_identifier
-    from dreambooth.evaluation.shapes import generate
+    from dreambooth.evaluation.shapes import generate, lower_guidance
 
     scorer = EmbeddingScorer(options.dino_model, options.clip_model)
     refs = _references(run)
     seeds = [options.seed + j for j in range(options.images_per_prompt)]
+    lower = lower_guidance(options.guidance_scale)
     results = {}
     for name, pipe in pipes.items():
         identifier = run.identifier if name == "personalized" else ""
@@ -228,6 +230,10 @@ def _dreambench_suite(options: EvalOptions, run: RunInfo, pipes: dict) -> dict:
         others = [p for p in other_class_prompts(run.class_noun) for _ in seeds]
         scores["other_class_clip_t"] = scorer.clip_t(generate(pipe, others, seeds * (len(others) // len(seeds)),
                                                               **sampler), others)
+        if lower is not None:  # the bare prompt at a lower guidance: a subject the guidance distorts (verdict)
+            bare = [f"a {f'{identifier} {run.class_noun}'.strip()}"] * len(seeds)
+            scores["dino_at_lower_guidance"] = scorer.dino(generate(pipe, bare, seeds, steps=options.num_inference_steps,
+                                                                    guidance_scale=lower), refs)
         results[name] = scores
     drift_ratios(results, DREAMBENCH_DRIFT)
     return {"scores": results}
@@ -272,10 +278,9 @@ def evaluate(options: EvalOptions) -> dict:
               "scores": scores}
     if scored.get("vae_carry") is not None:
         report["vae_carry"] = scored["vae_carry"]
-    if suite == "shapes":
-        from dreambooth.evaluation.shapes import lower_guidance
+    from dreambooth.evaluation.shapes import lower_guidance
 
-        report["settings"]["lower_guidance_scale"] = lower_guidance(options.guidance_scale)
+    report["settings"]["lower_guidance_scale"] = lower_guidance(options.guidance_scale)
     report["verdict"] = [finding.as_dict() for finding in verdict.findings(report)]
     storage.write_bytes_atomic(options.report or storage.join(run.output, EVAL_RECORD),
                                json.dumps(report, indent=2).encode())
