@@ -303,7 +303,7 @@ def test_eval_command_scores_a_run_with_the_dreambench_suite(dino_dir, tiny_clip
     assert report["settings"]["guidance_scale"] == 7.5 and report["settings"]["lower_guidance_scale"] == 3.75
     for scores in report["scores"].values():
         assert set(scores) == {"dino", "clip_i", "clip_t", "pres_dino", "other_class_clip_t", "other_prompt_fidelity",
-                               "dino_at_lower_guidance"}
+                               "dino_bare", "dino_bare_at_lower_guidance"}
         assert all(-1.0 <= v <= 1.0 for k, v in scores.items() if k != "other_prompt_fidelity")
     assert report["scores"]["base"]["other_prompt_fidelity"] == 1.0  # the ratio's reference
     assert report["scores"]["personalized"]["other_prompt_fidelity"] == pytest.approx(

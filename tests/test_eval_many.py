@@ -54,7 +54,8 @@ def test_eval_of_a_bulk_output_scores_each_finished_subject_and_lists_the_rest(b
         # The "runs" are the base model: nothing learned, and the verdict says so. Nor is anything learned at half
         # the guidance (scored for both models), so it is sent to training, not to the sampler.
         tuned, base = own["scores"]["personalized"], own["scores"]["base"]
-        assert tuned["subject_fidelity_at_lower_guidance"] < base["subject_fidelity_at_lower_guidance"] + 0.3
+        assert own["settings"]["lower_guidance_scale"] == own["settings"]["guidance_scale"] / 2  # 3.75 of 7.5
+        assert 0 < tuned["subject_fidelity_at_lower_guidance"] < base["subject_fidelity_at_lower_guidance"] + 0.3
         assert tuned["subject_match_at_lower_guidance"] == base["subject_match_at_lower_guidance"] == 0
         missed = {f["measure"]: f for f in own["verdict"] if f["status"] == "miss"}
         assert missed["subject_fidelity"]["next"] == LEARN_FIX

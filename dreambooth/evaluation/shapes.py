@@ -213,36 +213,17 @@ def _bare_prompt_scores(images: Sequence[Image.Image], subject: Subject,
     return fidelity, [is_subject(img, subject) for img in images]
 
 
-LOWER_GUIDANCE_FACTOR = 0.5
-"""``subject_at_lower_guidance`` samples the bare prompt at this fraction of the eval's guidance (2 for the shapes
-recipe's 4), never below 1 (where classifier-free guidance turns off). A strong guidance pushes a learned
-two-colour pattern's colours apart: the seed-2031 green triangle with purple stripes, a MISS at guidance 4
-(subject fidelity 0.40, VAE ceiling 0.84) after 1800 steps and after twice the learning rate, is drawn there with
-its green stripes near black and its purple ones near white, and as in its photos at 2 (14 of 16 images show it,
-against 2 at 4; benchmarks/RESULTS.md, round 24)."""
-
-
-def lower_guidance(guidance_scale: float) -> float | None:
-    """The guidance ``subject_at_lower_guidance`` samples at for an eval at ``guidance_scale``; None where there is
-    no lower one that still guides (at 1 or below)."""
-    lower = max(1.0, guidance_scale * LOWER_GUIDANCE_FACTOR)
-    return lower if lower < guidance_scale else None
-
-
 def subject_at_lower_guidance(pipe, subject: Subject, references: Sequence[Image.Image], identifier: str, *,
                               guidance_scale: float, images_per_prompt: int = 8, seed: int = 0,
                               steps: int = INFERENCE_STEPS) -> dict[str, float]:
     """The bare prompt ("a [V] [class]") scored as ``evaluate_subject`` scores it, on the same seeds, but sampled at
-    ``lower_guidance(guidance_scale)``: its ``subject_fidelity``, ``subject_match`` and that share's standard error,
-    each named ``..._at_lower_guidance`` (nothing where there is no lower guidance). Tells a subject the fine-tune
-    did not learn from one the sampler's guidance distorts, which more steps or a higher learning rate cannot fix
-    (``verdict``)."""
-    lower = lower_guidance(guidance_scale)
-    if lower is None:
-        return {}
+    ``guidance_scale``, a lower guidance than the eval's (``runner.lower_guidance``): its ``subject_fidelity``,
+    ``subject_match`` and that share's standard error, each named ``..._at_lower_guidance``. Tells a subject the
+    fine-tune did not learn from one the eval's guidance distorts, which more steps or a higher learning rate cannot
+    fix (``verdict``)."""
     seeds = [seed + j for j in range(images_per_prompt)]
     noun = f"{identifier} {subject.class_noun}".strip()
-    images = generate(pipe, [f"a {noun}"] * len(seeds), seeds, steps=steps, guidance_scale=lower)
+    images = generate(pipe, [f"a {noun}"] * len(seeds), seeds, steps=steps, guidance_scale=guidance_scale)
     fidelity, matched = _bare_prompt_scores(images, subject, [subject_features(r) for r in references])
     return {"subject_fidelity_at_lower_guidance": fidelity, "subject_match_at_lower_guidance": float(np.mean(matched)),
             "subject_match_at_lower_guidance_stderr": rate_stderr(matched)}
