@@ -73,6 +73,10 @@ def test_sample_command_writes_a_grid(tmp_path, capsys):
 
     layout = GridLayout(rows=2, cols=3, groups=1, cell=(128, 128), headers=False)  # 32 px, enlarged 4x
     assert Image.open(out).size == layout.size
+    # --prompt given once per prompt: every one is a row, not only the last.
+    assert main(["sample", "--model", "tiny", "--prompt", "a dog", "--prompt", "a cat", "--num-images", "3",
+                 "--steps", "2", "--resolution", "32", "--output", str(out)]) == 0
+    assert "2 prompt(s)" in capsys.readouterr().out and Image.open(out).size == layout.size
 
 
 @pytest.mark.ray

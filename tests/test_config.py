@@ -38,6 +38,15 @@ def test_flags_override_yaml_and_yaml_overrides_defaults(tmp_path):
     assert cfg.train.zero_stage == RunConfig().train.zero_stage  # default kept
 
 
+def test_a_list_flag_keeps_every_item_whether_given_once_or_once_per_item_and_alone_means_none():
+    parse = build_parser().parse_args
+    once = parse(["run", "--sample-prompts", "a {class_noun}", "a red {class_noun}"])
+    per_item = parse(["run", "--sample-prompts", "a {class_noun}", "--sample-prompts", "a red {class_noun}"])
+    assert once.sample_prompts == per_item.sample_prompts == ["a {class_noun}", "a red {class_noun}"]
+    assert parse(["run", "--extra-prior-prompts"]).extra_prior_prompts == []  # none, over the recipe's list
+    assert parse(["run"]).extra_prior_prompts is None  # not given: the recipe's or the default
+
+
 def test_unknown_key_suggests_the_right_one(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  learning_rat: 1\n")

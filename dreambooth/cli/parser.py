@@ -42,8 +42,9 @@ def _add_field_flag(parser: argparse.ArgumentParser, info: FieldInfo, flag: Opti
         parser.add_argument("--no-" + flag[2:], dest=info.name, action="store_const", const="false", help=argparse.SUPPRESS)
     elif typing.get_origin(tp) is list:
         # `*`, not `+`: a bare flag is the empty list, so a RayJob carrying the whole config can say
-        # "none" where the model's recipe lists some (e.g. --extra-prior-prompts).
-        parser.add_argument(flag, dest=info.name, nargs="*", default=None, metavar="TEXT",
+        # "none" where the model's recipe lists some (e.g. --extra-prior-prompts). `extend`: a flag given once
+        # per item keeps every item, not only the last.
+        parser.add_argument(flag, dest=info.name, nargs="*", action="extend", default=None, metavar="TEXT",
                             help=f"{help_text}; the flag alone means none")
     else:
         parser.add_argument(flag, dest=info.name, default=None, metavar=info.name.upper(), help=help_text)
@@ -170,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         'dreambooth sample --model runs/dog --prompt "a sks dog on the beach" --num-images 4 --output beach.png',
     )
     sample.add_argument("--model", required=True, help="personalized output folder/URI, hub id or built-in name")
-    sample.add_argument("--prompt", required=True, nargs="+", help="one or more prompts (one grid row each)")
+    sample.add_argument("--prompt", required=True, nargs="+", action="extend",
+                        help="one or more prompts (one grid row each): --prompt A B, or --prompt A --prompt B")
     sample.add_argument("--num-images", type=int, default=4, help="images per prompt")
     sample.add_argument("--seed", type=int, default=0, help="image j of each row uses seed + j")
     sample.add_argument("--steps", type=int, default=None,
