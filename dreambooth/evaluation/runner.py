@@ -227,7 +227,7 @@ def _shapes_suite(options: EvalOptions, run: RunInfo, pipes: dict, lower: float 
 def _dreambench_suite(options: EvalOptions, run: RunInfo, pipes: dict, lower: float | None) -> dict:
     from dreambooth.evaluation.dreambench import dreambench_prompts, other_class_prompts
     from dreambooth.evaluation.embedding import EmbeddingScorer, strip_identifier
-    from dreambooth.evaluation.shapes import generate
+    from dreambooth.evaluation.shapes import bare_prompt, generate
 
     scorer = EmbeddingScorer(options.dino_model, options.clip_model)
     refs = _references(run)
@@ -247,8 +247,7 @@ def _dreambench_suite(options: EvalOptions, run: RunInfo, pipes: dict, lower: fl
         scores["other_class_clip_t"] = scorer.clip_t(generate(pipe, others, seeds * (len(others) // len(seeds)),
                                                               **sampler), others)
         if lower is not None:  # the bare prompt at both guidances: a subject the guidance distorts (verdict)
-            noun = f"{identifier} {run.class_noun}".strip()
-            bare = [f"a {noun}"] * len(seeds)
+            bare = [bare_prompt(identifier, run.class_noun)] * len(seeds)
             scores["dino_bare"] = scorer.dino(generate(pipe, bare, seeds, **sampler), refs)
             scores["dino_bare_at_lower_guidance"] = scorer.dino(
                 generate(pipe, bare, seeds, **(sampler | {"guidance_scale": lower})), refs)

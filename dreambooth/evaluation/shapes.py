@@ -205,6 +205,11 @@ def shown_at_sizes(shown: Sequence[bool], sizes: Sequence[str], reference_sizes:
     return float(sum(weights[size] * np.mean(hits) for size, hits in covered.items()) / total)
 
 
+def bare_prompt(identifier: str, class_noun: str) -> str:
+    """ "a [V] [class]", or "a [class]" for a base model scored without an identifier (``identifier=""``)."""
+    return f"a {identifier} {class_noun}" if identifier else f"a {class_noun}"
+
+
 def _bare_prompt_scores(images: Sequence[Image.Image], subject: Subject,
                         ref_features: Sequence[np.ndarray]) -> tuple[float, list[bool]]:
     """Subject fidelity of bare-prompt images (mean ``subject_similarity`` over every (image, photo) pair) and, per
@@ -222,8 +227,8 @@ def subject_at_lower_guidance(pipe, subject: Subject, references: Sequence[Image
     fine-tune did not learn from one the eval's guidance distorts, which more steps or a higher learning rate cannot
     fix (``verdict``)."""
     seeds = [seed + j for j in range(images_per_prompt)]
-    noun = f"{identifier} {subject.class_noun}".strip()
-    images = generate(pipe, [f"a {noun}"] * len(seeds), seeds, steps=steps, guidance_scale=guidance_scale)
+    images = generate(pipe, [bare_prompt(identifier, subject.class_noun)] * len(seeds), seeds, steps=steps,
+                      guidance_scale=guidance_scale)
     fidelity, matched = _bare_prompt_scores(images, subject, [subject_features(r) for r in references])
     return {"subject_fidelity_at_lower_guidance": fidelity, "subject_match_at_lower_guidance": float(np.mean(matched)),
             "subject_match_at_lower_guidance_stderr": rate_stderr(matched)}
@@ -240,7 +245,8 @@ def evaluate_subject(pipe, subject: Subject, references: Sequence[Image.Image], 
     noun = f"{identifier} {subject.class_noun}".strip()
     seeds = [seed + j for j in range(images_per_prompt)]
     asks = recontext_asks(subject)
-    prompts = [f"a {noun}", f"a {subject.class_noun}"] + [f"a {noun}{suffix}" for suffix, _, _ in asks]
+    prompts = ([bare_prompt(identifier, subject.class_noun), f"a {subject.class_noun}"]
+               + [f"a {noun}{suffix}" for suffix, _, _ in asks])
     images = generate(pipe, [p for p in prompts for _ in seeds], seeds * len(prompts), **sampler)
     per_prompt = [images[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
     subject_images, class_images, recontext = per_prompt[0], per_prompt[1], per_prompt[2:]

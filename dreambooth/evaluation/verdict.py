@@ -135,13 +135,16 @@ def _subject_finding(tuned: dict, base: dict | None, guidance: float | None, low
     text = f"subject fidelity {fidelity:.2f}" + (f" vs the base model's {reference:.2f}" if base else "")
     if ceiling is not None:
         text += f" (the VAE's ceiling for this subject: {ceiling:.2f})"
-    if fidelity >= (0.7 if reference is None else reference + SHAPES_FIDELITY_GAIN):
+    def learned(value: float, base_value: float | None) -> bool:
+        return value >= (0.7 if base_value is None else base_value + SHAPES_FIDELITY_GAIN)
+
+    if learned(fidelity, reference):
         return Finding("subject_fidelity", "ok", text)
     fidelity_lower = tuned.get("subject_fidelity_at_lower_guidance")
     reference_lower = base.get("subject_fidelity_at_lower_guidance") if base else None
     measured_there = (fidelity_lower is not None and guidance and lower_scale
                       and (base is None or reference_lower is not None))
-    if measured_there and fidelity_lower >= (0.7 if base is None else reference_lower + SHAPES_FIDELITY_GAIN):
+    if measured_there and learned(fidelity_lower, reference_lower):
         at = f"{fidelity_lower:.2f} sampled at guidance {lower_scale:g}" + (f" (the base model's {reference_lower:.2f})"
                                                                              if base else "")
         return Finding("subject_fidelity", "miss", f"{text}; {at}",
