@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Collection, Iterator, Optional
 
@@ -272,6 +272,7 @@ class _Without(Collection[str]):
 
 def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> BulkReport:
     """Preflight every subject, generate shared priors once, train subjects on warm worker groups."""
+    options = replace(options, output=storage.absolute(options.output))  # Ray Train's storage is under it
     start = time.monotonic()
     results: dict[str, SubjectResult] = {name: SubjectResult(name, "pending", cfg.output) for name, cfg in planned}
     report = BulkReport([])

@@ -231,7 +231,7 @@ def resolve_model(model: str, revision: Optional[str] = None) -> str:
                 f"--model {model}: the folder has no model_index.json; pass a diffusers pipeline folder "
                 "(saved with save_pretrained) or a built-in name: " + ", ".join(BUILTIN_NAMES)
             )
-        return str(local)
+        return str(local.absolute())  # the training workers load it from another working directory
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise ConfigError(
             f"--model {model!r} is not a built-in name ({', '.join(BUILTIN_NAMES)}), not an existing "

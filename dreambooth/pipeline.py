@@ -117,6 +117,17 @@ def check_settings(cfg: RunConfig) -> None:
     require_optimizer(cfg.train)
 
 
+def _with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its local output, photo and prior folders absolute (``storage.absolute``): this runs
+    where the run does, so a relative path means this process's working directory, also on the workers."""
+    cfg.output = storage.absolute(cfg.output)
+    if cfg.subject.instance_dir:
+        cfg.subject.instance_dir = storage.absolute(cfg.subject.instance_dir)
+    if cfg.prior.prior_output:
+        cfg.prior.prior_output = storage.absolute(cfg.prior.prior_output)
+    return cfg
+
+
 def preflight(
     cfg: RunConfig,
     taken_identifiers: Collection[str] = frozenset(),
@@ -131,7 +142,7 @@ def preflight(
     config the stages after this read. ``keep_images=False`` checks the photos but does not keep them
     (bulk runs of thousands of subjects load each subject's photos again when it starts).
     """
-    cfg = validate(copy.deepcopy(cfg))
+    cfg = _with_absolute_paths(validate(copy.deepcopy(cfg)))
     check_settings(cfg)
     model_path = models.resolve_model(cfg.model, cfg.revision)
     cfg = models.with_native_resolution(cfg)  # before anything reads cfg.train.resolution

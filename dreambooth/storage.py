@@ -155,6 +155,15 @@ def check_writable(uri: str) -> None:
         raise PermissionError(f"cannot write to {uri} ({type(exc).__name__}: {reason}); pick a writable location") from None
 
 
+def absolute(uri: str) -> str:
+    """``uri`` with a plain local path made absolute against this process's working directory; any other
+    URI as it is. A path handed to Ray Train (its storage) or to training workers must be absolute: Ray
+    refuses a relative storage path, and a worker's working directory is not the driver's."""
+    if "://" in str(uri):
+        return str(uri)
+    return os.path.abspath(os.path.expanduser(str(uri)))
+
+
 def local_path(uri: str) -> str:
     """The absolute, symlink-resolved path of a local URI (``file://`` or a plain path)."""
     text = str(uri)[len("file://"):] if str(uri).startswith("file://") else str(uri)

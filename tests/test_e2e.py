@@ -67,7 +67,7 @@ def runs(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
-def test_zero2_end_to_end_then_second_subject_zero3_reuses_priors(ray_cluster, tiny_model_path, dog_dir, runs):
+def test_zero2_end_to_end_then_second_subject_zero3_reuses_priors(ray_cluster, tiny_model_path, dog_dir, runs, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
     out = runs / "dog"
@@ -116,12 +116,15 @@ def test_zero2_end_to_end_then_second_subject_zero3_reuses_priors(ray_cluster, t
     assert image.size == (32, 32)
 
     # A second subject of the same class: ZeRO-3, priors reused (nothing generated), weights gathered.
+    # Given as relative paths, as `make demo`'s config does: Ray Train refuses a relative storage path,
+    # and the workers do not share the driver's working directory.
     other_dir = runs / "dog2"
     shutil.copytree(dog_dir, other_dir)
     (other_dir / "04.jpg").unlink()
     out2 = runs / "dog2-out"
-    cfg2 = _config(instance_dir=str(other_dir), output=str(out2), zero_stage=3, identifier_seed=1,
-                   max_train_steps=4, validation_steps=2)
+    monkeypatch.chdir(runs)
+    cfg2 = _config(instance_dir="dog2", output="dog2-out", prior_output="priors",
+                   zero_stage=3, identifier_seed=1, max_train_steps=4, validation_steps=2)
     pipeline.execute(pipeline.preflight(cfg2))
     record2 = storage.read_json(str(out2 / RUN_RECORD))
     # Validation grids at the asked steps, from the sharded weights (ZeRO-3 gathers them for the render).
