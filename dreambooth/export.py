@@ -173,9 +173,10 @@ def trained_modules(base, trained_state: dict[str, torch.Tensor], device) -> dic
 
 
 def grid_settings(cfg: RunConfig) -> dict:
-    """How every grid of a run samples: its seed, the prior sampler's steps and guidance, its resolution."""
+    """How every grid of a run samples: its seed, the prior sampler's steps, the run's sample guidance, its
+    resolution."""
     return dict(num_images=max(1, cfg.export.num_sample_images), seed=cfg.train.seed,
-                num_inference_steps=cfg.prior.num_inference_steps, guidance_scale=cfg.prior.guidance_scale,
+                num_inference_steps=cfg.prior.num_inference_steps, guidance_scale=cfg.sample_guidance_scale,
                 resolution=cfg.train.resolution)
 
 

@@ -170,10 +170,18 @@ SAMPLER_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 7.5, "resolutio
 """Without a flag, a run record or a recipe: diffusers' usual 25 steps at guidance 7.5, native size."""
 
 
+def _as_sampler(settings: dict) -> dict:
+    """Flat run or recipe settings as the sampler reads them: the guidance is the sample grids' own
+    (``sample_guidance_scale``) where one is set, else the priors'."""
+    if settings.get("sample_guidance_scale") is None:
+        return settings
+    return settings | {"guidance_scale": settings["sample_guidance_scale"]}
+
+
 def sampler_settings(model: str, revision: Optional[str] = None, **flags) -> SamplerSettings:
     """Sampler settings for ``model``: the flags given (not None), then what a personalized output's
-    run used (its prior sampler and training resolution), then the model's recipe
-    (``dreambooth.yaml``), then ``SAMPLER_DEFAULTS``."""
+    run used (its prior sampler's steps, its sample grids' guidance and its training resolution), then
+    the model's recipe (``dreambooth.yaml``), then ``SAMPLER_DEFAULTS``."""
     from dreambooth.config import ConfigError
 
     layers: list[tuple[dict, str]] = []
@@ -182,10 +190,11 @@ def sampler_settings(model: str, revision: Optional[str] = None, **flags) -> Sam
             from dreambooth.export import read_run_record
 
             config = read_run_record(model).get("config", {})
-            layers.append(({**config.get("prior", {}), **config.get("train", {})}, f"{model}'s run"))
+            layers.append((_as_sampler({**config.get("prior", {}), **config.get("train", {}), **config.get("export", {})}),
+                           f"{model}'s run"))
     if not layers:
         try:
-            layers.append((models.read_recipe(models.resolve_model(model, revision), revision),
+            layers.append((_as_sampler(models.read_recipe(models.resolve_model(model, revision), revision)),
                            f"the {model} model's recipe"))
         except ConfigError:
             pass  # an unknown model: loading it reports that, with its fix

@@ -117,8 +117,29 @@ def test_sample_and_eval_take_their_sampler_from_flags_then_the_run_then_the_rec
     assert (run.num_inference_steps, run.guidance_scale, run.resolution) == (12, 2.5, 48)
     assert set(run.sources.values()) == {f"{output}'s run"}
     assert "12 steps" in run.describe() and "48 px" in run.describe()
-    shapes = sampler_settings("shapes")
-    assert (shapes.guidance_scale, shapes.resolution) == (4.0, 32)
+    # A run whose grids had a guidance of their own is sampled and scored at that one, not its priors'.
+    (output / "run.json").write_text(json.dumps({"config": {"prior": {"num_inference_steps": 12, "guidance_scale": 2.5},
+                                                            "export": {"sample_guidance_scale": 1.5}}}))
+    assert sampler_settings(str(output)).guidance_scale == 1.5
+    shapes = sampler_settings("shapes")  # its recipe: priors at 4, samples at 2
+    assert (shapes.guidance_scale, shapes.resolution) == (2.0, 32)
+    assert shapes.sources["guidance_scale"] == "the shapes model's recipe"
+
+
+def test_a_run_samples_its_grids_at_its_own_guidance_and_draws_its_priors_at_theirs(tmp_path, model_with_recipe):
+    from dreambooth.export import grid_settings
+    from dreambooth.priors import spec_from_config
+
+    shapes = ["--model", "shapes", "--instance-dir", REPO_SUBJECT, "--class-noun", "triangle", "--output", str(tmp_path / "o")]
+    cfg = _config(shapes)
+    assert (cfg.prior.guidance_scale, cfg.sample_guidance_scale, grid_settings(cfg)["guidance_scale"]) == (4.0, 2.0, 2.0)
+    assert cfg.sources["sample_guidance_scale"] == recipe_source("shapes")
+    assert spec_from_config(cfg, "DDPMScheduler").guidance_scale == 4.0  # the prior cache is keyed and drawn at the priors' guidance
+    flagged = _config([*shapes, "--sample-guidance-scale", "3"])
+    assert grid_settings(flagged)["guidance_scale"] == 3.0 and flagged.sources["sample_guidance_scale"] == "command-line flags"
+    # A recipe (or config) without one samples at the priors' guidance, as before the setting existed.
+    plain = _config(["--model", str(model_with_recipe), "--output", str(tmp_path / "p")])
+    assert plain.export.sample_guidance_scale is None and grid_settings(plain)["guidance_scale"] == 3.0
 
 
 def test_a_recipe_gives_its_own_settings_to_photos_without_captions(tmp_path, model_with_recipe):

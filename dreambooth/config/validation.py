@@ -214,6 +214,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         "--num-class-images must be >= 1 when --prior-loss-weight > 0 (prior preservation needs class images)",
     )
     check_range(cfg.export.num_sample_images, 0, 64, "--num-sample-images")
+    if cfg.export.sample_guidance_scale is not None:
+        check_range(cfg.export.sample_guidance_scale, 0, 100, "--sample-guidance-scale")
     check_range(cfg.export.validation_steps, 0, 10_000_000, "--validation-steps", " (0 = none)")
     _check(cfg.export.report_to in REPORT_TO,
            f"--report-to must be one of {', '.join(REPORT_TO)}, got {shorten(cfg.export.report_to)}")
