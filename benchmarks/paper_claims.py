@@ -80,7 +80,7 @@ def run(args) -> dict:
     base = load_components(model_path)
     sampler_scheduler = load_pipeline(model_path).scheduler
     results: dict[str, list[dict]] = {c: [] for c in CONDITIONS}
-    sample = dict(images_per_prompt=args.images_per_prompt, steps=args.sampling_steps, guidance_scale=args.guidance)
+    sample = dict(images_per_prompt=args.images_per_prompt, steps=args.sampling_steps, guidance_scale=args.sample_guidance)
     for name in args.subjects:
         subject = SUBJECTS[name]
         folder = REPO / "examples" / "subjects" / name
@@ -202,7 +202,9 @@ def main() -> None:
     parser.add_argument("--num-priors", type=int, help="class-prior images per subject (default: the recipe's)")
     parser.add_argument("--images-per-prompt", type=int, default=8)
     parser.add_argument("--sampling-steps", type=int, help="default: the recipe's")
-    parser.add_argument("--guidance", type=float, help="of priors and evaluation images (default: the recipe's)")
+    parser.add_argument("--guidance", type=float, help="of the priors (default: the recipe's)")
+    parser.add_argument("--sample-guidance", type=float,
+                        help="of the evaluation images (default: the recipe's sample guidance, else --guidance)")
     parser.add_argument("--resolution", type=int, help="default: the recipe's")
     parser.add_argument("--quick", action="store_true", help="CI: 1 subject, 1 seed, 4 steps, 2 images per prompt")
     parser.add_argument("--figure", help=f"PNG to write (default: {FIGURE.relative_to(REPO)}; with --quick or "
@@ -217,13 +219,18 @@ def main() -> None:
                      ("num_priors", "num_class_images"), ("resolution", "resolution")):
         if getattr(args, arg) is None:
             setattr(args, arg, recipe.get(key))
+    if args.sample_guidance is None:
+        args.sample_guidance = recipe.get("sample_guidance_scale")
+        if args.sample_guidance is None:
+            args.sample_guidance = args.guidance
     args.extra_prior_prompts = recipe.get("extra_prior_prompts", [])  # priors of other captions, as the recipe makes them
     args.extra_prior_share = recipe.get("extra_prior_share", 0.0)
     args.unconditional_prior_share = recipe.get("unconditional_prior_share", 0.0)
     args.bare_prompt_with_captions = recipe.get("bare_prompt_with_captions", False)
     args.background_swap = recipe.get("background_swap", 0.0)
     print("recipe: " + ", ".join(f"{k} {v}" for k, v in vars(args).items() if k in (
-        "steps", "learning_rate", "text_encoder_learning_rate", "num_priors", "guidance", "sampling_steps", "resolution",
+        "steps", "learning_rate", "text_encoder_learning_rate", "num_priors", "guidance", "sample_guidance",
+        "sampling_steps", "resolution",
         "extra_prior_share", "unconditional_prior_share", "bare_prompt_with_captions", "background_swap"))
           + f", {len(args.extra_prior_prompts)} extra prior prompts")
     if args.quick:
