@@ -270,11 +270,25 @@ class _Without(Collection[str]):
         return len(self._taken) - (self._own in self._taken)
 
 
+def check_cluster_paths(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> None:
+    """Refuse relative local paths in jobs bound for a cluster (`submit`): a job resolves them in its own
+    temporary working directory on one pod, so outputs would vanish with it and photos not be found."""
+    named = [("--output", options.output)]
+    for name, cfg in planned:
+        named += [(f"subject {name}'s instance_dir", cfg.subject.instance_dir), ("--prior-output", cfg.prior.prior_output)]
+    for what, path in named:
+        if path and storage.absolute(path) != path:
+            raise ConfigError(f"{what} {path} is a relative path, which a job on the cluster would resolve in its own "
+                              "temporary working directory: pass an absolute path on storage every pod mounts, or a "
+                              f"URI such as s3://bucket/{path.lstrip('./')}")
+
+
 def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> BulkReport:
     """Preflight every subject, generate shared priors once, train subjects on warm worker groups."""
     options = replace(options, output=storage.absolute(options.output))  # Ray Train's storage is under it
     start = time.monotonic()
-    results: dict[str, SubjectResult] = {name: SubjectResult(name, "pending", cfg.output) for name, cfg in planned}
+    # Absolute in the summary too: `eval --output <bulk root>` reads the subjects' outputs from it, from anywhere.
+    results = {name: SubjectResult(name, "pending", storage.absolute(cfg.output)) for name, cfg in planned}
     report = BulkReport([])
     writer = SummaryWriter(options)
 
@@ -300,13 +314,13 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
         if index and index % PROGRESS_EVERY == 0:
             log.info("preflight: %d of %d subjects checked", index, len(planned))
         if done_ids[name] is not None and not cfg.overwrite:
-            results[name] = SubjectResult(name, "skipped", cfg.output, identifier=done_ids[name])
+            results[name] = SubjectResult(name, "skipped", storage.absolute(cfg.output), identifier=done_ids[name])
             continue
         own = resumed_ids.get(name) or cfg.subject.identifier
         try:
             prepared = pipeline.preflight(cfg, _Without(taken, own), keep_images=False, drawers=drawers)
         except (SubjectError, ConfigError, storage.StorageError, PermissionError) as exc:
-            results[name] = SubjectResult(name, "failed", cfg.output, error=f"{type(exc).__name__}: {exc}")
+            results[name] = SubjectResult(name, "failed", storage.absolute(cfg.output), error=f"{type(exc).__name__}: {exc}")
             continue
         chosen = prepared.config.subject.identifier
         if distinct:

@@ -160,7 +160,7 @@ class SamplerSettings:
     """``{setting: "flag" | "<output>'s run" | "the <model> model's recipe" | "default"}``."""
 
     def describe(self) -> str:
-        """"25 steps (default), guidance 4 (the shapes model's recipe), 32 px (...)"."""
+        """"25 steps (default), guidance 2 (the shapes model's recipe), 32 px (...)"."""
         shown = {"num_inference_steps": f"{self.num_inference_steps} steps", "guidance_scale":
                  f"guidance {self.guidance_scale:g}", "resolution": f"{self.resolution or 'native'} px"}
         return ", ".join(f"{text} ({self.sources[name]})" for name, text in shown.items())

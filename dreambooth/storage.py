@@ -159,9 +159,12 @@ def absolute(uri: str) -> str:
     """``uri`` with a plain local path made absolute against this process's working directory; any other
     URI as it is. A path handed to Ray Train (its storage) or to training workers must be absolute: Ray
     refuses a relative storage path, and a worker's working directory is not the driver's."""
-    if "://" in str(uri):
-        return str(uri)
-    return os.path.abspath(os.path.expanduser(str(uri)))
+    text = str(uri)
+    if text.startswith("file://"):
+        return "file://" + absolute(text[len("file://"):])
+    if "://" in text:
+        return text
+    return os.path.abspath(os.path.expanduser(text))
 
 
 def local_path(uri: str) -> str:

@@ -94,7 +94,7 @@ def test_submit_is_idempotent_and_status_reads_kuberay_state(cluster_api, tmp_pa
     from dreambooth.config import all_fields
 
     full = _flags(jobs["dog"]["spec"]["entrypoint"])
-    unset = {"revision", "text_encoder_learning_rate", "snr_gamma"}  # optional and left unset here: None has no flag
+    unset = {"revision", "text_encoder_learning_rate", "snr_gamma", "sample_guidance_scale"}  # optional and unset here: None has no flag
     assert {f"--{n.replace('_', '-')}" for n in all_fields() if n not in unset} <= set(full)
     assert not unset & {flag[2:].replace("-", "_") for flag in full}
     assert full["--use-gpu"] == ["true"] and full["--model"] == ["tiny"]

@@ -40,9 +40,10 @@ def test_demo_personalizes_two_tone_triangle_and_eval_beats_the_base(ray_cluster
     samples, before_after = Image.open(out / "samples.png"), Image.open(out / "before_after.png")
     assert before_after.height > samples.height and before_after.width > 2 * samples.width  # + headers
 
-    # 64 images per prompt: at 8 one image moves a share by 0.125, too coarse for bounds 0.1 wide. Sampled at
-    # the recipe's guidance 4 (before it sampled at 2), this subject's match read 0.22 ± 0.07 at 32 images, on
-    # its 3-standard-error line. The eval takes about 350 s of this test's 550 s here.
+    # 64 images per prompt: at 8 one image moves a share by 0.125, too coarse for bounds 0.1 wide. At the
+    # priors' guidance 4 (what the demo sampled at before the recipe's sample guidance of 2), this subject's
+    # match read 0.22 ± 0.07 at 32 images, on its 3-standard-error line. The eval takes about 350 s of this
+    # test's 550 s here.
     assert main(["eval", "--output", str(out), "--images-per-prompt", "64"]) == 0
     report = json.loads((out / "eval.json").read_text())
     tuned, base = report["scores"]["personalized"], report["scores"]["base"]

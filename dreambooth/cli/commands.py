@@ -82,17 +82,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_prior(args: argparse.Namespace) -> int:
-    from dreambooth import cluster, models, priors
+    from dreambooth import cluster, models, priors, storage
 
     cfg = config_from_args(args, PRIOR_FIELDS)
     if not cfg.prior.prior_output:
         raise ConfigError("--output is empty; pass where the prior shards should go")
+    cfg.prior.prior_output = storage.absolute(cfg.prior.prior_output)  # the generation actors write it, from elsewhere
     validate_generation(cfg)
     model_path = models.resolve_model(cfg.model, cfg.revision)
     cfg = models.with_native_resolution(cfg)
-    from dreambooth.storage import check_writable
-
-    check_writable(cfg.prior_root)
+    storage.check_writable(cfg.prior_root)
     cluster.connect()
     spec = priors.spec_from_config(cfg, models.scheduler_class_name(model_path))
     result = priors.generate(
@@ -268,6 +267,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     options = _bulk_options(args)
     planned = bulk.plan(options, _run_flags(args), args.config, check_paths=False, base={"use_gpu": "true"})
+    bulk.check_cluster_paths(options, planned)
     bulk_run = args.bulk_run or kube.default_bulk_run(args.manifest)
     spec = kube.load_cluster_spec(args.ray_cluster_spec) if args.ray_cluster_spec else None
     per_subject = args.layout == "per-subject"

@@ -180,7 +180,8 @@ def drift_ratios(scores: dict, pairs: dict[str, str]) -> None:
 
 
 LOWER_GUIDANCE_FACTOR = 0.5
-"""The bare prompt is scored again at this fraction of the eval's guidance (2 for the shapes recipe's 4). A strong
+"""The bare prompt is scored again at this fraction of the eval's guidance (1, no guidance, for the shapes recipe's
+sampling guidance of 2; 2 for its priors' 4). A strong
 guidance can push a learned two-colour pattern's colours apart: the seed-2031 green triangle with purple stripes, a
 MISS at guidance 4 (subject fidelity 0.40, VAE ceiling 0.84) after 1800 steps and after twice the learning rate, is
 drawn there with its green stripes near black and its purple ones near white, and as in its photos at 2 (14 of 16

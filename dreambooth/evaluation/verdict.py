@@ -62,7 +62,8 @@ LEARN_FIX = "learn more of the subject: more --max-train-steps or a higher --lea
 GUIDANCE_FIX = ("sample it at a lower guidance: there it is drawn closer to its photos, and guidance {run:g} distorts "
                 "it (on the shapes model a striped subject missed at 4 after more steps and after twice the learning "
                 "rate: its colours pushed apart, and drawn as itself at 2; benchmarks/RESULTS.md, round 24); pass "
-                "--guidance-scale {lower:g} to `dreambooth sample` and `dreambooth eval` rather than training more")
+                "--guidance-scale {lower:g} to `dreambooth sample` and `dreambooth eval` rather than training more (and "
+                "--sample-guidance-scale {lower:g} to a run, for its grids)")
 CONTEXT_FIX = ("keep the subject in new contexts: if the photos have no captions, caption each with what else it shows "
                "(a .txt beside it, \"a {identifier} {class_noun} on a blue background\") and train with "
                "--bare-prompt-with-captions and twice the --max-train-steps (the shapes recipe does for captioned "
