@@ -226,7 +226,7 @@ VARIANTS: dict[str, Recipe] = {
         dataclasses.replace(CAPTIONED_AND_SWAPPED, background_swap=0.0, steps=1200),
     "96 + 32 + 32 unconditional, lr 3e-4, te lr 5e-5, 1200 steps, size-free captioned and bare photos":
         dataclasses.replace(CAPTIONED_AND_SWAPPED, background_swap=0.0, steps=1200, text_encoder_learning_rate=5e-5),
-    # Round 25: at 1200 steps each of the 160 priors is trained on about 7 times; twice as many, each half as often,
+    # Round 25: at 1200 steps (2 priors a step) each of the 160 priors is trained on 15 times; twice as many, half as often,
     # for the class a user check saw drift on new square subjects (`--num-class-images 320`: 0.50 → 0.93, one run).
     "192 + 64 + 64 unconditional, lr 3e-4, te lr 5e-5, 1200 steps, size-free captioned and bare photos":
         dataclasses.replace(CAPTIONED_AND_SWAPPED, background_swap=0.0, steps=1200, text_encoder_learning_rate=5e-5,

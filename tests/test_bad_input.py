@@ -275,7 +275,7 @@ CASES = [
     Case("resume-with-other-settings", "accepted nonsense", unfinished_run, "holds the checkpoints of an unfinished run (step 2) trained with other settings: learning_rate 5e-06 there, 0.0001 now"),
     Case("weight-decay-infinite", "accepted nonsense", lambda t, d: run_args(t, d, "--adam-weight-decay", "inf"), "must be a finite number"),
     Case("guidance-nan", "accepted nonsense", lambda t, d: run_args(t, d, "--guidance-scale", "NaN"), "must be a finite number"),
-    Case("sample-guidance-negative", "accepted nonsense", lambda t, d: run_args(t, d, "--sample-guidance-scale", "-1"), "--sample-guidance-scale must be between 0 and 100, got -1"),
+    Case("run-sample-guidance-negative", "accepted nonsense", lambda t, d: run_args(t, d, "--sample-guidance-scale", "-1"), "--sample-guidance-scale must be between 0 and 100, got -1"),
     Case("learning-rate-infinite", "accepted nonsense", lambda t, d: run_args(t, d, "--learning-rate", "inf"), "must be a finite number"),
     Case("weight-decay-out-of-range", "accepted nonsense", lambda t, d: run_args(t, d, "--adam-weight-decay", "5"), "--adam-weight-decay must be between 0 and 1"),
     Case("bulk-max-concurrent-negative", "accepted nonsense", lambda t, d: manifest(t, d, [sub("a", d)]) + ["--max-concurrent", "-1"], "--max-concurrent must be between"),
