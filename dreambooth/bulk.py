@@ -28,6 +28,7 @@ report every subject.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -277,10 +278,13 @@ def check_cluster_paths(options: BulkOptions, planned: list[tuple[str, RunConfig
     for name, cfg in planned:
         named += [(f"subject {name}'s instance_dir", cfg.subject.instance_dir), ("--prior-output", cfg.prior.prior_output)]
     for what, path in named:
-        if path and storage.absolute(path) != path:
-            raise ConfigError(f"{what} {path} is a relative path, which a job on the cluster would resolve in its own "
-                              "temporary working directory: pass an absolute path on storage every pod mounts, or a "
-                              f"URI such as s3://bucket/{path.lstrip('./')}")
+        local = path[len("file://"):] if path.startswith("file://") else None if "://" in path else path
+        if not local or os.path.isabs(local):
+            continue
+        where = ("~ is this machine's home, not the pod's" if local.startswith("~") else
+                 "a job on the cluster would resolve it in its own temporary working directory")
+        raise ConfigError(f"{what} {path} is a relative path: {where}; pass an absolute path on storage every pod "
+                          f"mounts, or a URI such as s3://bucket/{local.lstrip('./~')}")
 
 
 def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> BulkReport:

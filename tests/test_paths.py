@@ -54,3 +54,6 @@ def test_submit_refuses_relative_paths_a_cluster_job_would_resolve_in_its_own_fo
     assert main([*argv, "--output", "s3://b/runs", "--prior-output", "cache"]) == 2
     assert "--prior-output cache is a relative path" in capsys.readouterr().err
     assert main([*argv, "--output", "s3://b/runs", "--prior-output", "/mnt/shared/cache"]) == 0  # absolute: allowed
+    assert main([*argv, "--output", "/mnt/shared/runs/", "--prior-output", "/mnt/shared/./cache/"]) == 0  # untidy, still absolute
+    assert main([*argv, "--output", "~/runs"]) == 2
+    assert "~ is this machine's home, not the pod's" in capsys.readouterr().err
