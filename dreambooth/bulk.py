@@ -292,7 +292,8 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
     options = replace(options, output=storage.absolute(options.output))  # Ray Train's storage is under it
     start = time.monotonic()
     # Absolute in the summary too: `eval --output <bulk root>` reads the subjects' outputs from it, from anywhere.
-    results = {name: SubjectResult(name, "pending", storage.absolute(cfg.output)) for name, cfg in planned}
+    outputs = {name: storage.absolute(cfg.output) for name, cfg in planned}
+    results = {name: SubjectResult(name, "pending", outputs[name]) for name, _ in planned}
     report = BulkReport([])
     writer = SummaryWriter(options)
 
@@ -318,13 +319,13 @@ def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> Bulk
         if index and index % PROGRESS_EVERY == 0:
             log.info("preflight: %d of %d subjects checked", index, len(planned))
         if done_ids[name] is not None and not cfg.overwrite:
-            results[name] = SubjectResult(name, "skipped", storage.absolute(cfg.output), identifier=done_ids[name])
+            results[name] = SubjectResult(name, "skipped", outputs[name], identifier=done_ids[name])
             continue
         own = resumed_ids.get(name) or cfg.subject.identifier
         try:
             prepared = pipeline.preflight(cfg, _Without(taken, own), keep_images=False, drawers=drawers)
         except (SubjectError, ConfigError, storage.StorageError, PermissionError) as exc:
-            results[name] = SubjectResult(name, "failed", storage.absolute(cfg.output), error=f"{type(exc).__name__}: {exc}")
+            results[name] = SubjectResult(name, "failed", outputs[name], error=f"{type(exc).__name__}: {exc}")
             continue
         chosen = prepared.config.subject.identifier
         if distinct:

@@ -261,8 +261,9 @@ class ExportConfig:
     """Classifier-free guidance of the run's sample grids (``before_after.png``, validation grids) and
     the default of ``dreambooth sample`` and ``dreambooth eval`` on its output (set in a model's recipe:
     also of ``sample`` on that model); None: the priors' ``guidance_scale``, so a recipe that sets it
-    keeps it when ``--guidance-scale`` changes the priors'. The priors need a guidance that draws the class cleanly; the personalized model
-    may draw its subject truer at a lower one (shapes: 2 against the priors' 4)."""
+    keeps it when ``--guidance-scale`` changes the priors'. The priors need a guidance that draws the
+    class cleanly; the personalized model may draw its subject truer at a lower one (shapes: 2 against
+    the priors' 4)."""
 
     keep_checkpoints: bool = False
     """Keep ``<output>/checkpoints`` after a successful export (they hold optimizer state)."""
