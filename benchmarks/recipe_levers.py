@@ -232,12 +232,14 @@ VARIANTS: dict[str, Recipe] = {
         dataclasses.replace(CAPTIONED_AND_SWAPPED, background_swap=0.0, steps=1200, text_encoder_learning_rate=5e-5,
                             num_priors=192, caption_priors=64, unconditional_priors=64),
 }
-CHOSEN = "96 + 32 + 32 unconditional, lr 3e-4, te lr 5e-5, 1200 steps, size-free captioned and bare photos"
-"""The shapes model's shipped recipe (``dreambooth/data/shapes/dreambooth.yaml``) for captioned photos, from round 23:
-round 14's with each photo on its caption beside the bare prompt, for twice the steps, and the text encoder at
-half the rate. On the 36 runs: new contexts − bare prompt −0.004 ± 0.021 (round 14's −0.032 ± 0.023), subject
-fidelity 0.77, class 0.92, other prompts 0.92 (0.96, 0.95). See RESULTS.md, round 23, and
-``CHOSEN_WITHOUT_CAPTIONS`` for how it came to be."""
+CHOSEN = "192 + 64 + 64 unconditional, lr 3e-4, te lr 5e-5, 1200 steps, size-free captioned and bare photos"
+"""The shapes model's shipped recipe (``dreambooth/data/shapes/dreambooth.yaml``) for captioned photos, from round 26:
+round 23's (round 14's with each photo on its caption beside the bare prompt, for twice the steps, and the text
+encoder at half the rate) with twice its 160 priors, so that 1200 steps train on each 7.5 times, as round 14's 600
+did. Round 23 on 36 runs at guidance 4: new contexts − bare prompt −0.004 ± 0.021 (round 14's −0.032 ± 0.023),
+subject fidelity 0.77, class 0.92, other prompts 0.92 (0.96, 0.95). Twice the priors against it on 20 runs at
+guidance 2 (round 25): class 0.9 of the base or more on 19 runs against 13, other prompts +0.017 ± 0.008, subject
+fidelity −0.007 ± 0.015. See RESULTS.md, rounds 23-26, and ``CHOSEN_WITHOUT_CAPTIONS`` for how it came to be."""
 CHOSEN_WITHOUT_CAPTIONS = "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps"
 """The shapes model's recipe for photos without captions (the recipe file's ``without_captions`` section), shipped for
 all photos in rounds 14-22. Rounds 1-3 were chosen on the

@@ -208,6 +208,15 @@ def _materialize_builtin(name: str) -> Path:
     return target
 
 
+def local_model_folder(model: str) -> Optional[Path]:
+    """``model`` as the local folder ``resolve_model`` would load (not made absolute), or None for a built-in
+    name or a hub id."""
+    if not model or model in BUILTIN_NAMES:
+        return None
+    local = Path(model).expanduser()
+    return local if local.exists() else None
+
+
 def resolve_model(model: str, revision: Optional[str] = None) -> str:
     """Return a path or hub id that ``from_pretrained`` accepts, or raise ConfigError.
 
@@ -224,8 +233,8 @@ def resolve_model(model: str, revision: Optional[str] = None) -> str:
                 "reinstall the package, or rebuild them with `python -m ray_jobs.pretrain_shapes --ship`"
             )
         return str(folder)
-    local = Path(model).expanduser()
-    if local.exists():
+    local = local_model_folder(model)
+    if local is not None:
         if not (local / "model_index.json").is_file():
             raise ConfigError(
                 f"--model {model}: the folder has no model_index.json; pass a diffusers pipeline folder "

@@ -118,9 +118,12 @@ def check_settings(cfg: RunConfig) -> None:
 
 
 def _with_absolute_paths(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with its local output, photo and prior folders absolute (``storage.absolute``): this runs
-    where the run does, so a relative path means this process's working directory, also on the workers."""
+    """``cfg`` with its local output, photo, prior and model folders absolute (``storage.absolute``): this
+    runs where the run does, so a relative path means this process's working directory, also on the workers
+    (and for ``eval`` on the run later, from anywhere: ``run.json`` records the model as the run read it)."""
     cfg.output = storage.absolute(cfg.output)
+    if models.local_model_folder(cfg.model) is not None:
+        cfg.model = storage.absolute(cfg.model)
     if cfg.subject.instance_dir:
         cfg.subject.instance_dir = storage.absolute(cfg.subject.instance_dir)
     if cfg.prior.prior_output:

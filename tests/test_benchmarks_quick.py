@@ -149,11 +149,19 @@ def test_recipe_search_chosen_variant_is_the_shapes_models_shipped_recipe(monkey
     assert not (chosen.captioned_and_bare and chosen.captions_name_size)
     # Photos without captions: the recipe file's without_captions section is the variant measured on bare photos.
     bare, uncaptioned = VARIANTS[CHOSEN_WITHOUT_CAPTIONS], {**train, **recipe["without_captions"]["train"]}
-    assert set(recipe["without_captions"]) == {"train"} and not (bare.captioned or bare.captioned_and_bare)
+    assert set(recipe["without_captions"]) <= {"train", "prior"} and not (bare.captioned or bare.captioned_and_bare)
     assert (uncaptioned["learning_rate"], uncaptioned["text_encoder_learning_rate"], uncaptioned["max_train_steps"]) == (
         bare.learning_rate, bare.text_encoder_learning_rate, bare.steps)
-    assert dataclasses.replace(bare, text_encoder_learning_rate=None, steps=0) == dataclasses.replace(
-        chosen, text_encoder_learning_rate=None, steps=0, captioned_and_bare=False, captions_name_size=True)
+    bare_total = {**prior, **recipe["without_captions"].get("prior", {})}["num_class_images"]
+    assert bare_total == bare.num_priors + bare.caption_priors + bare.unconditional_priors
+    assert round(prior["extra_prior_share"] * bare_total) == bare.caption_priors
+    assert round(prior.get("unconditional_prior_share", 0) * bare_total) == bare.unconditional_priors
+    # Its caption priors cycle through the first of the recipe's prompts: the bare variant's captions.
+    assert prior["extra_prior_prompts"][:bare.caption_priors] == extra_prior_captions(bare.caption_priors)
+    priors = ("num_priors", "caption_priors", "unconditional_priors")
+    assert dataclasses.replace(bare, text_encoder_learning_rate=None, steps=0, **dict.fromkeys(priors, 0)) == (
+        dataclasses.replace(chosen, text_encoder_learning_rate=None, steps=0, captioned_and_bare=False,
+                            captions_name_size=True, **dict.fromkeys(priors, 0)))
 
 
 def test_recipe_search_pools_a_variants_seeds_with_the_standard_error_of_each_mean(monkeypatch):

@@ -35,12 +35,13 @@ def test_preflight_makes_the_outputs_photos_priors_and_model_absolute(tmp_path, 
     resolved = prepared.config
     assert (resolved.output, resolved.subject.instance_dir) == (str(tmp_path / "runs" / "x"), str(tmp_path / "photos"))
     assert resolved.prior_root == str(tmp_path / "cache") and prepared.model_path == str(tmp_path / "model")
+    assert resolved.model == str(tmp_path / "model")  # as run.json records it: `eval` loads the base from anywhere
     assert cfg.output == "runs/x"  # the caller's config is not written
     default_cache = pipeline.preflight(config_from_args(build_parser().parse_args(argv[:-2]), list(all_fields())))
     assert default_cache.config.prior_root == str(tmp_path / "runs" / "priors")
 
 
-def test_submit_refuses_relative_paths_a_cluster_job_would_resolve_in_its_own_folder(tmp_path, capsys):
+def test_submit_refuses_relative_paths_a_cluster_job_would_resolve_in_its_own_folder(tmp_path, capsys, monkeypatch):
     manifest = tmp_path / "m.yaml"
     manifest.write_text("subjects:\n  - {name: a, instance_dir: photos/a, class_noun: dog}\n")
     argv = ["submit", "--manifest", str(manifest), "--namespace", "ml", "--cluster", "db", "--model", "tiny", "--image", "db:1", "--dry-run",
@@ -57,3 +58,9 @@ def test_submit_refuses_relative_paths_a_cluster_job_would_resolve_in_its_own_fo
     assert main([*argv, "--output", "/mnt/shared/runs/", "--prior-output", "/mnt/shared/./cache/"]) == 0  # untidy, still absolute
     assert main([*argv, "--output", "~/runs"]) == 2
     assert "~ is this machine's home, not the pod's" in capsys.readouterr().err
+    # A model folder here, named relatively, is refused; a hub id (also without a leading /) is not a path.
+    shutil.copytree(models.resolve_model("tiny"), tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--output", "s3://b/runs", "--model", "model"]) == 2
+    assert "--model model is a relative path" in capsys.readouterr().err
+    assert main([*argv, "--output", "s3://b/runs", "--model", str(tmp_path / "model")]) == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth import pipeline
+from dreambooth import pipeline, priors
 from dreambooth.cli import build_parser, config_from_args
 from dreambooth.config import ConfigError, TrainConfig, all_fields, validate
 from dreambooth.models import NATIVE_RESOLUTION_SOURCE, RECIPE_FILE, recipe_source
@@ -83,6 +83,11 @@ def test_shapes_runs_with_nothing_but_subject_and_output(tmp_path):
     assert (uncaptioned.train.max_train_steps, uncaptioned.train.text_encoder_learning_rate) == (600, 1e-4)
     assert uncaptioned.sources["max_train_steps"] == recipe_source("shapes", without_captions=True)
     assert uncaptioned.train.learning_rate == 3e-4 and uncaptioned.sources["learning_rate"] == recipe_source("shapes")
+    # Each recipe trains on each prior 7.5 times (steps x 2 / priors), from one cache: the bare one reads its first seeds.
+    assert (prepared.config.prior.num_class_images, uncaptioned.prior.num_class_images) == (320, 160)
+    assert uncaptioned.sources["num_class_images"] == recipe_source("shapes", without_captions=True)
+    scheduler = "DDPMScheduler"
+    assert priors.spec_from_config(uncaptioned, scheduler).key() == priors.spec_from_config(prepared.config, scheduler).key()
 
 
 def test_a_bare_list_flag_empties_what_the_recipe_lists(tmp_path):

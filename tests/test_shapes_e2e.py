@@ -71,8 +71,8 @@ def test_demo_personalizes_two_tone_triangle_and_eval_beats_the_base(ray_cluster
     verdict = {finding["measure"]: finding["status"] for finding in report["verdict"]}
     assert {verdict[m] for m in ("subject_fidelity", "recontext_shown", "class_fidelity", "other_prompt_fidelity")} == {"ok"}
     recorded = record["priors"]
-    assert recorded["extra_prompts"] == 32 and recorded["images"] == 160  # the recipe's captions and priors
-    assert recorded["unconditional_share"] == 0.2  # 32 of them drawn for, and trained on, the empty prompt
+    assert recorded["extra_prompts"] == 64 and recorded["images"] == 320  # the recipe's captions and priors
+    assert recorded["unconditional_share"] == 0.2  # 64 of them drawn for, and trained on, the empty prompt
     # The photos trained on their captions beside the bare prompt, for the captioned recipe's steps.
     identifier = record["identifier"]
     assert len(record["instance_captions"]) == 5
