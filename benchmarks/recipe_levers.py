@@ -237,9 +237,10 @@ CHOSEN = "192 + 64 + 64 unconditional, lr 3e-4, te lr 5e-5, 1200 steps, size-fre
 round 23's (round 14's with each photo on its caption beside the bare prompt, for twice the steps, and the text
 encoder at half the rate) with twice its 160 priors, so that 1200 steps train on each 7.5 times, as round 14's 600
 did. Round 23 on 36 runs at guidance 4: new contexts − bare prompt −0.004 ± 0.021 (round 14's −0.032 ± 0.023),
-subject fidelity 0.77, class 0.92, other prompts 0.92 (0.96, 0.95). Twice the priors against it on 20 runs at
-guidance 2 (round 25): class 0.9 of the base or more on 19 runs against 13, other prompts +0.017 ± 0.008, subject
-fidelity −0.007 ± 0.015. See RESULTS.md, rounds 23-26, and ``CHOSEN_WITHOUT_CAPTIONS`` for how it came to be."""
+subject fidelity 0.77, class 0.92, other prompts 0.92 (0.96, 0.95). Twice the priors against it on 24 runs at
+guidance 2 (rounds 25-26, 4 of them on new subjects): class 0.9 of the base or more on 23 runs against 17, other
+prompts +0.015 ± 0.007, subject fidelity −0.006 ± 0.013 (0.7 or more on 21 runs against 23). See RESULTS.md, rounds
+23-26, and ``CHOSEN_WITHOUT_CAPTIONS`` for how it came to be."""
 CHOSEN_WITHOUT_CAPTIONS = "96 + 32 + 32 unconditional, lr 3e-4, te lr 1e-4, 600 steps"
 """The shapes model's recipe for photos without captions (the recipe file's ``without_captions`` section), shipped for
 all photos in rounds 14-22. Rounds 1-3 were chosen on the

@@ -278,7 +278,7 @@ def check_cluster_paths(options: BulkOptions, planned: list[tuple[str, RunConfig
     for name, cfg in planned:
         named += [(f"subject {name}'s instance_dir", cfg.subject.instance_dir), ("--prior-output", cfg.prior.prior_output)]
         if models.local_model_folder(cfg.model) is not None:  # a hub id looks relative too: only a folder here is
-            named.append(("--model", cfg.model))
+            named.append(("--model folder", cfg.model))
     for what, path in named:
         local = path[len("file://"):] if path.startswith("file://") else None if "://" in path else path
         if not local or os.path.isabs(local):

@@ -118,12 +118,9 @@ def check_settings(cfg: RunConfig) -> None:
 
 
 def _with_absolute_paths(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with its local output, photo, prior and model folders absolute (``storage.absolute``): this
-    runs where the run does, so a relative path means this process's working directory, also on the workers
-    (and for ``eval`` on the run later, from anywhere: ``run.json`` records the model as the run read it)."""
+    """``cfg`` with its local output, photo and prior folders absolute (``storage.absolute``): this runs
+    where the run does, so a relative path means this process's working directory, also on the workers."""
     cfg.output = storage.absolute(cfg.output)
-    if models.local_model_folder(cfg.model) is not None:
-        cfg.model = storage.absolute(cfg.model)
     if cfg.subject.instance_dir:
         cfg.subject.instance_dir = storage.absolute(cfg.subject.instance_dir)
     if cfg.prior.prior_output:
@@ -154,6 +151,10 @@ def preflight(
     if for_photos is not cfg:
         cfg = validate(for_photos)
         check_settings(cfg)
+    if models.local_model_folder(cfg.model) is not None:
+        # After the recipe's layers, which name the model as typed (``settings_for_photos`` looks them up by it):
+        # the checkpoint, the prior cache and run.json then name the folder any later `eval` can load.
+        cfg.model = storage.absolute(cfg.model)
     if cfg.train.background_swap > 0:
         check_backdrops_swappable(images)
     complete = export.is_complete(cfg.output)

@@ -152,12 +152,14 @@ def test_recipe_search_chosen_variant_is_the_shapes_models_shipped_recipe(monkey
     assert set(recipe["without_captions"]) <= {"train", "prior"} and not (bare.captioned or bare.captioned_and_bare)
     assert (uncaptioned["learning_rate"], uncaptioned["text_encoder_learning_rate"], uncaptioned["max_train_steps"]) == (
         bare.learning_rate, bare.text_encoder_learning_rate, bare.steps)
-    bare_total = {**prior, **recipe["without_captions"].get("prior", {})}["num_class_images"]
+    bare_prior = {**prior, **recipe["without_captions"].get("prior", {})}
+    bare_total = bare_prior["num_class_images"]
     assert bare_total == bare.num_priors + bare.caption_priors + bare.unconditional_priors
-    assert round(prior["extra_prior_share"] * bare_total) == bare.caption_priors
-    assert round(prior.get("unconditional_prior_share", 0) * bare_total) == bare.unconditional_priors
+    assert bare_prior["guidance_scale"] == bare.prior_guidance
+    assert round(bare_prior["extra_prior_share"] * bare_total) == bare.caption_priors
+    assert round(bare_prior.get("unconditional_prior_share", 0) * bare_total) == bare.unconditional_priors
     # Its caption priors cycle through the first of the recipe's prompts: the bare variant's captions.
-    assert prior["extra_prior_prompts"][:bare.caption_priors] == extra_prior_captions(bare.caption_priors)
+    assert bare_prior["extra_prior_prompts"][:bare.caption_priors] == extra_prior_captions(bare.caption_priors)
     priors = ("num_priors", "caption_priors", "unconditional_priors")
     assert dataclasses.replace(bare, text_encoder_learning_rate=None, steps=0, **dict.fromkeys(priors, 0)) == (
         dataclasses.replace(chosen, text_encoder_learning_rate=None, steps=0, captioned_and_bare=False,

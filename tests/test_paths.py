@@ -36,6 +36,14 @@ def test_preflight_makes_the_outputs_photos_priors_and_model_absolute(tmp_path, 
     assert (resolved.output, resolved.subject.instance_dir) == (str(tmp_path / "runs" / "x"), str(tmp_path / "photos"))
     assert resolved.prior_root == str(tmp_path / "cache") and prepared.model_path == str(tmp_path / "model")
     assert resolved.model == str(tmp_path / "model")  # as run.json records it: `eval` loads the base from anywhere
+    # The copy carries the shapes recipe: photos without captions still get its without_captions settings.
+    (tmp_path / "bare").mkdir()
+    for photo in (tmp_path / "photos").glob("*.png"):
+        shutil.copy(photo, tmp_path / "bare" / photo.name)
+    bare = pipeline.preflight(config_from_args(build_parser().parse_args(
+        [*argv[:4], "bare", *argv[5:]]), list(all_fields()))).config
+    assert (bare.train.max_train_steps, bare.prior.num_class_images) == (600, 160)
+    assert (resolved.train.max_train_steps, resolved.prior.num_class_images) == (1200, 320)
     assert cfg.output == "runs/x"  # the caller's config is not written
     default_cache = pipeline.preflight(config_from_args(build_parser().parse_args(argv[:-2]), list(all_fields())))
     assert default_cache.config.prior_root == str(tmp_path / "runs" / "priors")
@@ -62,5 +70,5 @@ def test_submit_refuses_relative_paths_a_cluster_job_would_resolve_in_its_own_fo
     shutil.copytree(models.resolve_model("tiny"), tmp_path / "model")
     monkeypatch.chdir(tmp_path)
     assert main([*argv, "--output", "s3://b/runs", "--model", "model"]) == 2
-    assert "--model model is a relative path" in capsys.readouterr().err
+    assert "--model folder model is a relative path" in capsys.readouterr().err
     assert main([*argv, "--output", "s3://b/runs", "--model", str(tmp_path / "model")]) == 0

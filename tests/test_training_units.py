@@ -421,7 +421,7 @@ def test_a_checkpoint_written_before_step_folders_carried_a_claim_is_still_resum
     assert checkpoint.complete_steps(out) == [6] and checkpoint.restore(engine, out) == 6
 
 
-def test_resuming_needs_the_settings_the_checkpoint_was_trained_with_but_not_the_same_step_count(tmp_path):
+def test_resuming_needs_the_settings_the_checkpoint_was_trained_with_but_not_the_same_step_count(tmp_path, monkeypatch):
     from dreambooth.config import ConfigError, build_config
     from dreambooth.training import checkpoint
 
@@ -450,6 +450,15 @@ def test_resuming_needs_the_settings_the_checkpoint_was_trained_with_but_not_the
     newer_version = checkpoint.trained_settings(config(workers=2, lr_scheduler="linear")) | {"noise_offset": 0.1}
     checkpoint.save_resumable(engine, out, 6, checkpoint.claim(out), newer_version)
     check(config(workers=2, lr_scheduler="linear"))  # a setting only one version knows is not compared
+
+    # Runs before 2026-12-06 recorded a local model folder as typed; now preflight makes it absolute.
+    monkeypatch.chdir(tmp_path)
+    typed = str(tmp_path / "typed")
+    checkpoint.save_resumable(engine, typed, 2, checkpoint.claim(typed),
+                              checkpoint.trained_settings(config(output=typed, model="models/sd")))
+    checkpoint.check_resumable(config(output=typed, model=str(tmp_path / "models" / "sd")), checkpoint.unfinished(typed))
+    with pytest.raises(ConfigError, match="model 'models/sd' there, '/elsewhere/sd' now"):
+        checkpoint.check_resumable(config(output=typed, model="/elsewhere/sd"), checkpoint.unfinished(typed))
 
     unrecorded = str(tmp_path / "older-version")  # progress.json without settings: resumed as before
     checkpoint.save_resumable(engine, unrecorded, 2, checkpoint.claim(unrecorded))

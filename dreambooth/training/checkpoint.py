@@ -122,9 +122,12 @@ def check_resumable(cfg: RunConfig, newest: Optional[Complete]) -> None:
     if not newest.settings:
         return
     settings = trained_settings(cfg)
-    changed = [key for key in sorted(newest.settings.keys() & settings.keys()) if newest.settings[key] != settings[key]]
+    before = dict(newest.settings)
+    if isinstance(before.get("model"), str) and storage.absolute(before["model"]) == settings["model"]:
+        before["model"] = settings["model"]  # a local folder recorded as typed, before runs recorded it absolute
+    changed = [key for key in sorted(before.keys() & settings.keys()) if before[key] != settings[key]]
     if changed:
-        differences = "; ".join(f"{key} {newest.settings[key]!r} there, {settings[key]!r} now" for key in changed[:5])
+        differences = "; ".join(f"{key} {before[key]!r} there, {settings[key]!r} now" for key in changed[:5])
         raise ConfigError(f"{where} trained with other settings: {differences}{' ...' if len(changed) > 5 else ''}. "
                           f"{fix}")
 
