@@ -55,9 +55,9 @@ def _ratio_finding(measure: str, scores: dict, what: str, fix: str, per_prompt: 
 
 
 CLASS_FIX = ("keep the class: more --num-class-images (on the shapes model 320 priors for 1200 steps, where 160 had been, "
-             "kept 'a [class]' at 0.9 of the base or more on 19 of 20 runs against 13, and lifted two new square subjects "
-             "from 0.50 and 0.57 to 0.93 and 0.79, at some cost to the subject: 17 of 20 runs kept fidelity 0.7 against "
-             "19; benchmarks/RESULTS.md, round 25; the shapes recipe now ships 320), a lower "
+             "kept 'a [class]' at 0.9 of the base or more on 23 of 24 runs against 17, and lifted two new square subjects "
+             "from 0.50 and 0.57 to 0.93 and 0.79, at some cost to the subject: 21 of 24 runs kept fidelity 0.7 against "
+             "23; benchmarks/RESULTS.md, rounds 25-26; the shapes recipe now ships 320), a lower "
              "--text-encoder-learning-rate (5e-5 kept it at 0.98 of the base vs 0.94 at 1e-4 over 36 shapes runs), or "
              "fewer --max-train-steps (which learn less of the subject)")
 OTHER_FIX = ("keep the other prompts: priors of other captions (--extra-prior-prompts, --extra-prior-share) and of "
