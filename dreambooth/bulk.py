@@ -277,16 +277,18 @@ def check_cluster_paths(options: BulkOptions, planned: list[tuple[str, RunConfig
     named = [("--output", options.output)]
     for name, cfg in planned:
         named += [(f"subject {name}'s instance_dir", cfg.subject.instance_dir), ("--prior-output", cfg.prior.prior_output)]
-        if models.local_model_folder(cfg.model) is not None:  # a hub id looks relative too: only a folder here is
-            named.append(("--model folder", cfg.model))
+    # A hub id looks relative too: only a folder on this machine is a path. Models load from a folder or the hub.
+    models_here = {cfg.model for _, cfg in planned if models.local_model_folder(cfg.model) is not None}
+    named += [("--model folder", model) for model in sorted(models_here)]
     for what, path in named:
         local = path[len("file://"):] if path.startswith("file://") else None if "://" in path else path
         if not local or os.path.isabs(local):
             continue
         where = ("~ is this machine's home, not the pod's" if local.startswith("~") else
                  "a job on the cluster would resolve it in its own temporary working directory")
+        other = "a hub id (org/name)" if what == "--model folder" else f"a URI such as s3://bucket/{local.lstrip('./~')}"
         raise ConfigError(f"{what} {path} is a relative path: {where}; pass an absolute path on storage every pod "
-                          f"mounts, or a URI such as s3://bucket/{local.lstrip('./~')}")
+                          f"mounts, or {other}")
 
 
 def run_bulk(options: BulkOptions, planned: list[tuple[str, RunConfig]]) -> BulkReport:
